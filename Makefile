@@ -1,0 +1,32 @@
+# lazypull: `make demo` runs the main job on embedded defaults, `make test` runs every test.
+# Both install what they need on a fresh Debian 12 machine (as root).
+
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test deps lint bench clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml tools/install-system-deps.sh
+	tools/install-system-deps.sh
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: deps
+	$(PYTHON) -m demo
+
+lint: deps
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: deps
+	$(PYTHON) -m perf
+
+clean:
+	rm -rf $(VENV) build *.egg-info

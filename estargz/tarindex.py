@@ -1,0 +1,155 @@
+"""Index an uncompressed tar stream so its entries can be re-emitted in any order.
+
+The input is spooled to a temporary file when it is not already a seekable file,
+so memory holds only headers, never file contents. Each entry keeps its raw
+header blocks (PAX and GNU long-name records included), which the writer copies
+verbatim: the converted layer's tar stream says exactly what the input said.
+"""
+
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import TarError, TOCError
+from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, clean_name
+
+BLOCK = 512
+_SUPPORTED = {
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.CONTTYPE: "reg",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+@dataclass
+class TarEntry:
+    info: tarfile.TarInfo
+    kind: str
+    path: str  # cleaned
+    header: bytes  # raw header blocks, extension records included
+
+
+class SpooledTar:
+    """A seekable view of the input tar plus its entries in input order."""
+
+    def __init__(self, file: BinaryIO, entries: list[TarEntry], owned: bool):
+        self.file = file
+        self.entries = entries
+        self._owned = owned
+
+    def read_payload(self, entry: TarEntry, offset: int, length: int) -> bytes:
+        self.file.seek(entry.info.offset_data + offset)
+        data = self.file.read(length)
+        if len(data) != length:
+            raise TarError(f"tar is truncated inside the data of {entry.info.name!r}")
+        return data
+
+    def close(self) -> None:
+        if self._owned:
+            self.file.close()
+
+
+def _seekable(source: object) -> bool:
+    try:
+        return bool(source.seekable()) and source.tell() == 0  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def spool(source: BinaryIO | Iterable[bytes], tmpdir: str | None = None) -> tuple[BinaryIO, bool]:
+    """Return a seekable file with the tar's bytes and whether we own it."""
+    if hasattr(source, "read") and _seekable(source):
+        return source, False  # type: ignore[return-value]
+    tmp = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 (returned to the caller)
+    if hasattr(source, "read"):
+        shutil.copyfileobj(source, tmp, 1 << 20)  # type: ignore[arg-type]
+    else:
+        for piece in source:  # type: ignore[union-attr]
+            tmp.write(piece)
+    tmp.seek(0)
+    return tmp, True
+
+
+def index_tar(source: BinaryIO | Iterable[bytes], tmpdir: str | None = None) -> SpooledTar:
+    file, owned = spool(source, tmpdir)
+    try:
+        entries = _read_entries(file)
+    except BaseException:
+        if owned:
+            file.close()
+        raise
+    return SpooledTar(file, entries, owned)
+
+
+def _read_entries(file: BinaryIO) -> list[TarEntry]:
+    size = file.seek(0, os.SEEK_END)
+    file.seek(0)
+    if size == 0:
+        return []
+    try:
+        archive = tarfile.open(  # noqa: SIM115 (the caller owns the file)
+            fileobj=file, mode="r:", encoding="utf-8", errors="surrogateescape"
+        )
+    except tarfile.TarError as exc:
+        raise TarError(f"not a tar stream: {exc}") from None
+    entries: list[TarEntry] = []
+    try:
+        while True:
+            info = archive.next()
+            if info is None:
+                break
+            entries.append(_entry(file, info, size))
+            if archive.pax_headers:
+                raise TarError("PAX global headers are not supported in layers")
+    except tarfile.TarError as exc:
+        raise TarError(f"malformed tar: {exc}") from None
+    _check_end(file, archive.offset, size)
+    return entries
+
+
+def _entry(file: BinaryIO, info: tarfile.TarInfo, size: int) -> TarEntry:
+    name = info.name
+    kind = _SUPPORTED.get(info.type)
+    if kind is None or info.issparse():
+        raise TarError(f"tar entry {name!r} has unsupported type {info.type!r}")
+    try:
+        name.encode("utf-8")
+        info.linkname.encode("utf-8")
+        path = clean_name(name)
+    except UnicodeEncodeError:
+        raise TarError(f"tar entry name {name!r} is not valid UTF-8") from None
+    except TOCError as exc:
+        raise TarError(str(exc)) from None
+    if kind == "reg" and info.offset_data + info.size > size:
+        raise TarError(f"tar is truncated inside the data of {name!r}")
+    pos = file.tell()
+    file.seek(info.offset)
+    header = file.read(info.offset_data - info.offset)
+    file.seek(pos)
+    return TarEntry(info=info, kind=kind, path=path, header=header)
+
+
+def _check_end(file: BinaryIO, offset: int, size: int) -> None:
+    """tarfile stops quietly at a damaged header; tell that apart from a real end."""
+    file.seek(offset)
+    block = file.read(BLOCK)
+    if not block or block == b"\0" * BLOCK:
+        return
+    if len(block) < BLOCK:
+        raise TarError(f"tar is truncated at byte {offset} of {size}")
+    raise TarError(f"malformed tar header at byte {offset}")
+
+
+def is_reserved(entry: TarEntry) -> bool:
+    """Landmarks and TOCs of an input that was converted before are re-created."""
+    return entry.path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)

@@ -1,0 +1,330 @@
+"""Build an eStargz or zstd:chunked blob from an uncompressed tar stream.
+
+Layout (as the reference writes it): a new member starts at the beginning of
+the blob and at every payload chunk; tar headers that follow a chunk continue in
+its member. Member boundaries depend only on the input and the options, so the
+members are compressed in parallel and the output is the same for any number of
+workers.
+"""
+
+import hashlib
+import os
+import tarfile
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .codec import DEFAULT_LEVELS, compress_member
+from .digests import sha256_digest
+from .errors import TOCError
+from .footer import Compression, gzip_footer, skippable_frame, zstd_footer
+from .tarindex import BLOCK, SpooledTar, TarEntry, index_tar, is_reserved
+from .toc import (
+    LANDMARK_CONTENTS,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOC_TAR_NAME,
+    TOCEntry,
+    clean_name,
+    format_modtime,
+)
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+_XATTR_PAX_PREFIX = "SCHILY.xattr."
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    compression: Compression = Compression.GZIP
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    level: int | None = None  # None: 6 for gzip, 3 for zstd
+    prioritized_files: Sequence[str] = ()
+    workers: int | None = None  # None: one per core
+    tmpdir: str | None = None  # where a non-seekable input is spooled
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < BLOCK:
+            raise ValueError(f"chunk size must be at least {BLOCK} bytes")
+
+    @property
+    def effective_level(self) -> int:
+        return DEFAULT_LEVELS[self.compression] if self.level is None else self.level
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    compression: Compression
+    blob_digest: str
+    blob_size: int
+    toc_digest: str
+    toc_offset: int
+    diff_id: str
+    uncompressed_size: int
+    prefetch_size: int
+    entry_count: int
+    annotations: dict[str, str]
+    missing_prioritized: list[str] = field(default_factory=list)
+
+
+def build(
+    tar_stream: BinaryIO | Iterable[bytes], out: BinaryIO, options: BuildOptions | None = None
+) -> BuildResult:
+    """Convert the tar read from `tar_stream` and write the blob to `out`."""
+    options = options or BuildOptions()
+    spooled = index_tar(tar_stream, options.tmpdir)
+    try:
+        ordering = order_entries(spooled.entries, options.prioritized_files)
+        return _Builder(spooled, out, options).run(ordering)
+    finally:
+        spooled.close()
+
+
+def _priority_path(name: str) -> str:
+    return clean_name(name.strip().lstrip("/"))
+
+
+@dataclass(frozen=True)
+class Ordering:
+    front: list[TarEntry]  # prioritized files with what they need, before the landmark
+    landmark: str
+    rest: list[TarEntry]
+    missing: list[str]  # prioritized names that the tar does not hold
+
+
+def order_entries(entries: list[TarEntry], prioritized: Sequence[str]) -> Ordering:
+    """Prioritized files first (each after its parents and hard-link target), then
+    the landmark's name, then everything else in input order. A later entry of
+    the same path replaces an earlier one, as extracting the tar would."""
+    rest: dict[str, TarEntry] = {}
+    for entry in entries:
+        if is_reserved(entry):
+            continue
+        rest.pop(entry.path, None)
+        rest[entry.path] = entry
+    front: dict[str, TarEntry] = {}
+
+    def move(path: str, depth: int = 0) -> bool:
+        if depth > 4096:
+            return False
+        if path and path not in rest and path not in front:
+            return False
+        if path:
+            move(path.rpartition("/")[0], depth + 1)  # an absent parent is implicit
+        entry = rest.get(path)
+        if entry is not None and entry.kind == "hardlink":
+            move(clean_name(entry.info.linkname), depth + 1)
+        if path in rest:
+            front[path] = rest.pop(path)
+        return True
+
+    missing = []
+    for name in prioritized:
+        try:
+            path = _priority_path(name)
+        except TOCError:
+            path = ""
+        if not path or not move(path):
+            missing.append(name)
+    landmark = PREFETCH_LANDMARK if prioritized else NO_PREFETCH_LANDMARK
+    return Ordering(list(front.values()), landmark, list(rest.values()), missing)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+def _xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
+    return {
+        key[len(_XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in info.pax_headers.items()
+        if key.startswith(_XATTR_PAX_PREFIX)
+    }
+
+
+def _toc_entry(entry: TarEntry) -> TOCEntry:
+    info = entry.info
+    toc = TOCEntry(
+        name=info.name,
+        type=entry.kind,
+        modtime=format_modtime(info.mtime),
+        mode=info.mode,
+        uid=info.uid,
+        gid=info.gid,
+        user_name=info.uname,
+        group_name=info.gname,
+        xattrs=_xattrs(info),
+    )
+    if entry.kind == "reg":
+        toc.size = info.size
+    elif entry.kind in ("symlink", "hardlink"):
+        toc.link_name = info.linkname
+    elif entry.kind in ("char", "block"):
+        toc.dev_major, toc.dev_minor = info.devmajor, info.devminor
+    return toc
+
+
+def _landmark_entry(name: str) -> TarEntry:
+    info = tarfile.TarInfo(name)
+    info.size = len(LANDMARK_CONTENTS)
+    info.mode = 0o644
+    info.mtime = 0
+    info.offset_data = 0
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    return TarEntry(info=info, kind="reg", path=name, header=header)
+
+
+class _Builder:
+    def __init__(self, spooled: SpooledTar, out: BinaryIO, options: BuildOptions):
+        self.spooled = spooled
+        self.out = out
+        self.options = options
+        self.compression = options.compression
+        self.level = options.effective_level
+        self.workers = options.workers or os.cpu_count() or 1
+        self.toc_entries: list[TOCEntry] = []
+        self.diff_hash = hashlib.sha256()
+        self.blob_hash = hashlib.sha256()
+        self.uncompressed = 0
+        self.written = 0
+        self.member = bytearray()
+        self.member_starts: list[TOCEntry] = []  # entries whose offset is this member's start
+        self.in_flight: deque[tuple[Future[bytes], list[TOCEntry]]] = deque()
+        self.prefetch_marker: TOCEntry | None = None  # the landmark's TOC entry
+
+    def run(self, ordering: Ordering) -> BuildResult:
+        landmark = ordering.landmark
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            self.pool = pool
+            if landmark == NO_PREFETCH_LANDMARK:
+                self._emit(_landmark_entry(landmark), landmark_payload=True)
+            for entry in ordering.front:
+                self._emit(entry)
+            if landmark == PREFETCH_LANDMARK:
+                self._emit(_landmark_entry(landmark), landmark_payload=True, marks_prefetch=True)
+            for entry in ordering.rest:
+                self._emit(entry)
+            self._flush_member()
+            self._drain(0)
+        return self._finish(ordering.missing)
+
+    # -- entries -----------------------------------------------------------
+
+    def _emit(
+        self, entry: TarEntry, landmark_payload: bool = False, marks_prefetch: bool = False
+    ) -> None:
+        toc = _toc_entry(entry)
+        self._add(entry.header)
+        if entry.kind != "reg" or entry.info.size == 0:
+            if entry.kind == "reg":
+                toc.digest = sha256_digest(b"")
+            self.toc_entries.append(toc)
+            return
+        size = entry.info.size
+        file_hash = hashlib.sha256()
+        written = 0
+        chunk_entry = toc
+        while written < size:
+            self._flush_member()
+            length = min(self.options.chunk_size, size - written)
+            if length == self.options.chunk_size:
+                chunk_entry.chunk_size = length
+            chunk_entry.chunk_offset = written
+            if landmark_payload:
+                data = LANDMARK_CONTENTS
+            else:
+                data = self.spooled.read_payload(entry, written, length)
+            file_hash.update(data)
+            chunk_entry.chunk_digest = sha256_digest(data)
+            if marks_prefetch:
+                self.prefetch_marker = chunk_entry
+            self.member_starts.append(chunk_entry)
+            self.toc_entries.append(chunk_entry)
+            self._add(data)
+            written += length
+            chunk_entry = TOCEntry(name=toc.name, type="chunk")
+        toc.digest = "sha256:" + file_hash.hexdigest()
+        self._add(_padding(size))
+
+    def _add(self, data: bytes) -> None:
+        self.member += data
+        self.diff_hash.update(data)
+        self.uncompressed += len(data)
+
+    # -- members -----------------------------------------------------------
+
+    def _flush_member(self) -> None:
+        if not self.member:
+            return
+        payload = bytes(self.member)
+        self.member = bytearray()
+        future = self.pool.submit(compress_member, self.compression, payload, self.level)
+        self.in_flight.append((future, self.member_starts))
+        self.member_starts = []
+        self._drain(2 * self.workers + 2)
+
+    def _drain(self, keep: int) -> None:
+        while len(self.in_flight) > keep:
+            future, starts = self.in_flight.popleft()
+            for toc in starts:
+                toc.offset = self.written
+            self._write(future.result())
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.blob_hash.update(data)
+        self.written += len(data)
+
+    # -- TOC and footer ----------------------------------------------------
+
+    def _finish(self, missing: list[str]) -> BuildResult:
+        marker = self.prefetch_marker
+        prefetch_size = marker.offset if marker is not None else 0
+        toc_json = TOC(entries=self.toc_entries).to_json_bytes()
+        toc_digest = sha256_digest(toc_json)
+        toc_offset = self.written
+        annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
+        if self.compression is Compression.GZIP:
+            info = tarfile.TarInfo(TOC_TAR_NAME)
+            info.size = len(toc_json)
+            info.mode = 0o644
+            info.mtime = 0
+            member = (
+                info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+                + toc_json
+                + _padding(len(toc_json))
+                + b"\0" * (2 * BLOCK)
+            )
+            self.diff_hash.update(member)
+            self.uncompressed += len(member)
+            self._write(compress_member(self.compression, member, self.level))
+            self._write(gzip_footer(toc_offset))
+        else:
+            compressed = compress_member(self.compression, toc_json, self.level)
+            self._write(skippable_frame(compressed))
+            position = toc_offset + 8
+            self._write(zstd_footer(position, len(compressed), len(toc_json)))
+            annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = sha256_digest(compressed)
+            annotations[ZSTD_MANIFEST_POSITION_ANNOTATION] = (
+                f"{position}:{len(compressed)}:{len(toc_json)}:1"
+            )
+        annotations[UNCOMPRESSED_SIZE_ANNOTATION] = str(self.uncompressed)
+        return BuildResult(
+            compression=self.compression,
+            blob_digest="sha256:" + self.blob_hash.hexdigest(),
+            blob_size=self.written,
+            toc_digest=toc_digest,
+            toc_offset=toc_offset,
+            diff_id="sha256:" + self.diff_hash.hexdigest(),
+            uncompressed_size=self.uncompressed,
+            prefetch_size=prefetch_size,
+            entry_count=len(self.toc_entries),
+            annotations=annotations,
+            missing_prioritized=missing,
+        )

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the Debian packages lazypull's demo and tests need (Debian 12, as root).
+# Only missing packages are installed, so a prepared machine pays nothing.
+set -euo pipefail
+
+packages=(
+  python3 python3-venv python3-dev gcc make tar gzip
+  # the reference eStargz implementation, for interoperability tests (offline GOPATH build)
+  golang-go golang-github-containerd-stargz-snapshotter-dev
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
