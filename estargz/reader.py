@@ -37,7 +37,7 @@ class FileSource:
 
     @classmethod
     def open(cls, path: str) -> "FileSource":
-        return cls(open(path, "rb"))  # noqa: SIM115 (closed by close())
+        return cls(open(path, "rb"))
 
     def read_at(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:

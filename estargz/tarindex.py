@@ -18,7 +18,9 @@ from .errors import TarError, TOCError
 from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, clean_name
 
 BLOCK = 512
-_SUPPORTED = {
+_XATTR_PAX_PREFIX = "SCHILY.xattr."
+# Tar type flags a layer may hold, and the TOC type each becomes.
+TAR_KINDS = {
     tarfile.REGTYPE: "reg",
     tarfile.AREGTYPE: "reg",
     tarfile.CONTTYPE: "reg",
@@ -119,7 +121,7 @@ def _read_entries(file: BinaryIO) -> list[TarEntry]:
 
 def _entry(file: BinaryIO, info: tarfile.TarInfo, size: int) -> TarEntry:
     name = info.name
-    kind = _SUPPORTED.get(info.type)
+    kind = TAR_KINDS.get(info.type)
     if kind is None or info.issparse():
         raise TarError(f"tar entry {name!r} has unsupported type {info.type!r}")
     try:
@@ -148,6 +150,15 @@ def _check_end(file: BinaryIO, offset: int, size: int) -> None:
     if len(block) < BLOCK:
         raise TarError(f"tar is truncated at byte {offset} of {size}")
     raise TarError(f"malformed tar header at byte {offset}")
+
+
+def xattrs_of(info: tarfile.TarInfo) -> dict[str, bytes]:
+    """Extended attributes carried as PAX `SCHILY.xattr.*` records, as raw bytes."""
+    return {
+        key[len(_XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in info.pax_headers.items()
+        if key.startswith(_XATTR_PAX_PREFIX)
+    }
 
 
 def is_reserved(entry: TarEntry) -> bool:

@@ -20,7 +20,7 @@ from .codec import DEFAULT_LEVELS, compress_member
 from .digests import sha256_digest
 from .errors import TOCError
 from .footer import Compression, gzip_footer, skippable_frame, zstd_footer
-from .tarindex import BLOCK, SpooledTar, TarEntry, index_tar, is_reserved
+from .tarindex import BLOCK, SpooledTar, TarEntry, index_tar, is_reserved, xattrs_of
 from .toc import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
@@ -37,7 +37,6 @@ TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
 ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
-_XATTR_PAX_PREFIX = "SCHILY.xattr."
 
 
 @dataclass(frozen=True)
@@ -140,14 +139,6 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def _xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
-    return {
-        key[len(_XATTR_PAX_PREFIX) :]: value.encode("utf-8", "surrogateescape")
-        for key, value in info.pax_headers.items()
-        if key.startswith(_XATTR_PAX_PREFIX)
-    }
-
-
 def _toc_entry(entry: TarEntry) -> TOCEntry:
     info = entry.info
     toc = TOCEntry(
@@ -159,7 +150,7 @@ def _toc_entry(entry: TarEntry) -> TOCEntry:
         gid=info.gid,
         user_name=info.uname,
         group_name=info.gname,
-        xattrs=_xattrs(info),
+        xattrs=xattrs_of(info),
     )
     if entry.kind == "reg":
         toc.size = info.size

@@ -1,0 +1,38 @@
+"""Entry point of the `lazypull` command."""
+
+import argparse
+import sys
+
+from estargz import FormatError
+
+from . import estargz_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazypull",
+        description="Lazy pulling of container images: eStargz / zstd:chunked layers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    estargz_commands.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except FormatError as exc:
+        print(f"lazypull: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"lazypull: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`make demo`: what lazypull does, end to end, on embedded defaults."""
