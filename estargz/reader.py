@@ -6,7 +6,9 @@ The parsing steps are plain functions over bytes (`parse_footer`, `load_toc`,
 """
 
 import hashlib
+import io
 import os
+import threading
 from typing import BinaryIO, Protocol
 
 from .codec import decompress_all, decompress_span
@@ -29,11 +31,16 @@ class BlobSource(Protocol):
 
 
 class FileSource:
-    """A `BlobSource` over a local file."""
+    """A `BlobSource` over a local file or any seekable binary file object."""
 
     def __init__(self, file: BinaryIO):
         self._file = file
         self.size = file.seek(0, os.SEEK_END)
+        try:
+            self._fd: int | None = file.fileno()
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            self._fd = None  # in-memory: seek and read, under a lock
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str) -> "FileSource":
@@ -44,7 +51,11 @@ class FileSource:
             raise FormatError(
                 f"read of {length} bytes at {offset} is outside the blob of {self.size} bytes"
             )
-        return os.pread(self._file.fileno(), length, offset)
+        if self._fd is not None:
+            return os.pread(self._fd, length, offset)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.read(length)
 
     def close(self) -> None:
         self._file.close()
