@@ -1,0 +1,51 @@
+"""Dispatch `python -m perf [BENCHMARK] [options]` to a named benchmark.
+
+Each benchmark is a module with `main(argv: list[str]) -> int`. Modules are
+imported only when chosen, so one benchmark's imports never slow down or break
+another. To add a benchmark, add a line to BENCHMARKS.
+"""
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    module: str
+    summary: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "convert": Benchmark(
+        "perf.convert_throughput",
+        "tar -> eStargz / zstd:chunked conversion throughput against plain gzip",
+    ),
+}
+DEFAULT = "convert"
+
+
+def usage() -> str:
+    lines = ["usage: python -m perf [BENCHMARK] [options]", "", "benchmarks:"]
+    for name, bench in BENCHMARKS.items():
+        default = " (default)" if name == DEFAULT else ""
+        lines.append(f"  {name:<10} {bench.summary}{default}")
+    lines += ["", "`python -m perf BENCHMARK --help` lists a benchmark's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help", "list"):
+        print(usage())
+        return 0
+    # Options without a name go to the default benchmark: `python -m perf --repeat 3`.
+    name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else (DEFAULT, argv)
+    bench = BENCHMARKS.get(name)
+    if bench is None:
+        print(f"unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(bench.module).main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
