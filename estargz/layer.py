@@ -81,12 +81,21 @@ class Layer:
         self._paths: dict[str, Node] = {"": self.root}
         self.prefetch_end: int | None = None
         self.has_no_prefetch_landmark = False
+        # The reference writes userName/groupName only where the name changes for
+        # an id ("may only be present for the first entry with the same UID"), so
+        # an entry without one has the last name given for its uid or gid.
+        self._user_names: dict[int, str] = {}
+        self._group_names: dict[int, str] = {}
         self._build()
 
     # -- queries ---------------------------------------------------------
 
     def lookup(self, path: str) -> Node | None:
-        return self._paths.get(clean_name(path))
+        """The node at `path` (relative, or absolute from the layer's root)."""
+        try:
+            return self._paths.get(clean_name(path.lstrip("/")))
+        except TOCError:
+            return None
 
     def walk(self) -> Iterator[tuple[str, Node]]:
         """Every (path, node) pair, parents before children, in name order."""
@@ -150,6 +159,7 @@ class Layer:
                     f"chunks of {current.path!r} cover {covered} of {current.size} bytes"
                 )
             current, covered = None, 0
+            self._note_owner_names(entry)
             node = self._add_entry(entry, where)
             if node is not None and node.kind == "reg" and entry.size > 0:
                 current = node
@@ -236,11 +246,17 @@ class Layer:
         parent.children[name] = node
         self._paths[path] = node
 
-    @staticmethod
-    def _fill(node: Node, entry: TOCEntry) -> None:
+    def _note_owner_names(self, entry: TOCEntry) -> None:
+        if entry.user_name:
+            self._user_names[entry.uid] = entry.user_name
+        if entry.group_name:
+            self._group_names[entry.gid] = entry.group_name
+
+    def _fill(self, node: Node, entry: TOCEntry) -> None:
         node.mode = entry.mode
         node.uid, node.gid = entry.uid, entry.gid
-        node.user_name, node.group_name = entry.user_name, entry.group_name
+        node.user_name = self._user_names.get(entry.uid, "")
+        node.group_name = self._group_names.get(entry.gid, "")
         node.mtime = parse_modtime(entry.modtime)
         node.xattrs = dict(entry.xattrs)
         if node.kind == "reg":

@@ -82,7 +82,10 @@ class _DecompressedStream:
             pass
 
 
-def _compare(member: tarfile.TarInfo, entry: TOCEntry) -> None:
+def _compare(member: tarfile.TarInfo, entry: TOCEntry, carried: tuple[str, str]) -> None:
+    """`carried`: the last user and group names the TOC gave for the entry's uid and
+    gid. The reference omits a name that is unchanged for its id, so an entry without
+    one may stand for that name as well as for none."""
     where = f"tar entry {member.name!r}"
     kind = TAR_KINDS.get(member.type, "unsupported")
     checks: list[tuple[str, object, object]] = [
@@ -91,8 +94,8 @@ def _compare(member: tarfile.TarInfo, entry: TOCEntry) -> None:
         ("mode", member.mode, entry.mode),
         ("uid", member.uid, entry.uid),
         ("gid", member.gid, entry.gid),
-        ("user name", member.uname, entry.user_name),
-        ("group name", member.gname, entry.group_name),
+        ("user name", member.uname, _owner_name(member.uname, entry.user_name, carried[0])),
+        ("group name", member.gname, _owner_name(member.gname, entry.group_name, carried[1])),
         ("modtime", format_modtime(member.mtime), entry.modtime),
         ("xattrs", xattrs_of(member), entry.xattrs),
     ]
@@ -108,6 +111,13 @@ def _compare(member: tarfile.TarInfo, entry: TOCEntry) -> None:
             raise VerificationError(
                 f"{where}: {what} is {in_tar!r} in the tar, {in_toc!r} in the TOC"
             )
+
+
+def _owner_name(in_tar: str, in_toc: str, carried: str) -> str:
+    """The name the TOC stands for, given the tar's: its own, or else "" or `carried`."""
+    if in_toc or in_tar not in ("", carried):
+        return in_toc
+    return in_tar
 
 
 class _Checker:
@@ -126,6 +136,8 @@ class _Checker:
         self.placements: list[tuple[str, int, int, int]] = []  # name, blob off, inner, pos
         self.files = 0
         self.chunks = 0
+        self.user_names: dict[int, str] = {}  # last name the TOC gave each uid
+        self.group_names: dict[int, str] = {}
 
     def run(self) -> None:
         entries = self.layer.toc.entries
@@ -160,7 +172,12 @@ class _Checker:
         entry = entries[index]
         if entry.type == "chunk":
             raise VerificationError(f"TOC chunk entry {entry.name!r} has no regular file")
-        _compare(member, entry)
+        carried = (self.user_names.get(entry.uid, ""), self.group_names.get(entry.gid, ""))
+        _compare(member, entry, carried)
+        if entry.user_name:
+            self.user_names[entry.uid] = entry.user_name
+        if entry.group_name:
+            self.group_names[entry.gid] = entry.group_name
         index += 1
         if entry.type != "reg":
             return index

@@ -171,6 +171,17 @@ def _landmark_entry(name: str) -> TarEntry:
     return TarEntry(info=info, kind="reg", path=name, header=header)
 
 
+_MemberChunk = tuple[TOCEntry, int, TOCEntry | None]
+
+
+def _compress_and_hash(
+    compression: Compression, payload: bytes, level: int, chunk_length: int
+) -> tuple[bytes, str]:
+    """Compress a member and hash the chunk it starts with (both release the GIL)."""
+    digest = sha256_digest(payload[:chunk_length]) if chunk_length else ""
+    return compress_member(compression, payload, level), digest
+
+
 class _Builder:
     def __init__(self, spooled: SpooledTar, out: BinaryIO, options: BuildOptions):
         self.spooled = spooled
@@ -185,8 +196,10 @@ class _Builder:
         self.uncompressed = 0
         self.written = 0
         self.member = bytearray()
-        self.member_starts: list[TOCEntry] = []  # entries whose offset is this member's start
-        self.in_flight: deque[tuple[Future[bytes], list[TOCEntry]]] = deque()
+        # The chunk this member starts with: its entry, its length, and the file
+        # entry that takes its digest too when the file has one chunk.
+        self.member_chunk: _MemberChunk | None = None
+        self.in_flight: deque[tuple[Future[tuple[bytes, str]], _MemberChunk | None]] = deque()
         self.prefetch_marker: TOCEntry | None = None  # the landmark's TOC entry
 
     def run(self, ordering: Ordering) -> BuildResult:
@@ -218,7 +231,9 @@ class _Builder:
             self.toc_entries.append(toc)
             return
         size = entry.info.size
-        file_hash = hashlib.sha256()
+        # A file of one chunk has the chunk's digest, computed by the compressing
+        # thread; only files of several chunks need a hash of their own here.
+        file_hash = hashlib.sha256() if size > self.options.chunk_size else None
         written = 0
         chunk_entry = toc
         while written < size:
@@ -231,16 +246,17 @@ class _Builder:
                 data = LANDMARK_CONTENTS
             else:
                 data = self.spooled.read_payload(entry, written, length)
-            file_hash.update(data)
-            chunk_entry.chunk_digest = sha256_digest(data)
+            if file_hash is not None:
+                file_hash.update(data)
             if marks_prefetch:
                 self.prefetch_marker = chunk_entry
-            self.member_starts.append(chunk_entry)
+            self.member_chunk = (chunk_entry, length, toc if file_hash is None else None)
             self.toc_entries.append(chunk_entry)
             self._add(data)
             written += length
             chunk_entry = TOCEntry(name=toc.name, type="chunk")
-        toc.digest = "sha256:" + file_hash.hexdigest()
+        if file_hash is not None:
+            toc.digest = "sha256:" + file_hash.hexdigest()
         self._add(_padding(size))
 
     def _add(self, data: bytes) -> None:
@@ -255,17 +271,25 @@ class _Builder:
             return
         payload = bytes(self.member)
         self.member = bytearray()
-        future = self.pool.submit(compress_member, self.compression, payload, self.level)
-        self.in_flight.append((future, self.member_starts))
-        self.member_starts = []
+        chunk_length = self.member_chunk[1] if self.member_chunk else 0
+        future = self.pool.submit(
+            _compress_and_hash, self.compression, payload, self.level, chunk_length
+        )
+        self.in_flight.append((future, self.member_chunk))
+        self.member_chunk = None
         self._drain(2 * self.workers + 2)
 
     def _drain(self, keep: int) -> None:
         while len(self.in_flight) > keep:
-            future, starts = self.in_flight.popleft()
-            for toc in starts:
-                toc.offset = self.written
-            self._write(future.result())
+            future, chunk = self.in_flight.popleft()
+            compressed, chunk_digest = future.result()
+            if chunk is not None:
+                entry, _, whole_file = chunk
+                entry.offset = self.written
+                entry.chunk_digest = chunk_digest
+                if whole_file is not None:
+                    whole_file.digest = chunk_digest
+            self._write(compressed)
 
     def _write(self, data: bytes) -> None:
         self.out.write(data)
