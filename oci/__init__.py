@@ -1,0 +1,2 @@
+"""Shared image and registry code: references, media types, manifests, the
+registry client and OCI image layouts. Knows nothing of layer formats."""
