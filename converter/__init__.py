@@ -1,0 +1,1 @@
+"""Convert images into lazily pullable twins (eStargz or zstd:chunked layers)."""

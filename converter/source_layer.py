@@ -1,0 +1,91 @@
+"""Turn a downloaded source layer into an uncompressed tar and list its paths."""
+
+import hashlib
+import zlib
+from typing import BinaryIO
+
+import zstandard
+
+from estargz.tarindex import index_tar, is_reserved
+from oci import mediatypes as mt
+
+_PIECE = 1 << 20
+
+
+class LayerFormatError(ValueError):
+    """A source layer that cannot be decompressed or is not the tar it claims to be."""
+
+
+def _gunzip(src: BinaryIO, dst: BinaryIO, digest: "hashlib._Hash") -> int:
+    size = 0
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pending = b""
+    while True:
+        data = pending or src.read(_PIECE)
+        pending = b""
+        if not data:
+            break
+        if inflater.eof:
+            if data.strip(b"\0") == b"":
+                continue  # zero padding after the last member is harmless
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(data)
+        except zlib.error as exc:
+            raise LayerFormatError(f"corrupt gzip data: {exc}") from None
+        dst.write(out)
+        digest.update(out)
+        size += len(out)
+        if inflater.eof:
+            pending = inflater.unused_data
+    if not inflater.eof:
+        raise LayerFormatError("gzip stream is truncated")
+    return size
+
+
+def _unzstd(src: BinaryIO, dst: BinaryIO, digest: "hashlib._Hash") -> int:
+    size = 0
+    reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+    try:
+        while piece := reader.read(_PIECE):
+            dst.write(piece)
+            digest.update(piece)
+            size += len(piece)
+    except zstandard.ZstdError as exc:
+        raise LayerFormatError(f"corrupt zstd data: {exc}") from None
+    return size
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, digest: "hashlib._Hash") -> int:
+    size = 0
+    while piece := src.read(_PIECE):
+        dst.write(piece)
+        digest.update(piece)
+        size += len(piece)
+    return size
+
+
+def decompress_layer(src_path: str, media_type: str, tar_path: str) -> tuple[str, int]:
+    """Write the layer's tar to `tar_path`; returns (diff_id, uncompressed size)."""
+    digest = hashlib.sha256()
+    if media_type in mt.GZIP_LAYERS:
+        unpack = _gunzip
+    elif media_type in mt.ZSTD_LAYERS:
+        unpack = _unzstd
+    elif media_type in mt.UNCOMPRESSED_LAYERS:
+        unpack = _copy
+    else:
+        raise LayerFormatError(f"unsupported layer media type {media_type}")
+    with open(src_path, "rb") as src, open(tar_path, "wb") as dst:
+        size = unpack(src, dst, digest)
+    return "sha256:" + digest.hexdigest(), size
+
+
+def list_paths(tar_path: str) -> list[str]:
+    """Normalized paths of the tar's entries, in tar order (landmarks and TOCs left out)."""
+    with open(tar_path, "rb") as f:
+        spooled = index_tar(f)
+        try:
+            return [e.path for e in spooled.entries if e.path and not is_reserved(e)]
+        finally:
+            spooled.close()
