@@ -5,7 +5,7 @@ import sys
 
 from estargz import FormatError
 
-from . import estargz_commands
+from . import convert_command, estargz_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lazy pulling of container images: eStargz / zstd:chunked layers.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert_command.register(commands)
     estargz_commands.register(commands)
     return parser
 

@@ -338,7 +338,8 @@ class ImageConverter:
               source_digest: str) -> hotfiles.HotFilePlan:
         profile: ImageProfile | None = None
         if self.options.profile is not None:
-            repository = getattr(self.source, "repository", None)
+            reference = getattr(self.source, "reference", None)  # registry stores have one
+            repository = f"{reference.registry}/{reference.repository}" if reference else None
             profile = self.options.profile.for_image(repository, {source_digest})
         layers = [hotfiles.LayerFiles(w.paths, frozenset({w.descriptor.digest, w.diff_id}))
                   for w in works]
@@ -430,9 +431,6 @@ class ImageConverter:
 
     async def _copy_blob(self, descriptor: Descriptor) -> None:
         if await self.destination.has_blob(descriptor):
-            return
-        mount = getattr(self.destination, "mount_blob", None)
-        if mount is not None and await mount(descriptor, self.source):
             return
         path = os.path.join(self.workdir, descriptor.digest[7:] + ".copy")
         with open(path, "wb") as f:
