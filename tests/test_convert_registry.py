@@ -140,3 +140,45 @@ def test_exit_codes_for_missing_images_and_bad_usage(registry, tmp_path) -> None
     usage = lazypull("convert", "ftp://x/y", f"oci:{tmp_path}/o:t")
     assert usage.returncode == 2 and "docker://" in usage.stderr
     assert lazypull("convert", "only-one-arg").returncode == 2
+
+
+def test_failed_conversion_tags_nothing(image, registry, tmp_path) -> None:
+    # A config whose diff_id lies about layer 1: the conversion must stop before any tag.
+    src_layout = tmp_path / "liar"
+    subprocess.run(["cp", "-a", str(image.layout), str(src_layout)], check=True)
+    from .test_convert_layout import _rewrite
+    _rewrite(src_layout, "v1",
+             lambda m, c: c["rootfs"]["diff_ids"].__setitem__(1, "sha256:" + "1" * 64))
+    src = push_layout_image(src_layout, "v1", registry.host, "ws/liar")
+    dst = f"docker://{registry.host}/ws/liar:v1-esgz"
+    done = lazypull("convert", src, dst, "--no-cache")
+    assert done.returncode == 5, done.stderr
+    assert "layer 1" in done.stderr and "config says sha256:1111" in done.stderr
+    probe = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", dst],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "manifest unknown" in probe.stderr
+
+
+def test_progress_bars_on_a_terminal(image, registry, tmp_path) -> None:
+    import pty
+    src = push_layout_image(image.layout, "v1", registry.host, "ws/tty")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "convert", src,
+         f"docker://{registry.host}/ws/tty:v1-esgz", "--no-cache"],
+        stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            piece = os.read(controller, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not piece:
+            break
+        output += piece
+    assert process.wait(timeout=120) == 0
+    os.close(controller)
+    text = output.decode(errors="replace")
+    assert "download" in text and "convert" in text and "[" in text and "MB" in text
+    assert "\x1b[" in text  # bars are redrawn in place
