@@ -1,12 +1,14 @@
 """`lazypull estargz build|verify|toc`: the format library on the command line."""
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
 
-from estargz import BlobReader, BuildOptions, Compression, FileSource, build
+from estargz import BlobReader, BuildOptions, Compression, FileSource, FormatError, build
 from estargz.verify import verify_blob
 
 
@@ -20,8 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--prioritize-file", metavar="F",
                    help="file listing paths to place first, one per line, in priority order")
     p.add_argument("--zstd", action="store_true", help="write zstd:chunked instead of gzip")
-    p.add_argument("--chunk-size", type=_positive, default=4 << 20, metavar="N",
-                   help="split files into chunks of N bytes (default 4 MiB)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=4 << 20, metavar="N",
+                   help="split files into chunks of N bytes (at least 512; default 4 MiB)")
     p.add_argument("--level", type=int, metavar="N",
                    help="compression level (default 6 for gzip, 3 for zstd)")
     p.add_argument("--workers", type=_positive, metavar="N", help="compression threads")
@@ -45,9 +47,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _chunk_size(text: str) -> int:
+    value = _positive(text)
+    if value < 512:
+        raise argparse.ArgumentTypeError(f"{text} is smaller than a tar block (512)")
+    return value
+
+
 def _read_priority_list(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        lines = [line.strip() for line in data.decode("utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: the prioritized file list is not UTF-8 text") from None
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -61,12 +74,18 @@ def _build(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     started = time.monotonic()
-    with open(args.output, "wb") as out:
-        if args.input == "-":
-            result = build(sys.stdin.buffer, out, options)
-        else:
-            with open(args.input, "rb") as tar:
-                result = build(tar, out, options)
+    try:
+        with open(args.output, "wb") as out:
+            if args.input == "-":
+                result = build(sys.stdin.buffer, out, options)
+            else:
+                with open(args.input, "rb") as tar:
+                    result = build(tar, out, options)
+    except BaseException:
+        # A half-written blob must not look like a result.
+        with contextlib.suppress(OSError):
+            os.unlink(args.output)
+        raise
     report = asdict(result)
     report["seconds"] = round(time.monotonic() - started, 3)
     for name in result.missing_prioritized:

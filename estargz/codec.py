@@ -5,6 +5,7 @@ can be produced in parallel threads: zlib and zstd release the GIL while they wo
 """
 
 import struct
+import sys
 import threading
 import zlib
 
@@ -53,7 +54,8 @@ def _inflate_member(compression: Compression, data: bytes, limit: int) -> tuple[
     are out. Returns (output, input left after the member, or b"" if stopped early)."""
     if compression is Compression.GZIP:
         d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out = d.decompress(data, limit)
+        # zlib takes a C ssize_t; a TOC's innerOffset can ask for more than that.
+        out = d.decompress(data, min(limit, sys.maxsize))
         if d.eof:
             return out, d.unused_data
         if len(out) >= limit:

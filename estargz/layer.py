@@ -193,15 +193,21 @@ class Layer:
         return covered + size
 
     def _parent_dir(self, path: str, where: str) -> Node:
-        parent_path, _, _ = path.rpartition("/")
+        # Walk up to the nearest known ancestor without recursing: paths can be deep.
+        missing: list[str] = []
+        parent_path = path.rpartition("/")[0]
         parent = self._paths.get(parent_path)
-        if parent is None:
-            grand = self._parent_dir(parent_path, where)
-            parent = Node(path=parent_path, kind="dir", mode=_IMPLICIT_DIR_MODE, implicit=True)
-            grand.children[parent.name] = parent
-            self._paths[parent_path] = parent
-        elif parent.kind != "dir":
+        while parent is None:
+            missing.append(parent_path)
+            parent_path = parent_path.rpartition("/")[0]
+            parent = self._paths.get(parent_path)
+        if parent.kind != "dir":
             raise TOCError(f"{where}: parent {parent_path!r} is not a directory")
+        for implicit_path in reversed(missing):
+            node = Node(path=implicit_path, kind="dir", mode=_IMPLICIT_DIR_MODE, implicit=True)
+            parent.children[node.name] = node
+            self._paths[implicit_path] = node
+            parent = node
         return parent
 
     def _add_entry(self, entry: TOCEntry, where: str) -> Node | None:

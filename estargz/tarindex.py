@@ -31,6 +31,9 @@ TAR_KINDS = {
     tarfile.BLKTYPE: "block",
     tarfile.FIFOTYPE: "fifo",
 }
+# tarfile lets these escape from some malformed headers (GNU sparse maps, PAX
+# records, long chains of extension headers) instead of raising a TarError.
+TARFILE_SLIPS = (ValueError, IndexError, OverflowError, RecursionError)
 
 
 @dataclass
@@ -104,6 +107,8 @@ def _read_entries(file: BinaryIO) -> list[TarEntry]:
         )
     except tarfile.TarError as exc:
         raise TarError(f"not a tar stream: {exc}") from None
+    except TARFILE_SLIPS as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
     entries: list[TarEntry] = []
     try:
         while True:
@@ -113,23 +118,40 @@ def _read_entries(file: BinaryIO) -> list[TarEntry]:
             entries.append(_entry(file, info, size))
             if archive.pax_headers:
                 raise TarError("PAX global headers are not supported in layers")
-    except tarfile.TarError as exc:
-        raise TarError(f"malformed tar: {exc}") from None
+    except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
     _check_end(file, archive.offset, size)
     return entries
+
+
+def tarfile_problem(exc: Exception) -> str:
+    """What a tarfile exception says, in words that help."""
+    if isinstance(exc, RecursionError):
+        return "too many extension headers in a row"
+    return str(exc) or type(exc).__name__
 
 
 def _entry(file: BinaryIO, info: tarfile.TarInfo, size: int) -> TarEntry:
     name = info.name
     kind = TAR_KINDS.get(info.type)
-    if kind is None or info.issparse():
+    if info.issparse():
+        raise TarError(f"tar entry {name!r} is a sparse file, which a layer cannot hold")
+    if kind is None:
         raise TarError(f"tar entry {name!r} has unsupported type {info.type!r}")
+    # Everything that goes into the TOC as text must be UTF-8 (the input's other
+    # bytes arrive here as surrogate escapes).
+    texts = {"name": name, "link name": info.linkname, "user name": info.uname,
+             "group name": info.gname}
+    texts.update((f"xattr {key!r}", key) for key in xattrs_of(info))
+    for what, text in texts.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TarError(f"tar entry {name!r}: {what} is not valid UTF-8") from None
     try:
-        name.encode("utf-8")
-        info.linkname.encode("utf-8")
         path = clean_name(name)
-    except UnicodeEncodeError:
-        raise TarError(f"tar entry name {name!r} is not valid UTF-8") from None
+        if kind == "hardlink":
+            clean_name(info.linkname)
     except TOCError as exc:
         raise TarError(str(exc)) from None
     if kind == "reg" and info.offset_data + info.size > size:

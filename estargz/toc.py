@@ -5,7 +5,6 @@ with its omit-when-empty rules, so TOCs we write look like theirs.
 """
 
 import base64
-import binascii
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ def clean_name(name: str) -> str:
 
 def format_modtime(mtime: float) -> str:
     """RFC3339 in UTC rounded to the second; "" for the epoch, as the reference omits it."""
+    if not math.isfinite(mtime):  # a PAX mtime may say "inf" or "nan"
+        return ""
     seconds = math.floor(mtime + 0.5)
     if seconds == 0:
         return ""
@@ -135,6 +136,14 @@ _STR_FIELDS = {
 }
 
 
+def _check_text(where: str, what: str, text: str) -> None:
+    """JSON escapes can spell lone surrogates, which no path or name may hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TOCError(f"{where}: {what} {text!r} is not valid UTF-8") from None
+
+
 def _entry_from_json(index: int, raw: object) -> TOCEntry:
     where = f"TOC entry #{index}"
     if not isinstance(raw, dict):
@@ -143,7 +152,8 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
     if not isinstance(name, str) or not name:
         raise TOCError(f"{where} has no name")
     where = f"TOC entry #{index} ({name!r})"
-    if kind not in ENTRY_TYPES:
+    _check_text(where, "name", name)
+    if not isinstance(kind, str) or kind not in ENTRY_TYPES:
         raise TOCError(f"{where} has unknown type {kind!r}")
     entry = TOCEntry(name=name, type=kind)
     for key, attr in _INT_FIELDS.items():
@@ -155,6 +165,7 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
         value = raw.get(key, "")
         if not isinstance(value, str):
             raise TOCError(f"{where}: {key} must be a string")
+        _check_text(where, key, value)
         setattr(entry, attr, value)
     parse_modtime(entry.modtime)
     for key in ("digest", "chunkDigest"):
@@ -167,9 +178,10 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
     for key, value in xattrs.items():
         if not isinstance(value, str):
             raise TOCError(f"{where}: xattr {key!r} is not base64 text")
+        _check_text(where, "xattr name", key)
         try:
             entry.xattrs[key] = base64.b64decode(value, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or text that is not even ASCII
             raise TOCError(f"{where}: xattr {key!r} is not valid base64") from None
     if entry.has_payload and not entry.chunk_digest:
         raise TOCError(f"{where} holds data but has no chunkDigest")

@@ -16,7 +16,7 @@ from .errors import FormatError, VerificationError
 from .footer import Compression
 from .layer import Layer
 from .reader import BlobReader, BlobSource
-from .tarindex import TAR_KINDS, xattrs_of
+from .tarindex import BLOCK, TAR_KINDS, TARFILE_SLIPS, tarfile_problem, xattrs_of
 from .toc import DEFAULT_MAX_TOC_SIZE, TOC_TAR_NAME, TOCEntry, clean_name, format_modtime
 
 # A member region larger than this is refused rather than held in memory.
@@ -154,8 +154,10 @@ class _Checker:
                         index += 1
                     else:
                         index = self._check_entry(archive, member, index)
-        except tarfile.TarError as exc:
-            raise VerificationError(f"decompressed stream is not a valid tar: {exc}") from None
+        except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+            raise VerificationError(
+                f"decompressed stream is not a valid tar: {tarfile_problem(exc)}"
+            ) from None
         expected = len(entries) + (1 if self.compression is Compression.GZIP else 0)
         if index < expected:
             missing = entries[index].name if index < len(entries) else TOC_TAR_NAME
@@ -204,6 +206,10 @@ class _Checker:
             self.chunks += 1
         if entry.digest and "sha256:" + file_hash.hexdigest() != entry.digest:
             raise VerificationError(f"content of {entry.name!r} fails its digest")
+        # No digest covers the padding after the data (and zstd frames carry no
+        # checksum), so read it here, where tarfile would skip it unseen.
+        if entry.size and archive.fileobj.read(-entry.size % BLOCK).strip(b"\0"):
+            raise VerificationError(f"the padding after the data of {entry.name!r} is not zero")
         return index
 
     def _check_toc_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:

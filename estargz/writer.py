@@ -18,8 +18,9 @@ from typing import BinaryIO
 
 from .codec import DEFAULT_LEVELS, compress_member
 from .digests import sha256_digest
-from .errors import TOCError
-from .footer import Compression, gzip_footer, skippable_frame, zstd_footer
+from .errors import TarError, TOCError
+from .footer import Compression, Footer, gzip_footer, skippable_frame, zstd_footer
+from .layer import Layer
 from .tarindex import BLOCK, SpooledTar, TarEntry, index_tar, is_reserved, xattrs_of
 from .toc import (
     LANDMARK_CONTENTS,
@@ -30,6 +31,7 @@ from .toc import (
     TOCEntry,
     clean_name,
     format_modtime,
+    parse_toc,
 )
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -109,18 +111,28 @@ def order_entries(entries: list[TarEntry], prioritized: Sequence[str]) -> Orderi
         rest[entry.path] = entry
     front: dict[str, TarEntry] = {}
 
-    def move(path: str, depth: int = 0) -> bool:
-        if depth > 4096:
-            return False
+    def move(path: str) -> bool:
         if path and path not in rest and path not in front:
             return False
-        if path:
-            move(path.rpartition("/")[0], depth + 1)  # an absent parent is implicit
-        entry = rest.get(path)
-        if entry is not None and entry.kind == "hardlink":
-            move(clean_name(entry.info.linkname), depth + 1)
-        if path in rest:
-            front[path] = rest.pop(path)
+        # Depth first, without recursion (paths can be deep, hard links can form
+        # a cycle): a path's parent, then its hard-link target, then the path.
+        stack = [(path, False)]
+        active = {path}
+        while stack:
+            current, ready = stack.pop()
+            if ready:
+                if current in rest:
+                    front[current] = rest.pop(current)
+                continue
+            stack.append((current, True))
+            needs = [current.rpartition("/")[0]] if current else []  # absent: implicit
+            entry = rest.get(current)
+            if entry is not None and entry.kind == "hardlink":
+                needs.append(clean_name(entry.info.linkname))
+            for need in reversed(needs):
+                if need not in active and (need == "" or need in rest):
+                    active.add(need)
+                    stack.append((need, False))
         return True
 
     missing = []
@@ -298,12 +310,24 @@ class _Builder:
 
     # -- TOC and footer ----------------------------------------------------
 
+    def _check_toc(self, toc_json: bytes, payload_end: int) -> None:
+        """Refuse to finish a blob that readers would refuse. A tar can say what a
+        layer cannot (a hard link to a later or missing entry, a file as a parent,
+        an id out of range), and that is the tar's fault, so say so now."""
+        footer = Footer(compression=self.compression, toc_offset=payload_end, toc_length=0,
+                        payload_end=payload_end, footer_size=0)
+        try:
+            Layer(parse_toc(toc_json), footer, "")
+        except TOCError as exc:
+            raise TarError(f"the tar cannot be a layer: {exc}") from None
+
     def _finish(self, missing: list[str]) -> BuildResult:
         marker = self.prefetch_marker
         prefetch_size = marker.offset if marker is not None else 0
         toc_json = TOC(entries=self.toc_entries).to_json_bytes()
         toc_digest = sha256_digest(toc_json)
         toc_offset = self.written
+        self._check_toc(toc_json, toc_offset)
         annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
         if self.compression is Compression.GZIP:
             info = tarfile.TarInfo(TOC_TAR_NAME)

@@ -55,3 +55,19 @@ def test_usage_errors_exit_2(tmp_path) -> None:
     assert missing.returncode == 1
     assert missing.stderr.startswith(b"lazypull: No such file or directory")
     assert b"Traceback" not in missing.stderr
+
+
+def test_build_errors_leave_no_output_and_no_traceback(tmp_path) -> None:
+    bad_tar = tmp_path / "bad.tar"
+    bad_tar.write_bytes(coverage_tar()[:700])  # cut inside the first file's data
+    out = tmp_path / "out.esgz"
+    done = lazypull("estargz", "build", str(bad_tar), str(out))
+    assert done.returncode == 1 and b"truncated" in done.stderr
+    assert not out.exists()
+    prio = tmp_path / "prio"
+    prio.write_bytes(b"\xff\xfe not utf-8\n")
+    done = lazypull("estargz", "build", str(bad_tar), str(out), "--prioritize-file", str(prio))
+    assert done.returncode == 1 and b"not UTF-8" in done.stderr
+    assert b"Traceback" not in done.stderr
+    small = lazypull("estargz", "build", str(bad_tar), str(out), "--chunk-size", "100")
+    assert small.returncode == 2 and b"smaller than a tar block" in small.stderr
