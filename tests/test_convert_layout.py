@@ -199,3 +199,18 @@ def test_tar_of_converted_layer_has_landmark_after_hot_files(source, tmp_path) -
     with tarfile.open(fileobj=io.BytesIO(blob_path(dst, layer["digest"]).read_bytes())) as tar:
         names = tar.getnames()
     assert names.index(".prefetch.landmark") == names.index("usr/bin/python3") + 1
+
+
+def test_schema1_manifests_are_refused(tmp_path) -> None:
+    layout = tmp_path / "old"
+    layout.mkdir()
+    manifest = json.dumps({"schemaVersion": 1, "name": "x", "tag": "t", "fsLayers": []}).encode()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    blob_path(layout, digest).parent.mkdir(parents=True)
+    blob_path(layout, digest).write_bytes(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": mt.DOCKER_SCHEMA1_SIGNED, "digest": digest, "size": len(manifest),
+        "annotations": {"org.opencontainers.image.ref.name": "t"}}]}))
+    with pytest.raises(ConversionError, match="schema 1 manifests are not supported"):
+        convert(f"oci:{layout}:t", f"oci:{tmp_path / 'dst'}:t")
