@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "perf.convert_throughput",
         "tar -> eStargz / zstd:chunked conversion throughput against plain gzip",
     ),
+    "convert-e2e": Benchmark("perf.convert_e2e", "lazypull convert via registries vs skopeo copy"),
 }
 DEFAULT = "convert"
 
