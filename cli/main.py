@@ -5,7 +5,7 @@ import sys
 
 from estargz import FormatError
 
-from . import convert_command, estargz_commands
+from . import convert_command, estargz_commands, snapshotter_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     convert_command.register(commands)
     estargz_commands.register(commands)
+    snapshotter_command.register(commands)
     return parser
 
 

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.token_server",
     "tests.fixtures.containerd",
+    "tests.fixtures.snapshotter",
 ]

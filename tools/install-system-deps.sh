@@ -7,6 +7,8 @@ packages=(
   python3 python3-venv python3-dev gcc make tar gzip
   # the reference eStargz implementation, for interoperability tests (offline GOPATH build)
   golang-go golang-github-containerd-stargz-snapshotter-dev
+  # containerd's snapshotter conformance suite (offline GOPATH build)
+  golang-github-containerd-containerd-dev
   # real components the tests start: registry, image tools, containerd + runc
   docker-registry apache2-utils skopeo umoci containerd runc busybox-static
 )

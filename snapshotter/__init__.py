@@ -1,0 +1,1 @@
+"""The lazypull node service: a containerd snapshotter served as a proxy plugin."""
