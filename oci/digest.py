@@ -16,6 +16,14 @@ def validate_digest(digest: str) -> str:
     return digest
 
 
+def is_digest(text: str) -> bool:
+    try:
+        validate_digest(text)
+    except ValueError:
+        return False
+    return True
+
+
 def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from . import mediatypes as mt
-from .digest import Digester, DigestMismatchError, sha256_of, validate_digest, verify_bytes
+from .digest import (
+    Digester,
+    DigestMismatchError,
+    is_digest,
+    sha256_of,
+    validate_digest,
+    verify_bytes,
+)
 from .manifest import Descriptor, Index, ManifestError, parse_manifest
 from .reference import ReferenceError
 from .store import NotFoundError, StoreError
@@ -48,14 +55,6 @@ def parse_layout_reference(text: str) -> tuple[str, str | None]:
     if tag and not _IMAGE_NAME.fullmatch(tag):
         raise ReferenceError(f"{text!r}: invalid image name {tag!r} in the layout")
     return directory, tag or None
-
-
-def _is_digest(text: str) -> bool:
-    try:
-        validate_digest(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _sniff_media_type(data: bytes, what: str) -> str:
@@ -130,7 +129,7 @@ class LayoutStore:
     async def get_manifest(self, tag_or_digest: str | None = None) -> tuple[bytes, str, str]:
         """By digest, by tag, or (None / "") the layout's only image."""
         index = self._read_index()
-        if tag_or_digest and _is_digest(tag_or_digest):
+        if tag_or_digest and is_digest(tag_or_digest):
             data = self._read_manifest_blob(tag_or_digest, None)
             listed = next((d for d in index.manifests if d.digest == tag_or_digest), None)
             media_type = listed.media_type if listed else _sniff_media_type(

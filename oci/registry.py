@@ -25,7 +25,7 @@ import httpx
 
 from . import mediatypes as mt
 from .auth import RegistryAuthenticator, repository_scope
-from .digest import Digester, DigestMismatchError, sha256_of, validate_digest
+from .digest import Digester, DigestMismatchError, is_digest, sha256_of
 from .docker_config import CredentialSource, CredentialStore
 from .hosts import PULL, PUSH, RESOLVE, Endpoint, HostsConfig, TLSSettings
 from .manifest import Descriptor
@@ -92,17 +92,9 @@ class RetryPolicy:
         return min(seconds, self.max_retry_after)
 
 
-def _is_digest(text: str) -> bool:
-    try:
-        validate_digest(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _display(reference: Reference, tag_or_digest: str | None = None) -> str:
     obj = tag_or_digest or reference.object
-    return f"{reference.registry}/{reference.repository}{'@' if _is_digest(obj) else ':'}{obj}"
+    return f"{reference.registry}/{reference.repository}{'@' if is_digest(obj) else ':'}{obj}"
 
 
 def _media_type_of(response: httpx.Response) -> str:
@@ -347,9 +339,9 @@ class RegistryClient:
                 await self._check(response, what, endpoint, reference.repository)
             digest = response.headers.get("docker-content-digest", "")
             media_type, size = _media_type_of(response), _content_length(response)
-            if response.status_code == 200 and _is_digest(digest) and size is not None and \
+            if response.status_code == 200 and is_digest(digest) and size is not None and \
                     media_type not in ("", "application/json", "text/html", "text/plain"):
-                if _is_digest(obj) and digest != obj:
+                if is_digest(obj) and digest != obj:
                     raise RegistryDigestError(f"{what}: registry says its digest is {digest}")
                 return Descriptor(media_type=media_type, digest=digest, size=size)
             # Not every registry answers HEAD fully: GET it and see for ourselves.
@@ -357,7 +349,7 @@ class RegistryClient:
                 endpoint, last, reference, obj)
             return Descriptor(media_type=media_type, digest=digest, size=len(data))
 
-        return await self._on_endpoints(reference.registry, PULL if _is_digest(obj) else RESOLVE,
+        return await self._on_endpoints(reference.registry, PULL if is_digest(obj) else RESOLVE,
                                         what, head)
 
     async def get_manifest(self, reference: Reference,
@@ -369,7 +361,7 @@ class RegistryClient:
         async def get(endpoint: Endpoint, last: bool) -> tuple[bytes, str, str]:
             return await self._get_manifest_from(endpoint, last, reference, obj)
 
-        return await self._on_endpoints(reference.registry, PULL if _is_digest(obj) else RESOLVE,
+        return await self._on_endpoints(reference.registry, PULL if is_digest(obj) else RESOLVE,
                                         what, get)
 
     async def _get_manifest_from(self, endpoint: Endpoint, last: bool, reference: Reference,
@@ -413,16 +405,16 @@ class RegistryClient:
 
     @staticmethod
     def _verify_manifest_digest(what: str, data: bytes, obj: str, header: str | None) -> str:
-        expected = obj if _is_digest(obj) else (header or "").strip()
+        expected = obj if is_digest(obj) else (header or "").strip()
         if not expected:
             return sha256_of(data)  # fetched by tag and the registry did not say: trust the bytes
-        if not _is_digest(expected):
+        if not is_digest(expected):
             raise StoreError(f"{what}: registry sent an invalid Docker-Content-Digest "
                              f"{expected[:80]!r}")
         digester = Digester(expected)
         digester.update(data)
         if digester.digest != expected:
-            source = "requested" if _is_digest(obj) else "the registry's Docker-Content-Digest"
+            source = "requested" if is_digest(obj) else "the registry's Docker-Content-Digest"
             raise RegistryDigestError(f"{what}: content is {digester.digest}, not {expected} "
                                       f"({source})")
         return expected
