@@ -1,0 +1,1 @@
+"""Lazy pulling: fetch the chunks of eStargz layers on demand and keep them on local disk."""

@@ -1,0 +1,540 @@
+"""Fetch the verified chunks of one layer blob through single-range requests.
+
+A chunk lives in a span of the blob (`blob_offset .. blob_end`: the compressed member
+that starts with it; zstd:chunked may put several chunks in one span). Spans follow
+each other without gaps, so one range request can carry many of them:
+
+- a miss fetches the missing chunk's span and the not-yet-cached, not-in-flight spans
+  right after it, up to `max_request_bytes`; for a chunk of a small file up to
+  `window_bytes` (small files of one directory are neighbours in the blob, so a
+  process that opens hundreds of them pays tens of round trips, not hundreds). Only
+  forward: reads and TOC order both run forward, and a backward miss opens its own
+  window;
+- every chunk of a planned request has a future in `_inflight` from the moment the
+  request is planned, so any other reader of it waits for that request (single
+  flight, also for chunks inside another request, for a queued prefetch stream and
+  for background fetches);
+- planning is synchronous on the event loop, and a chunk's future is resolved only
+  after the chunk is in the cache, so a reader sees it either cached or in flight;
+- every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
+  that fails is fetched once more on its own; failing again raises ChunkFetchError
+  (the FUSE layer answers EIO) and nothing is cached. A failed request (the registry
+  client's StoreError) reaches every reader of its chunks unchanged.
+
+Requests run in at most `concurrency` slots. Background requests take a slot only while
+no on-demand or prefetch request waits for one, and hold at most one slot.
+"""
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
+
+from estargz import Chunk, FormatError, Layer, Node, decode_chunk
+from snapshotter.metrics import REGISTRY
+
+from .chunk_cache import ChunkCache
+
+log = logging.getLogger(__name__)
+
+DEMAND, PREFETCH, BACKGROUND = "demand", "prefetch", "background"
+
+FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
+                      "Compressed blob bytes fetched from registries, by kind of fetch",
+                      ["kind"], registry=REGISTRY)
+FETCH_REQUESTS = Counter("lazypull_fetch_requests_total",
+                         "Range requests sent to registries, by kind of fetch", ["kind"],
+                         registry=REGISTRY)
+FETCH_LATENCY = Histogram("lazypull_fetch_duration_seconds",
+                          "Time of one range request, by kind of fetch", ["kind"],
+                          registry=REGISTRY,
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                   1, 2.5, 5, 10, 30))
+VERIFICATION_FAILURES = Counter("lazypull_fetch_verification_failures_total",
+                                "Chunks that failed verification twice and were refused",
+                                registry=REGISTRY)
+
+
+class ChunkFetchError(FormatError):
+    """A chunk's bytes from the registry failed verification, also when fetched again."""
+
+
+@dataclass
+class FetchStats:
+    demand_bytes: int = 0
+    prefetch_bytes: int = 0
+    background_bytes: int = 0
+    demand_requests: int = 0
+    prefetch_requests: int = 0
+    background_requests: int = 0
+    retries: int = 0  # requests that fetched chunks again after a failed verification
+    verification_failures: int = 0  # chunks refused after the retry
+
+    @property
+    def requests(self) -> int:
+        return self.demand_requests + self.prefetch_requests + self.background_requests
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.demand_bytes + self.prefetch_bytes + self.background_bytes
+
+    def count(self, kind: str, requests: int = 0, nbytes: int = 0) -> None:
+        setattr(self, f"{kind}_requests", getattr(self, f"{kind}_requests") + requests)
+        setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
+
+
+@dataclass(frozen=True)
+class _Span:
+    offset: int
+    end: int
+    chunks: tuple[Chunk, ...]
+    small: bool  # holds a chunk of a file of at most small_file_bytes
+
+    @property
+    def size(self) -> int:
+        return self.end - self.offset
+
+
+class RequestSlots:
+    """At most `limit` requests at once. Background requests start only while no other
+    request waits for a slot, and at most one of them runs at a time."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("at least one request must be allowed")
+        self.limit = limit
+        self.busy = 0
+        self.background = 0
+        self.waiting = 0  # on-demand and prefetch requests waiting for a slot
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def slot(self, background: bool) -> AsyncIterator[None]:
+        await self._acquire(background)
+        try:
+            yield
+        finally:
+            await self._release(background)
+
+    async def _acquire(self, background: bool) -> None:
+        async with self._changed:
+            if background:
+                await self._changed.wait_for(
+                    lambda: self.busy < self.limit and not self.waiting and not self.background)
+                self.background += 1
+            else:
+                self.waiting += 1
+                try:
+                    await self._changed.wait_for(lambda: self.busy < self.limit)
+                finally:
+                    self.waiting -= 1
+                    self._changed.notify_all()  # a background waiter may go now
+            self.busy += 1
+
+    async def _release(self, background: bool) -> None:
+        async with self._changed:
+            self.busy -= 1
+            if background:
+                self.background -= 1
+            self._changed.notify_all()
+
+
+class TokenBucket:
+    """Caps a byte rate. Paid after a request, so a throttled fetch holds neither a
+    request slot nor the futures of chunks that readers may want meanwhile."""
+
+    def __init__(self, rate: float, burst: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep):
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    async def spend(self, amount: int) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= amount
+        if self._tokens < 0:
+            await self._sleep(-self._tokens / self.rate)
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    # A chunk's error is delivered to whoever awaits it; nobody may, so mark it seen.
+    if not future.cancelled():
+        future.exception()
+
+
+class LayerFetcher:
+    def __init__(self, layer: Layer, read_range: Callable[[int, int], Awaitable[bytes]],
+                 cache: ChunkCache, *, max_request_bytes: int = 8 << 20,
+                 concurrency: int = 4, background_bytes_per_second: float | None = None,
+                 small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10):
+        if max_request_bytes <= 0 or window_bytes <= 0:
+            raise ValueError("request sizes must be positive")
+        self.layer = layer
+        self.cache = cache
+        self.max_request_bytes = max_request_bytes
+        self.small_file_bytes = small_file_bytes
+        self.window_bytes = window_bytes
+        self.stats = FetchStats()
+        self._read_range = read_range
+        self._compression = layer.footer.compression
+        self._slots = RequestSlots(concurrency)
+        self._bucket = TokenBucket(background_bytes_per_second) \
+            if background_bytes_per_second else None
+        self._spans = self._spans_of(layer)
+        self._span_offsets = [span.offset for span in self._spans]
+        self._span_index = {span.offset: i for i, span in enumerate(self._spans)}
+        self._digests = frozenset(c.digest for span in self._spans for c in span.chunks)
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._refused: set[str] = set()  # chunks that failed verification twice
+        self._tasks: set[asyncio.Task[int]] = set()
+
+    def _spans_of(self, layer: Layer) -> list[_Span]:
+        seen: set[int] = set()
+        chunks: list[tuple[Chunk, int]] = []
+        for _, node in layer.walk():
+            if node.kind == "reg" and id(node) not in seen:  # hard links: one node
+                seen.add(id(node))
+                chunks.extend((chunk, node.size) for chunk in node.chunks)
+        chunks.sort(key=lambda item: (item[0].blob_offset, item[0].inner_offset))
+        spans: list[_Span] = []
+        members: list[Chunk] = []
+        small = False
+        for index, (chunk, file_size) in enumerate(chunks):
+            members.append(chunk)
+            small = small or file_size <= self.small_file_bytes
+            following = chunks[index + 1][0] if index + 1 < len(chunks) else None
+            if following is None or following.blob_offset != chunk.blob_offset:
+                spans.append(_Span(chunk.blob_offset, chunk.blob_end, tuple(members), small))
+                members, small = [], False
+        return spans
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def chunk(self, chunk: Chunk) -> bytes:
+        """The verified bytes of one chunk."""
+        return (await self._gather([chunk]))[chunk.digest]
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        """Bytes `offset .. offset+length` of a regular file (fewer at its end)."""
+        if node.kind != "reg":
+            raise FormatError(f"{node.path!r} is not a regular file")
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        chunks = self.layer.chunks_for_range(node, offset, length)
+        if not chunks:
+            return b""
+        found = await self._gather(chunks)
+        end = min(offset + length, node.size)
+        pieces = []
+        for chunk in chunks:
+            data = found[chunk.digest]
+            pieces.append(data[max(offset - chunk.file_offset, 0):min(end - chunk.file_offset,
+                                                                       chunk.size)])
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def is_complete(self) -> bool:
+        """Whether every chunk of the layer is in the cache."""
+        return all(digest in self.cache for digest in self._digests)
+
+    async def _gather(self, chunks: Iterable[Chunk]) -> dict[str, bytes]:
+        wanted = {chunk.digest: chunk for chunk in chunks}  # equal digests: equal bytes
+        found: dict[str, bytes] = {}
+        for digest in wanted:
+            data = self.cache.get_from_memory(digest)
+            if data is not None:
+                found[digest] = data
+        first_round = True
+        while len(found) < len(wanted):
+            missing = [digest for digest in wanted if digest not in found]
+            found.update(await asyncio.to_thread(self._load_cached, missing))
+            waits = {}
+            for digest in missing:
+                if digest in found:
+                    continue
+                future = self._inflight.get(digest)
+                if future is None:
+                    future = self._request_from(wanted[digest], DEMAND, check_cache=first_round)
+                if future is not None:
+                    waits[digest] = future
+            for digest, future in waits.items():
+                found[digest] = await asyncio.shield(future)
+            first_round = False
+        return found
+
+    def _load_cached(self, digests: list[str]) -> dict[str, bytes]:
+        found = {}
+        for digest in digests:
+            data = self.cache.get(digest)
+            if data is not None:
+                found[digest] = data
+        return found
+
+    # -- planning (synchronous on the event loop: nothing can change in between) --------
+
+    def _request_from(self, chunk: Chunk, kind: str,
+                      check_cache: bool) -> asyncio.Future[bytes] | None:
+        """Start a request for `chunk` and its neighbours; None if it got cached since
+        the caller looked (the caller reads it from the cache then)."""
+        if check_cache and chunk.digest in self.cache:
+            return None
+        index = self._span_index.get(chunk.blob_offset)
+        if index is None:  # not a chunk of a reachable file: fetch just its span
+            run = [_Span(chunk.blob_offset, chunk.blob_end, (chunk,), False)]
+        else:
+            span = self._spans[index]
+            budget = self.window_bytes if span.small else self.max_request_bytes
+            run = self._run_from(index, budget, len(self._spans))
+        futures = self._register(run, must=chunk.digest)
+        self._start(run, futures, kind)
+        return futures[chunk.digest]
+
+    def _needed(self, span: _Span, as_neighbour: bool = False) -> bool:
+        # A chunk that failed verification is fetched again only when asked for itself,
+        # not as every neighbour's passenger.
+        return any(c.digest not in self._inflight and c.digest not in self.cache
+                   and not (as_neighbour and c.digest in self._refused)
+                   for c in span.chunks)
+
+    def _run_from(self, index: int, budget: int, stop: int) -> list[_Span]:
+        """Span `index` and the adjacent needed spans after it (before `stop`) that fit
+        in `budget` bytes together."""
+        run = [self._spans[index]]
+        total = run[0].size
+        for following in range(index + 1, stop):
+            span = self._spans[following]
+            if span.offset != run[-1].end or total + span.size > budget \
+                    or not self._needed(span, as_neighbour=True):
+                break
+            run.append(span)
+            total += span.size
+        return run
+
+    def _register(self, run: list[_Span], must: str | None = None
+                  ) -> dict[str, asyncio.Future[bytes]]:
+        """Futures for the chunks of `run` that nobody has or fetches yet."""
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future[bytes]] = {}
+        for span in run:
+            for chunk in span.chunks:
+                digest = chunk.digest
+                if digest in futures or digest in self._inflight:
+                    continue
+                if digest != must and digest in self.cache:
+                    continue
+                future = loop.create_future()
+                future.add_done_callback(_retrieve)
+                self._inflight[digest] = futures[digest] = future
+        return futures
+
+    def _start(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+               kind: str) -> asyncio.Task[int]:
+        task = asyncio.create_task(self._request(run, futures, kind))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _request(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+                       kind: str) -> int:
+        try:
+            async with self._slots.slot(background=kind == BACKGROUND):
+                return await self._transfer(run, futures, kind)
+        finally:
+            # Cancelled while waiting for a slot: the futures must not hang.
+            self._fail(futures, ChunkFetchError("the fetch was cancelled"))
+
+    async def _transfer(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+                        kind: str) -> int:
+        """Fetch `run`, verify, cache and hand out its chunks; fetch failed ones again
+        once. Returns the bytes fetched. Every future is done when this returns."""
+        fetched = 0
+        try:
+            data = await self._fetch(run[0].offset, run[-1].end - run[0].offset, kind)
+            fetched += len(data)
+            first_failures = await self._settle(run, data, futures)
+            for group in _adjacent_groups([s for s in run if _holds(s, first_failures)]):
+                self.stats.retries += 1
+                data = await self._fetch(group[0].offset, group[-1].end - group[0].offset, kind)
+                fetched += len(data)
+                digests = {c.digest for span in group for c in span.chunks} & first_failures.keys()
+                failed = await self._settle(group, data, {d: futures[d] for d in digests})
+                for digest, reason in failed.items():
+                    self._refused.add(digest)
+                    self.stats.verification_failures += 1
+                    VERIFICATION_FAILURES.inc()
+                    log.warning("chunk %s at blob offset %d failed verification twice: %s",
+                                digest, group[0].offset, reason)
+                    self._fail({digest: futures[digest]}, ChunkFetchError(
+                        f"chunk {digest} of the layer failed verification twice: {reason}"))
+            # Defensive: every registered chunk is in `run`, so none should be left.
+            self._fail(futures, ChunkFetchError("chunk was not in the fetched range"))
+        except asyncio.CancelledError:
+            self._fail(futures, ChunkFetchError("the fetch was cancelled"))
+            raise
+        except Exception as exc:  # the registry's error goes to every reader of the chunks
+            self._fail(futures, exc)
+        return fetched
+
+    async def _fetch(self, offset: int, length: int, kind: str) -> bytes:
+        self.stats.count(kind, requests=1)
+        FETCH_REQUESTS.labels(kind).inc()
+        started = time.monotonic()
+        data = await self._read_range(offset, length)
+        FETCH_LATENCY.labels(kind).observe(time.monotonic() - started)
+        self.stats.count(kind, nbytes=len(data))
+        FETCH_BYTES.labels(kind).inc(len(data))
+        return data
+
+    async def _settle(self, spans: list[_Span], data: bytes,
+                      futures: dict[str, asyncio.Future[bytes]]) -> dict[str, str]:
+        """Verify and cache the chunks of `futures` found in `data` (the bytes of
+        `spans`), resolve their futures; returns digest -> reason for those that failed."""
+        good, failed = await asyncio.to_thread(self._verify_and_store, spans, data,
+                                               set(futures))
+        for digest, chunk_bytes in good.items():
+            self._refused.discard(digest)
+            future = futures[digest]
+            if self._inflight.get(digest) is future:
+                del self._inflight[digest]
+            if not future.done():
+                future.set_result(chunk_bytes)
+        return failed
+
+    def _verify_and_store(self, spans: list[_Span], data: bytes, digests: set[str]
+                          ) -> tuple[dict[str, bytes], dict[str, str]]:
+        """In a worker thread: decompressing and hashing is the slow part."""
+        base = spans[0].offset
+        good: dict[str, bytes] = {}
+        failed: dict[str, str] = {}
+        for span in spans:
+            compressed = data[span.offset - base:span.end - base]
+            for chunk in span.chunks:
+                if chunk.digest not in digests or chunk.digest in good:
+                    continue
+                try:
+                    chunk_bytes = decode_chunk(self._compression, chunk, compressed)
+                except FormatError as exc:
+                    failed[chunk.digest] = str(exc)
+                    continue
+                failed.pop(chunk.digest, None)  # the same bytes at another place were fine
+                try:
+                    self.cache.put(chunk.digest, chunk_bytes)
+                except OSError as exc:  # a full disk must not fail the read that needs it
+                    log.warning("cannot cache chunk %s: %s", chunk.digest, exc)
+                good[chunk.digest] = chunk_bytes
+        return good, failed
+
+    def _fail(self, futures: dict[str, asyncio.Future[bytes]], error: BaseException) -> None:
+        for digest, future in futures.items():
+            if future.done():
+                continue
+            if self._inflight.get(digest) is future:
+                del self._inflight[digest]
+            future.set_exception(error)
+
+    # -- prefetch and background ---------------------------------------------------------
+
+    async def prefetch(self) -> int:
+        """Fetch the prioritized files' region [0, prefetch_end) in large requests and
+        cache its chunks. Returns the bytes fetched; raises the first failure after
+        every request has ended."""
+        stop = bisect.bisect_left(self._span_offsets, self.layer.prefetch_size)
+        tasks, futures = [], {}
+        index = 0
+        while index < stop:  # plan and register everything before the first await
+            if not self._needed(self._spans[index]):
+                index += 1
+                continue
+            run = self._run_from(index, self.max_request_bytes, stop)
+            run_futures = self._register(run)
+            futures.update(run_futures)
+            tasks.append(self._start(run, run_futures, PREFETCH))
+            index += len(run)
+        # Shielded: readers may wait for these requests even if this prefetch is cancelled.
+        fetched = sum(await asyncio.gather(*(asyncio.shield(task) for task in tasks)))
+        await self._raise_first(futures.values())
+        return fetched
+
+    async def fetch_all(self) -> int:
+        """Fetch every chunk not yet local, in blob order, at low priority, until the
+        layer is complete. Returns the bytes fetched. A failed request stops it (its
+        error is raised); chunks that fail verification are skipped and reported in a
+        ChunkFetchError at the end."""
+        fetched = 0
+        index = 0
+        futures: dict[str, asyncio.Future[bytes]] = {}
+        while index < len(self._spans):
+            task = asyncio.create_task(self._background_step(index))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # Shielded: if fetch_all is cancelled, the request under way still serves
+            # the readers that wait for its chunks.
+            index, nbytes, step_futures = await asyncio.shield(task)
+            fetched += nbytes
+            futures.update(step_futures)
+            for future in step_futures.values():
+                error = future.exception()
+                if error is not None and not isinstance(error, ChunkFetchError):
+                    raise error
+            if self._bucket is not None and nbytes:
+                await self._bucket.spend(nbytes)
+        # Chunks that other requests are fetching: done when those are.
+        await asyncio.gather(*(asyncio.shield(f) for f in list(self._inflight.values())),
+                             return_exceptions=True)
+        await self._raise_first(futures.values())
+        return fetched
+
+    async def _background_step(self, index: int
+                               ) -> tuple[int, int, dict[str, asyncio.Future[bytes]]]:
+        """One background request from span `index` on: (next index, bytes, futures)."""
+        async with self._slots.slot(background=True):
+            # Planned once the slot is ours, so chunks that reads fetched meanwhile are
+            # skipped and no reader waits for a request that is still queued.
+            while index < len(self._spans) and not self._needed(self._spans[index]):
+                index += 1
+            if index == len(self._spans):
+                return index, 0, {}
+            run = self._run_from(index, self.max_request_bytes, len(self._spans))
+            futures = self._register(run)
+            nbytes = await self._transfer(run, futures, BACKGROUND)
+            return index + len(run), nbytes, futures
+
+    @staticmethod
+    async def _raise_first(futures: Iterable[asyncio.Future[bytes]]) -> None:
+        for future in futures:
+            await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        """Cancel the requests under way; their readers get ChunkFetchError."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _holds(span: _Span, digests: dict[str, str]) -> bool:
+    return any(chunk.digest in digests for chunk in span.chunks)
+
+
+def _adjacent_groups(spans: list[_Span]) -> list[list[_Span]]:
+    groups: list[list[_Span]] = []
+    for span in spans:
+        if groups and groups[-1][-1].end == span.offset:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups

@@ -1,0 +1,567 @@
+"""LayerFetcher against a real docker-registry on loopback: eStargz blobs built here are
+pushed, then read through single-range requests, which the tests count at the client's
+transport (an httpx hook) or at a fault-injecting proxy in front of the registry."""
+
+import asyncio
+import functools
+import io
+import itertools
+import math
+import random
+import re
+import tarfile
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import estargz
+from oci import mediatypes as mt
+from oci.digest import sha256_of
+from oci.docker_config import StaticCredentials
+from oci.manifest import Descriptor
+from oci.reference import Reference
+from oci.registry import RegistryClient, RetryPolicy
+from oci.store import NotFoundError
+from snapshotter.lazy.chunk_cache import ChunkCache
+from snapshotter.lazy.fetcher import (
+    ChunkFetchError,
+    LayerFetcher,
+    RequestSlots,
+    TokenBucket,
+)
+from snapshotter.metrics import REGISTRY
+from tests.fixtures.registry import Fault, RegistryServer
+from tests.layers import big_payload
+
+KiB = 1024
+CHUNK_SIZE = 64 * KiB
+SMALL_FILES = [f"app/lib/pkg{d}/mod{i:02d}.py" for d in range(10) for i in range(20)]
+PRIORITIZED = ["app/bin/python", "app/etc/settings.toml", "app/lib/pkg3/mod05.py"]
+_WORDS = ["import", "def", "return", "self", "class", "for", "in", "if", "else", "with",
+          "yield", "async", "await", "lambda", "print", "len", "range", "dict", "list",
+          "tuple", "open", "path", "data", "value", "name", "node", "chunk", "offset",
+          "layer", "cache", "fetch", "read", "write", "error", "None", "True", "False"]
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coroutine)
+
+
+def source_text(rng: random.Random, size: int) -> bytes:
+    words: list[str] = []
+    length = 0
+    while length < size:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words).encode()[:size]
+
+
+def layer_files(seed: int, shared: bytes | None = None) -> dict[str, bytes]:
+    """Many small source files, a few files of several chunks, and the prioritized ones."""
+    rng = random.Random(seed)
+    files = {
+        "app/bin/python": big_payload(150_000, seed=seed),
+        "app/etc/settings.toml": source_text(rng, 900),
+    }
+    for name in SMALL_FILES:
+        files[name] = source_text(rng, rng.randrange(300, 3000))
+    for index in range(3):
+        files[f"app/data/blob{index}.bin"] = big_payload(150_000 + 60_000 * index,
+                                                        seed=seed * 10 + index)
+    if shared is not None:
+        files["app/data/shared.bin"] = shared
+    return files
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    directories: set[str] = set()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in directories:
+                    directories.add(directory)
+                    info = tarfile.TarInfo(directory)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@dataclass
+class Blob:
+    path: Path
+    digest: str
+    size: int
+    layer: estargz.Layer
+    files: dict[str, bytes]
+    reference: Reference
+
+    def node(self, name: str) -> estargz.Node:
+        node = self.layer.lookup(name)
+        assert node is not None, name
+        return node
+
+    def span_of(self, name: str) -> tuple[int, int]:
+        chunks = self.node(name).chunks
+        return chunks[0].blob_offset, chunks[-1].blob_end
+
+
+def build_and_push(directory: Path, registry: RegistryServer, repository: str,
+                   files: dict[str, bytes]) -> Blob:
+    path = directory / f"{repository.replace('/', '-')}.blob"
+    with open(path, "wb") as out:
+        result = estargz.build(io.BytesIO(make_tar(files)), out, estargz.BuildOptions(
+            chunk_size=CHUNK_SIZE, prioritized_files=PRIORITIZED, workers=2))
+    with estargz.FileSource.open(str(path)) as source:
+        layer = estargz.BlobReader.open(source, result.toc_digest).layer
+    reference = Reference.parse(f"{registry.host}/{repository}")
+    descriptor = Descriptor(mt.OCI_LAYER_GZIP, sha256_of(path.read_bytes()), result.blob_size)
+
+    async def push() -> None:
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, str(path))
+
+    run(push())
+    return Blob(path, descriptor.digest, descriptor.size, layer, files, reference)
+
+
+class RangeLog:
+    """An httpx request hook that records the byte ranges asked of the registry."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []  # (offset, end)
+
+    async def __call__(self, request: httpx.Request) -> None:
+        match = _RANGE.fullmatch(request.headers.get("range", ""))
+        if request.method == "GET" and "/blobs/" in request.url.path and match:
+            self.ranges.append((int(match[1]), int(match[2]) + 1))
+
+    def covering(self, offset: int, end: int) -> int:
+        return sum(1 for first, last in self.ranges if first < end and offset < last)
+
+    def assert_no_byte_fetched_twice(self) -> None:
+        ordered = sorted(self.ranges)
+        for (_, end), (start, _) in itertools.pairwise(ordered):
+            assert end <= start, f"ranges overlap: {ordered}"
+
+
+def make_client(log: RangeLog | None = None) -> RegistryClient:
+    # trust_env=False: no proxy from the environment, so traffic stays on loopback.
+    return RegistryClient(credentials=StaticCredentials({}), trust_env=False,
+                          retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.05),
+                          event_hooks={"request": [log]} if log else None)
+
+
+def reader_of(client: RegistryClient, blob: Blob,
+              reference: Reference | None = None) -> Callable[[int, int], Awaitable[bytes]]:
+    return functools.partial(client.fetch_range, reference or blob.reference, blob.digest)
+
+
+def new_cache(directory: Path) -> ChunkCache:
+    return ChunkCache(str(directory), max_bytes=64 << 20, memory_bytes=1 << 20,
+                      memory_item_limit=16 * KiB)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def blob(registry, tmp_path_factory) -> Blob:
+    return build_and_push(tmp_path_factory.mktemp("blob"), registry, "lazy/app",
+                          layer_files(seed=1))
+
+
+def small_files_in_toc_order(blob: Blob) -> list[str]:
+    """The non-prioritized small files in the order the TOC (and the blob) holds them."""
+    wanted = set(SMALL_FILES) - set(PRIORITIZED)
+    return [e.name for e in blob.layer.toc.entries if e.type == "reg" and e.name in wanted]
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def test_every_file_and_random_ranges_read_as_in_the_tar(blob, tmp_path):
+    async def scenario() -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path))
+            rng = random.Random(3)
+            names = list(blob.files)
+            for _ in range(150):  # random ranges first, while most chunks are missing
+                name = rng.choice(names)
+                data = blob.files[name]
+                offset = rng.randrange(0, len(data) + 10)
+                length = rng.randrange(0, 3 * CHUNK_SIZE)
+                got = await fetcher.read(blob.node(name), offset, length)
+                assert got == data[offset:offset + length], (name, offset, length)
+            for name, data in blob.files.items():
+                assert await fetcher.read(blob.node(name), 0, len(data) + 100) == data, name
+            assert await fetcher.read(blob.node("app/bin/python"), 200_000, 10) == b""
+            log.assert_no_byte_fetched_twice()
+            assert fetcher.stats.demand_bytes == sum(end - start for start, end in log.ranges)
+            assert fetcher.stats.demand_requests == len(log.ranges)
+            with pytest.raises(estargz.FormatError):
+                await fetcher.read(blob.node("app/lib"), 0, 10)
+
+    run(scenario())
+
+
+def test_concurrent_readers_of_one_chunk_send_one_request(blob, tmp_path):
+    async def scenario() -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   max_request_bytes=1)  # no neighbours: just this chunk
+            node = blob.node("app/data/blob2.bin")
+            chunk = node.chunks[1]
+            expected = blob.files["app/data/blob2.bin"]
+            results = await asyncio.gather(
+                *(fetcher.chunk(chunk) for _ in range(20)),
+                *(fetcher.read(node, chunk.file_offset + 7 * n, 100) for n in range(5)))
+            assert log.ranges == [(chunk.blob_offset, chunk.blob_end)]
+            assert all(r == expected[chunk.file_offset:chunk.file_offset + chunk.size]
+                       for r in results[:20])
+            for n, got in enumerate(results[20:]):
+                start = chunk.file_offset + 7 * n
+                assert got == expected[start:start + 100]
+            assert await fetcher.chunk(chunk) == results[0]
+            assert len(log.ranges) == 1
+
+    run(scenario())
+
+
+def test_small_files_read_in_toc_order_cost_few_requests(blob, tmp_path):
+    names = small_files_in_toc_order(blob)
+    spans = [blob.span_of(name) for name in names]
+    region = spans[-1][1] - spans[0][0]
+    largest = max(end - start for start, end in spans)
+
+    async def read_all(window: int, cache_dir: Path) -> RangeLog:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(cache_dir),
+                                   window_bytes=window)
+            for name in names:
+                assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
+        return log
+
+    window = 16 * KiB
+    log = run(read_all(window, tmp_path / "small-window"))
+    # Every request but the last fills its window to within one span.
+    bound = math.ceil(region / (window - largest)) + 1
+    assert len(names) == 199 and bound <= 20
+    assert 1 < len(log.ranges) <= bound
+    assert all(end - start <= window for start, end in log.ranges)
+    log.assert_no_byte_fetched_twice()
+    default = run(read_all(512 * KiB, tmp_path / "default-window"))
+    assert len(default.ranges) <= math.ceil(region / (512 * KiB - largest)) + 1
+
+
+def test_a_large_file_is_fetched_in_parallel_within_the_concurrency_limit(blob, tmp_path):
+    async def scenario() -> None:
+        async with make_client() as client:
+            active, peak = 0, 0
+
+            async def counting_read(offset: int, length: int) -> bytes:
+                nonlocal active, peak
+                active += 1
+                peak = max(peak, active)
+                try:
+                    return await client.fetch_range(blob.reference, blob.digest, offset, length)
+                finally:
+                    active -= 1
+
+            fetcher = LayerFetcher(blob.layer, counting_read, new_cache(tmp_path),
+                                   max_request_bytes=CHUNK_SIZE, concurrency=2)
+            name = "app/data/blob2.bin"
+            assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
+            assert fetcher.stats.demand_requests == len(blob.node(name).chunks) == 5
+            assert peak == 2
+
+    run(scenario())
+
+
+# -- prefetch and background --------------------------------------------------------------
+
+
+def test_prefetch_then_reading_the_prioritized_files_sends_nothing(blob, tmp_path):
+    async def scenario() -> None:
+        log = RangeLog()
+        before = sample("lazypull_fetch_bytes_total", kind="prefetch")
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   max_request_bytes=96 * KiB)
+            fetched = await fetcher.prefetch()
+            end = blob.layer.prefetch_end
+            assert end and all(last <= end for _, last in log.ranges)
+            assert fetched == sum(last - first for first, last in log.ranges)
+            assert fetched == fetcher.stats.prefetch_bytes
+            assert sample("lazypull_fetch_bytes_total", kind="prefetch") == before + fetched
+            assert 2 <= len(log.ranges) <= 4  # ~170 KB in requests of at most 96 KiB
+            log.assert_no_byte_fetched_twice()
+            sent = len(log.ranges)
+            for name in PRIORITIZED:
+                data = blob.files[name]
+                assert await fetcher.read(blob.node(name), 0, len(data)) == data
+            assert len(log.ranges) == sent and fetcher.stats.demand_requests == 0
+            assert await fetcher.prefetch() == 0
+
+    run(scenario())
+
+
+def test_reads_during_prefetch_wait_for_its_requests(blob, tmp_path):
+    async def scenario() -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   max_request_bytes=64 * KiB, concurrency=1)
+            nodes = [blob.node(name) for name in PRIORITIZED]
+            fetched, *contents = await asyncio.gather(
+                fetcher.prefetch(), *(fetcher.read(node, 0, node.size) for node in nodes))
+            assert contents == [blob.files[name] for name in PRIORITIZED]
+            assert fetcher.stats.demand_requests == 0
+            assert len(log.ranges) == fetcher.stats.prefetch_requests
+            assert fetched == sum(last - first for first, last in log.ranges)
+
+    run(scenario())
+
+
+def test_fetch_all_makes_the_layer_complete_alongside_reads(blob, tmp_path):
+    async def scenario() -> None:
+        log = RangeLog()
+        cache = new_cache(tmp_path)
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache,
+                                   max_request_bytes=64 * KiB,
+                                   background_bytes_per_second=200e6)
+            assert not fetcher.is_complete()
+            reads = [fetcher.read(blob.node(name), 0, 1 << 20) for name in SMALL_FILES[::17]]
+            fetched, *contents = await asyncio.gather(fetcher.fetch_all(), *reads)
+            assert contents == [blob.files[name] for name in SMALL_FILES[::17]]
+            assert fetcher.is_complete()
+            assert fetched == fetcher.stats.background_bytes > 0
+            log.assert_no_byte_fetched_twice()
+            spans = {(c.blob_offset, c.blob_end) for c in blob.layer.payload_chunks()}
+            assert sum(last - first for first, last in log.ranges) \
+                == sum(end - start for start, end in spans)
+            sent = len(log.ranges)
+            for name, data in blob.files.items():
+                assert await fetcher.read(blob.node(name), 0, len(data)) == data
+            assert len(log.ranges) == sent
+            again = LayerFetcher(blob.layer, reader_of(client, blob), cache)
+            assert again.is_complete()
+            assert await again.fetch_all() == 0 and await again.prefetch() == 0
+            assert len(log.ranges) == sent
+
+    run(scenario())
+
+
+def test_a_chunk_shared_with_another_layer_is_not_fetched_again(registry, tmp_path):
+    shared = big_payload(100_000, seed=99)
+    first = build_and_push(tmp_path, registry, "lazy/shared-a", layer_files(5, shared))
+    second = build_and_push(tmp_path, registry, "lazy/shared-b", layer_files(6, shared))
+    assert first.digest != second.digest
+
+    async def scenario() -> None:
+        log = RangeLog()
+        cache = new_cache(tmp_path / "cache")
+        async with make_client(log) as client:
+            fetchers = [LayerFetcher(b.layer, reader_of(client, b), cache)
+                        for b in (first, second)]
+            name = "app/data/shared.bin"
+            assert await fetchers[0].read(first.node(name), 0, len(shared)) == shared
+            sent, stored = len(log.ranges), cache.size_bytes
+            assert await fetchers[1].read(second.node(name), 0, len(shared)) == shared
+            assert len(log.ranges) == sent and fetchers[1].stats.requests == 0
+            assert cache.size_bytes == stored
+
+    run(scenario())
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+def corrupt_inside(blob: Blob, registry: RegistryServer, chunk: estargz.Chunk) -> None:
+    """Flip one byte of `chunk`'s span in the registry's storage, at a place that breaks
+    the chunk (checked here, so the test does not depend on where deflate keeps what)."""
+    storage = registry.blob_data_path(blob.digest)
+    data = bytearray(storage.read_bytes())
+    for position in range(chunk.blob_offset + 12, chunk.blob_end):
+        data[position] ^= 0xFF
+        try:
+            estargz.decode_chunk(blob.layer.footer.compression, chunk,
+                                 bytes(data[chunk.blob_offset:chunk.blob_end]))
+        except estargz.FormatError:
+            storage.write_bytes(bytes(data))
+            return
+        data[position] ^= 0xFF
+    raise AssertionError("no byte flip broke the chunk")
+
+
+def test_a_corrupt_chunk_in_the_registry_fails_only_its_file(registry, tmp_path):
+    blob = build_and_push(tmp_path, registry, "lazy/corrupt", layer_files(seed=2))
+    small = small_files_in_toc_order(blob)[100]
+    big = "app/data/blob1.bin"
+    small_chunk = blob.node(small).chunks[0]
+    big_chunk = blob.node(big).chunks[2]
+    corrupt_inside(blob, registry, small_chunk)
+    corrupt_inside(blob, registry, big_chunk)
+
+    async def scenario() -> None:
+        log = RangeLog()
+        failures_before = sample("lazypull_fetch_verification_failures_total")
+        cache = new_cache(tmp_path / "cache")
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache,
+                                   window_bytes=8 * KiB)
+            with pytest.raises(ChunkFetchError, match=small_chunk.digest):
+                await fetcher.read(blob.node(small), 0, 1 << 20)
+            span = (small_chunk.blob_offset, small_chunk.blob_end)
+            assert log.covering(*span) == 2  # the first request and one retry
+            assert fetcher.stats.retries == 1 and fetcher.stats.verification_failures == 1
+            assert sample("lazypull_fetch_verification_failures_total") == failures_before + 1
+            assert small_chunk.digest not in cache
+            for name, data in blob.files.items():
+                if name not in (small, big):
+                    assert await fetcher.read(blob.node(name), 0, len(data)) == data, name
+            with pytest.raises(ChunkFetchError):
+                await fetcher.read(blob.node(big), 0, 1 << 20)
+            data = blob.files[big]
+            good = big_chunk.file_offset + big_chunk.size
+            assert await fetcher.read(blob.node(big), good, len(data)) == data[good:]
+            assert await fetcher.read(blob.node(big), 0, 1000) == data[:1000]
+            # Nothing corrupt was kept: a new attempt asks the registry again.
+            with pytest.raises(ChunkFetchError):
+                await fetcher.read(blob.node(small), 0, 1 << 20)
+            assert log.covering(*span) == 4
+            assert small_chunk.digest not in cache and big_chunk.digest not in cache
+            with pytest.raises(ChunkFetchError):
+                await fetcher.fetch_all()
+            assert not fetcher.is_complete()
+
+    run(scenario())
+
+
+def test_a_response_corrupted_once_is_fetched_again_and_used(blob, tmp_path):
+    async def scenario() -> None:
+        async with make_client() as client:
+            calls: list[tuple[int, int]] = []
+
+            async def corrupting_once(offset: int, length: int) -> bytes:
+                data = await client.fetch_range(blob.reference, blob.digest, offset, length)
+                calls.append((offset, length))
+                if len(calls) == 1:  # as a flaky middlebox might
+                    return data[:20] + bytes([data[20] ^ 0xFF]) + data[21:]
+                return data
+
+            fetcher = LayerFetcher(blob.layer, corrupting_once, new_cache(tmp_path))
+            name = "app/etc/settings.toml"
+            chunk = blob.node(name).chunks[0]
+            assert await fetcher.read(blob.node(name), 0, 4096) == blob.files[name]
+            # A window of small files first; then only the chunk that failed, again.
+            assert calls[0][0] == chunk.blob_offset and calls[0][1] > chunk.compressed_size
+            assert calls[1:] == [(chunk.blob_offset, chunk.compressed_size)]
+            assert fetcher.stats.retries == 1 and fetcher.stats.verification_failures == 0
+
+    run(scenario())
+
+
+def test_a_registry_error_reaches_every_reader_and_is_not_remembered(
+        blob, registry, fault_proxy_factory, tmp_path):
+    proxy = fault_proxy_factory(registry.host)
+    through_proxy = Reference.parse(f"{proxy.host}/{blob.reference.repository}")
+    proxy.add(Fault("GET", r"/blobs/sha256:", status=404, times=1))
+
+    async def scenario() -> None:
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob, through_proxy),
+                                   new_cache(tmp_path))
+            node = blob.node("app/etc/settings.toml")
+            results = await asyncio.gather(*(fetcher.read(node, 0, 100) for _ in range(5)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, NotFoundError) for r in results)
+            assert len(proxy.requests("GET", r"/blobs/")) == 1
+            assert await fetcher.read(node, 0, 100) == blob.files["app/etc/settings.toml"][:100]
+            assert len(proxy.requests("GET", r"/blobs/")) == 2
+
+    run(scenario())
+
+
+# -- scheduling -----------------------------------------------------------------------------
+
+
+async def _settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_request_slots_put_on_demand_first_and_background_in_one_slot():
+    async def scenario() -> None:
+        slots = RequestSlots(3)
+        order: list[str] = []
+        release = {name: asyncio.Event() for name in ("d1", "d2", "d3", "d4", "b1", "b2")}
+
+        async def hold(name: str, background: bool) -> None:
+            async with slots.slot(background):
+                order.append(name)
+                await release[name].wait()
+
+        tasks = [asyncio.create_task(hold("b1", True)), asyncio.create_task(hold("b2", True))]
+        await _settle()
+        assert order == ["b1"]  # background: one slot at most, though two are free
+        tasks += [asyncio.create_task(hold(n, False)) for n in ("d1", "d2", "d3")]
+        await _settle()
+        assert order == ["b1", "d1", "d2"] and slots.waiting == 1
+        release["b1"].set()
+        await _settle()
+        assert order == ["b1", "d1", "d2", "d3"]  # on-demand before the waiting background
+        tasks.append(asyncio.create_task(hold("d4", False)))
+        release["d1"].set()
+        await _settle()
+        assert order[-1] == "d4"
+        release["d2"].set()
+        await _settle()
+        assert order[-1] == "b2" and slots.busy == 3
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*tasks)
+        assert slots.busy == 0 and slots.background == 0
+
+    run(scenario())
+
+
+def test_token_bucket_holds_the_average_rate():
+    async def scenario() -> None:
+        now = 0.0
+        slept: list[float] = []
+
+        async def fake_sleep(seconds: float) -> None:
+            nonlocal now
+            slept.append(seconds)
+            now += seconds
+
+        bucket = TokenBucket(1000.0, clock=lambda: now, sleep=fake_sleep)
+        await bucket.spend(500)  # within the burst
+        assert slept == []
+        await bucket.spend(1500)  # 1000 over: a second's worth of debt
+        assert slept == [pytest.approx(1.0)]
+        now += 0.5
+        await bucket.spend(500)  # 0.5 s refilled 500 tokens: no wait
+        assert len(slept) == 1
+        for _ in range(10):
+            await bucket.spend(1000)
+        assert now == pytest.approx(11.5)  # 12500 bytes in total at 1000 bytes/s, burst 1000
+
+    run(scenario())
