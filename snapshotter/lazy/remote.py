@@ -1,0 +1,124 @@
+"""Which layers containerd asks for can be served lazily, and their verified TOCs.
+
+containerd's unpacker (and the CRI plugin, and `lazypull pull`) label a Prepare
+with the snapshot it wants (`containerd.io/snapshot.ref`) and where the layer
+comes from. Both label families are understood: stargz-snapshotter's
+`containerd.io/snapshot/remote/stargz.*` and CRI's `containerd.io/snapshot/cri.*`.
+A layer is lazy when its descriptor in the image's manifest carries a TOC digest:
+the TOC is then fetched with two range requests and verified against it. Anything
+else is not lazy, and the caller falls back to an ordinary snapshot.
+"""
+
+import asyncio
+from dataclasses import dataclass
+
+import estargz
+from estargz.footer import MAX_FOOTER_SIZE
+from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
+from oci.reference import Reference, ReferenceError
+from oci.registry import RegistryClient
+from oci.store import StoreError
+
+REF_LABEL = "containerd.io/snapshot.ref"
+STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
+STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
+STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+
+
+class NotLazy(Exception):
+    """The layer cannot be served lazily; the message says why (for the log)."""
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Where a requested layer comes from, as the Prepare labels say."""
+
+    target: str  # the committed snapshot containerd wants (the layer's chainID)
+    reference: Reference
+    layer_digest: str
+    manifest_digest: str | None = None
+
+
+def layer_source(labels: dict[str, str]) -> LayerSource | None:
+    """The remote layer a Prepare asks for, or None for an ordinary Prepare."""
+    target = labels.get(REF_LABEL)
+    image = labels.get(STARGZ_REFERENCE) or labels.get(CRI_IMAGE_REF)
+    digest = labels.get(STARGZ_DIGEST) or labels.get(CRI_LAYER_DIGEST)
+    if not (target and image and digest):
+        return None
+    try:
+        reference = Reference.parse(image)
+    except ReferenceError:
+        return None
+    return LayerSource(target, reference, digest, labels.get(CRI_MANIFEST_DIGEST) or None)
+
+
+@dataclass
+class RemoteLayer:
+    source: LayerSource
+    descriptor: Descriptor
+    toc_digest: str
+    footer: estargz.Footer
+    toc_bytes: bytes  # as stored in the blob, kept so a restart needs no registry
+    layer: estargz.Layer
+
+
+async def _manifests(client: RegistryClient, source: LayerSource) -> list[Manifest]:
+    wanted = source.manifest_digest or source.reference.object
+    data, media_type, _ = await client.get_manifest(source.reference, wanted)
+    parsed = parse_manifest(data, media_type)
+    if isinstance(parsed, Manifest):
+        return [parsed]
+    assert isinstance(parsed, Index)
+    found: list[Manifest] = []
+    for child in parsed.manifests:
+        data, media_type, _ = await client.get_manifest(source.reference, child.digest)
+        manifest = parse_manifest(data, media_type)
+        if isinstance(manifest, Manifest):
+            found.append(manifest)
+    return found
+
+
+async def find_descriptor(client: RegistryClient, source: LayerSource) -> Descriptor:
+    """The layer's descriptor (with its annotations) from the image's manifest."""
+    try:
+        for manifest in await _manifests(client, source):
+            for layer in manifest.layers:
+                if layer.digest == source.layer_digest:
+                    return layer
+    except (StoreError, ManifestError) as exc:
+        raise NotLazy(f"cannot read the manifest of {source.reference}: {exc}") from None
+    raise NotLazy(f"layer {source.layer_digest} is not in {source.reference}'s manifest")
+
+
+async def open_remote_layer(client: RegistryClient, source: LayerSource,
+                            max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE) -> RemoteLayer:
+    """Fetch and verify the layer's TOC; raise NotLazy when it cannot be served lazily."""
+    descriptor = await find_descriptor(client, source)
+    ref, digest, size = source.reference, descriptor.digest, descriptor.size
+    toc_digest = descriptor.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
+    try:
+        tail_length = min(size, MAX_FOOTER_SIZE)
+        footer = estargz.parse_footer(
+            await client.fetch_range(ref, digest, size - tail_length, tail_length), size)
+        if toc_digest is None:
+            # A footer alone proves nothing: without a digest from the manifest the TOC
+            # (and so every chunk digest) would be unverified.
+            raise NotLazy(f"layer {digest} has an eStargz footer but no TOC digest annotation "
+                          "to verify it against")
+        if footer.toc_length > max_toc_size:
+            raise NotLazy(f"layer {digest}: TOC of {footer.toc_length} bytes is too large")
+        toc_bytes = await client.fetch_range(ref, digest, footer.toc_offset, footer.toc_length)
+        layer = await asyncio.to_thread(estargz.load_toc, footer, toc_bytes, toc_digest,
+                                        max_toc_size)
+    except estargz.FooterError:
+        raise NotLazy(f"layer {digest} is not eStargz or zstd:chunked") from None
+    except estargz.FormatError as exc:
+        raise NotLazy(f"layer {digest}: {exc}") from None
+    except StoreError as exc:
+        raise NotLazy(f"layer {digest}: registry: {exc}") from None
+    return RemoteLayer(source, descriptor, toc_digest, footer, toc_bytes, layer)

@@ -1,0 +1,86 @@
+"""Deciding which layers are lazy, from containerd's Prepare labels and the registry."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from oci.hosts import HostsConfig
+from oci.registry import RegistryClient
+from snapshotter.lazy import remote
+from snapshotter.lazy.remote import NotLazy, layer_source, open_remote_layer
+
+from .images import build_layout_image, push_layout_image
+
+LAYERS = [{"etc/os-release": b"ID=test\n", "usr/lib/big": b"x" * 300_000},
+          {"app/main.py": b"print('hi')\n"}]
+
+
+@pytest.fixture(scope="module")
+def images(registry, tmp_path_factory):
+    image = build_layout_image(tmp_path_factory.mktemp("img") / "l", "v1", LAYERS)
+    plain = push_layout_image(image.layout, "v1", registry.host, "ws/remote")
+    lazy = f"docker://{registry.host}/ws/remote:v1-esgz"
+    done = subprocess.run([sys.executable, "-m", "cli.main", "convert", plain, lazy, "--no-cache",
+                           "--json", "--prefetch-list", "/dev/null"], capture_output=True,
+                          text=True, check=True)
+    report = json.loads(done.stdout)["manifests"][0]
+    return plain.removeprefix("docker://"), lazy.removeprefix("docker://"), report, image
+
+
+def open_layer(labels: dict[str, str]):
+    async def go():
+        async with RegistryClient(hosts=HostsConfig()) as client:
+            source = layer_source(labels)
+            assert source is not None
+            return await open_remote_layer(client, source)
+    return asyncio.run(go())
+
+
+def test_labels_of_both_families() -> None:
+    assert layer_source({"containerd.io/snapshot.ref": "sha256:a"}) is None
+    stargz = layer_source({remote.REF_LABEL: "sha256:c", remote.STARGZ_REFERENCE: "r.io/a:b",
+                           remote.STARGZ_DIGEST: "sha256:d"})
+    cri = layer_source({remote.REF_LABEL: "sha256:c", remote.CRI_IMAGE_REF: "r.io/a:b",
+                        remote.CRI_LAYER_DIGEST: "sha256:d",
+                        remote.CRI_MANIFEST_DIGEST: "sha256:m"})
+    assert stargz.reference == cri.reference and stargz.layer_digest == cri.layer_digest
+    assert (stargz.manifest_digest, cri.manifest_digest) == (None, "sha256:m")
+
+
+@pytest.mark.parametrize("family", ["stargz", "cri"])
+def test_converted_layer_opens_with_a_verified_toc(images, family) -> None:
+    _, lazy, report, _ = images
+    layer = report["layers"][0]
+    labels = {remote.REF_LABEL: "sha256:chain"}
+    if family == "stargz":
+        labels |= {remote.STARGZ_REFERENCE: lazy, remote.STARGZ_DIGEST: layer["digest"]}
+    else:
+        labels |= {remote.CRI_IMAGE_REF: lazy, remote.CRI_LAYER_DIGEST: layer["digest"],
+                   remote.CRI_MANIFEST_DIGEST: report["digest"]}
+    opened = open_layer(labels)
+    assert opened.toc_digest == layer["toc_digest"]
+    assert opened.layer.lookup("usr/lib/big").size == 300_000
+    assert opened.descriptor.digest == layer["digest"]
+
+
+def test_unconverted_layer_is_not_lazy(images) -> None:
+    plain, _, _, image = images
+    with pytest.raises(NotLazy, match="not eStargz"):
+        open_layer({remote.REF_LABEL: "x", remote.STARGZ_REFERENCE: plain,
+                    remote.STARGZ_DIGEST: image.layer_digests[0]})
+
+
+def test_layer_not_in_the_manifest_is_not_lazy(images) -> None:
+    _, lazy, _, image = images
+    with pytest.raises(NotLazy, match="is not in"):
+        open_layer({remote.REF_LABEL: "x", remote.STARGZ_REFERENCE: lazy,
+                    remote.STARGZ_DIGEST: image.layer_digests[0]})
+
+
+def test_unreachable_registry_is_not_lazy() -> None:
+    with pytest.raises(NotLazy, match="cannot read the manifest"):
+        open_layer({remote.REF_LABEL: "x", remote.STARGZ_REFERENCE: "127.0.0.1:9/ws/a:v1",
+                    remote.STARGZ_DIGEST: "sha256:" + "0" * 64})
