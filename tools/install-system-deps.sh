@@ -11,6 +11,8 @@ packages=(
   golang-github-containerd-containerd-dev
   # real components the tests start: registry, image tools, containerd + runc
   docker-registry apache2-utils skopeo umoci containerd runc busybox-static
+  # FUSE for lazy layers (pyfuse3 builds against libfuse3)
+  fuse3 libfuse3-dev pkg-config
 )
 
 missing=()
