@@ -1,0 +1,386 @@
+"""An asyncio client for containerd 1.6's gRPC API (grpc.aio over its unix socket).
+
+Only what a pull needs: version, leases, content (Info/Update/List/Write), images,
+snapshots (through any snapshotter containerd has loaded) and diff (Apply).
+As in containerd's Go client, the namespace travels in the `containerd-namespace`
+gRPC metadata of every call and the lease in `containerd-lease`: inside
+`async with client.lease():` every call (from any task started in it) is made
+under that lease, so containerd's garbage collector leaves what it creates alone.
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import secrets
+import stat
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import empty_pb2, field_mask_pb2
+
+from snapshotter.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
+from snapshotter.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from snapshotter.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from snapshotter.api.containerd.services.version.v1 import version_pb2_grpc
+from snapshotter.api.containerd.types import descriptor_pb2, mount_pb2
+
+from .errors import (
+    AlreadyExists,
+    ContainerdError,
+    ContainerdUnreachable,
+    NotFound,
+    Unavailable,
+)
+from .errors import from_rpc_error as _error
+
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_NAMESPACE = "default"
+NAMESPACE_HEADER = "containerd-namespace"
+LEASE_HEADER = "containerd-lease"
+LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
+# containerd's gRPC server takes messages up to 16 MiB; content is written in smaller pieces.
+WRITE_CHUNK = 1 << 20
+MAX_MESSAGE = 16 << 20
+
+_lease: contextvars.ContextVar[str | None] = contextvars.ContextVar("containerd_lease",
+                                                                    default=None)
+
+
+@dataclass(frozen=True)
+class ContentDescriptor:
+    """What containerd's content, images and diff services call a Descriptor."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] | None = None
+
+    def to_pb(self) -> descriptor_pb2.Descriptor:
+        return descriptor_pb2.Descriptor(media_type=self.media_type, digest=self.digest,
+                                         size=self.size, annotations=dict(self.annotations or {}))
+
+    @classmethod
+    def from_pb(cls, d: descriptor_pb2.Descriptor) -> "ContentDescriptor":
+        return cls(d.media_type, d.digest, d.size, dict(d.annotations))
+
+
+def _rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+class ContainerdClient:
+    """One channel to containerd; `namespace` applies to every call."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, *,
+                 connect_timeout: float = 10.0):
+        if not namespace:
+            raise ValueError("a containerd namespace is required")
+        self.address = address
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self._channel = grpc.aio.insecure_channel(
+            f"unix://{os.path.abspath(address)}",
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE),
+                     ("grpc.default_authority", "localhost")])
+        self._version = version_pb2_grpc.VersionStub(self._channel)
+        self._leases = leases_pb2_grpc.LeasesStub(self._channel)
+        self._content = content_pb2_grpc.ContentStub(self._channel)
+        self._images = images_pb2_grpc.ImagesStub(self._channel)
+        self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
+        self._diff = diff_pb2_grpc.DiffStub(self._channel)
+
+    async def __aenter__(self) -> "ContainerdClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        metadata = [(NAMESPACE_HEADER, self.namespace)]
+        lease = _lease.get()
+        if lease:
+            metadata.append((LEASE_HEADER, lease))
+        return metadata
+
+    async def _call(self, what: str, method, request):
+        try:
+            return await method(request, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, what) from None
+
+    # -- connection -------------------------------------------------------------------
+
+    async def version(self) -> tuple[str, str]:
+        """(version, revision) of the containerd on the socket; raises
+        ContainerdUnreachable, with the reason, when nothing answers there."""
+        try:
+            mode = os.stat(self.address).st_mode
+        except FileNotFoundError:
+            raise ContainerdUnreachable(
+                f"cannot reach containerd: no socket at {self.address} "
+                "(is containerd running? see --address)") from None
+        except OSError as exc:
+            raise ContainerdUnreachable(f"cannot reach containerd at {self.address}: "
+                                        f"{exc.strerror or exc}") from None
+        if not stat.S_ISSOCK(mode):
+            raise ContainerdUnreachable(f"cannot reach containerd: {self.address} is not a "
+                                        "unix socket")
+        try:
+            reply = await self._version.Version(empty_pb2.Empty(), metadata=self._metadata(),
+                                                timeout=self.connect_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.UNIMPLEMENTED):
+                details = exc.details() or exc.code().name.lower()
+                # gRPC's "failed to connect to all addresses; ... error: Connection refused"
+                reason = details.rsplit("error: ", 1)[-1] if "error: " in details else details
+                raise ContainerdUnreachable(
+                    f"cannot reach containerd at {self.address}: {reason}") from None
+            raise _error(exc, "version") from None
+        return reply.version, reply.revision
+
+    # -- leases -----------------------------------------------------------------------
+
+    async def create_lease(self, lease_id: str | None = None, expire: float | None = 86400.0,
+                           labels: Mapping[str, str] | None = None) -> str:
+        """A new lease (id random unless given); it expires after `expire` seconds, as
+        containerd's client leases do, so a crashed client does not pin content forever."""
+        all_labels = dict(labels or {})
+        if expire is not None:
+            all_labels[LEASE_EXPIRE_LABEL] = _rfc3339(time.time() + expire)
+        lease_id = lease_id or f"lazypull-{secrets.token_hex(8)}"
+        reply = await self._call("create lease", self._leases.Create,
+                                 leases_pb2.CreateRequest(id=lease_id, labels=all_labels))
+        return reply.lease.id
+
+    async def delete_lease(self, lease_id: str, sync: bool = False) -> None:
+        await self._call(f"delete lease {lease_id}", self._leases.Delete,
+                         leases_pb2.DeleteRequest(id=lease_id, sync=sync))
+
+    async def list_leases(self, *filters: str) -> list[leases_pb2.Lease]:
+        reply = await self._call("list leases", self._leases.List,
+                                 leases_pb2.ListRequest(filters=list(filters)))
+        return list(reply.leases)
+
+    @asynccontextmanager
+    async def lease(self, expire: float | None = 86400.0) -> AsyncIterator[str]:
+        """Make every call inside the block under a new lease; delete it at the end."""
+        lease_id = await self.create_lease(expire=expire)
+        token = _lease.set(lease_id)
+        try:
+            yield lease_id
+        except BaseException:
+            _lease.reset(token)
+            # Even when cancelled: a lease left behind pins what it holds until it expires.
+            with contextlib.suppress(ContainerdError):
+                await asyncio.shield(self.delete_lease(lease_id))
+            raise
+        _lease.reset(token)
+        await self.delete_lease(lease_id)
+
+    # -- content ----------------------------------------------------------------------
+
+    async def content_info(self, digest: str) -> content_pb2.Info | None:
+        try:
+            reply = await self._call(f"content {digest}", self._content.Info,
+                                     content_pb2.InfoRequest(digest=digest))
+        except NotFound:
+            return None
+        return reply.info
+
+    async def update_content_labels(self, digest: str,
+                                    labels: Mapping[str, str]) -> content_pb2.Info:
+        """Set these labels (an empty value removes one); the others stay."""
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{key}" for key in labels])
+        request = content_pb2.UpdateRequest(
+            info=content_pb2.Info(digest=digest, labels=dict(labels)), update_mask=mask)
+        reply = await self._call(f"update labels of content {digest}", self._content.Update,
+                                 request)
+        return reply.info
+
+    async def list_content(self, *filters: str) -> list[content_pb2.Info]:
+        out: list[content_pb2.Info] = []
+        try:
+            async for reply in self._content.List(
+                    content_pb2.ListContentRequest(filters=list(filters)),
+                    metadata=self._metadata()):
+                out.extend(reply.info)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "list content") from None
+        return out
+
+    async def write_content(self, ref: str, digest: str, size: int,
+                            data: AsyncIterable[bytes] | Iterable[bytes],
+                            labels: Mapping[str, str] | None = None, *,
+                            lock_wait: float = 30.0) -> bool:
+        """Write a blob through a Write stream: STAT, WRITE..., COMMIT with the expected
+        digest and size (containerd verifies both) and `labels`.
+
+        Returns False, without consuming `data`, if containerd already has the blob.
+        While another client writes the same `ref`, waits up to `lock_wait` seconds
+        for it to finish.
+        """
+        deadline = time.monotonic() + lock_wait
+        while True:
+            try:
+                return await self._write_once(ref, digest, size, data, labels or {})
+            except Unavailable as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                if await self.content_info(digest) is not None:
+                    return False
+
+    async def _write_once(self, ref: str, digest: str, size: int,
+                          data: AsyncIterable[bytes] | Iterable[bytes],
+                          labels: Mapping[str, str]) -> bool:
+        what = f"write {ref}"
+        call = self._content.Write(metadata=self._metadata())
+        try:
+            await call.write(content_pb2.WriteContentRequest(
+                action=content_pb2.STAT, ref=ref, total=size, expected=digest))
+            await call.read()
+            offset = 0
+            async for piece in _pieces(data, WRITE_CHUNK):
+                await call.write(content_pb2.WriteContentRequest(
+                    action=content_pb2.WRITE, ref=ref, offset=offset, data=piece))
+                reply = await call.read()
+                offset += len(piece)
+                if reply.offset != offset:
+                    raise ContainerdError(f"{what}: containerd holds {reply.offset} bytes after "
+                                          f"{offset} were sent")
+            # An empty blob still needs a WRITE at offset 0: it truncates a stale ingest.
+            if offset == 0:
+                await call.write(content_pb2.WriteContentRequest(
+                    action=content_pb2.WRITE, ref=ref, offset=0))
+                await call.read()
+            await call.write(content_pb2.WriteContentRequest(
+                action=content_pb2.COMMIT, ref=ref, offset=offset, total=size, expected=digest,
+                labels=dict(labels)))
+            reply = await call.read()
+            await call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            error = _error(exc, what)
+            if isinstance(error, AlreadyExists):
+                return False
+            raise error from None
+        finally:
+            call.cancel()
+        if reply.digest and reply.digest != digest:
+            raise ContainerdError(f"{what}: containerd committed {reply.digest}, not {digest}")
+        return True
+
+    # -- images -----------------------------------------------------------------------
+
+    async def get_image(self, name: str) -> images_pb2.Image | None:
+        try:
+            reply = await self._call(f"image {name}", self._images.Get,
+                                     images_pb2.GetImageRequest(name=name))
+        except NotFound:
+            return None
+        return reply.image
+
+    async def create_or_update_image(self, name: str, target: ContentDescriptor,
+                                     labels: Mapping[str, str] | None = None
+                                     ) -> tuple[images_pb2.Image, bool]:
+        """(record, created): create the image record, or point the existing one at
+        `target` (its other labels stay). As containerd's client does after a pull."""
+        image = images_pb2.Image(name=name, labels=dict(labels or {}), target=target.to_pb())
+        try:
+            reply = await self._call(f"create image {name}", self._images.Create,
+                                     images_pb2.CreateImageRequest(image=image))
+            return reply.image, True
+        except AlreadyExists:
+            pass
+        paths = ["target", *(f"labels.{key}" for key in labels or {})]
+        reply = await self._call(f"update image {name}", self._images.Update,
+                                 images_pb2.UpdateImageRequest(
+                                     image=image, update_mask=field_mask_pb2.FieldMask(
+                                         paths=paths)))
+        return reply.image, False
+
+    async def delete_image(self, name: str, sync: bool = False) -> None:
+        await self._call(f"delete image {name}", self._images.Delete,
+                         images_pb2.DeleteImageRequest(name=name, sync=sync))
+
+    # -- snapshots --------------------------------------------------------------------
+
+    async def stat_snapshot(self, snapshotter: str, key: str) -> snapshots_pb2.Info | None:
+        try:
+            reply = await self._call(f"snapshotter {snapshotter}: stat {key}",
+                                     self._snapshots.Stat,
+                                     snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter,
+                                                                       key=key))
+        except NotFound:
+            return None
+        return reply.info
+
+    async def prepare_snapshot(self, snapshotter: str, key: str, parent: str,
+                               labels: Mapping[str, str] | None = None
+                               ) -> list[mount_pb2.Mount]:
+        reply = await self._call(
+            f"snapshotter {snapshotter}: prepare {key}", self._snapshots.Prepare,
+            snapshots_pb2.PrepareSnapshotRequest(snapshotter=snapshotter, key=key,
+                                                 parent=parent, labels=dict(labels or {})))
+        return list(reply.mounts)
+
+    async def commit_snapshot(self, snapshotter: str, name: str, key: str,
+                              labels: Mapping[str, str] | None = None) -> None:
+        await self._call(
+            f"snapshotter {snapshotter}: commit {key} as {name}", self._snapshots.Commit,
+            snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key,
+                                                labels=dict(labels or {})))
+
+    async def remove_snapshot(self, snapshotter: str, key: str) -> None:
+        await self._call(f"snapshotter {snapshotter}: remove {key}", self._snapshots.Remove,
+                         snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key))
+
+    async def list_snapshots(self, snapshotter: str, *filters: str) -> list[snapshots_pb2.Info]:
+        out: list[snapshots_pb2.Info] = []
+        try:
+            async for reply in self._snapshots.List(
+                    snapshots_pb2.ListSnapshotsRequest(snapshotter=snapshotter,
+                                                       filters=list(filters)),
+                    metadata=self._metadata()):
+                out.extend(reply.info)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, f"snapshotter {snapshotter}: list") from None
+        return out
+
+    # -- diff -------------------------------------------------------------------------
+
+    async def apply(self, layer: ContentDescriptor,
+                    mounts: Iterable[mount_pb2.Mount]) -> ContentDescriptor:
+        """Apply a layer blob from the content store onto `mounts`; returns the
+        uncompressed layer's descriptor (its digest is the layer's diff ID)."""
+        reply = await self._call(f"apply layer {layer.digest}", self._diff.Apply,
+                                 diff_pb2.ApplyRequest(diff=layer.to_pb(), mounts=list(mounts)))
+        return ContentDescriptor.from_pb(reply.applied)
+
+
+async def _pieces(data: AsyncIterable[bytes] | Iterable[bytes],
+                  size: int) -> AsyncIterator[bytes]:
+    """Re-cut a byte stream into pieces of at most `size` bytes."""
+    source = data if hasattr(data, "__aiter__") else _aiter(data)  # type: ignore[arg-type]
+    async for chunk in source:  # type: ignore[union-attr]
+        view = memoryview(chunk)
+        while len(view) > size:
+            yield bytes(view[:size])
+            view = view[size:]
+        if len(view):
+            yield bytes(view)
+
+
+async def _aiter(data: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in data:
+        yield chunk
