@@ -1,5 +1,6 @@
 """Service configuration: a TOML file, every option with a default, flags on top."""
 
+import os
 import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -18,6 +19,17 @@ class Config:
     root: str = "/var/lib/lazypull"
     metrics_address: str = ""  # HOST:PORT of /metrics, /healthz and /readyz; off when empty
     log_level: str = "info"
+    # Lazy layers: registries are reached as containerd would (hosts.toml, Docker config).
+    lazy: bool = True
+    hosts_dir: str = "/etc/containerd/certs.d"
+    docker_config: str = ""  # empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json
+    cache_max_bytes: int = 20 << 30
+    cache_memory_bytes: int = 256 << 20
+    # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
+    prefetch_timeout_seconds: float = 60.0
+    fetch_concurrency: int = 8
+    background_fetch: bool = True
+    background_bytes_per_second: float = 0.0  # 0: no cap
 
     def with_overrides(self, **values: Any) -> "Config":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -29,7 +41,21 @@ class Config:
             raise ConfigError("address and root must not be empty")
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
+        for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0:
+            raise ConfigError("prefetch_timeout_seconds must be positive and "
+                              "background_bytes_per_second not negative")
         return self
+
+    @property
+    def fuse_mountpoint(self) -> str:
+        return os.path.join(self.root, "fuse")
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.root, "cache")
 
 
 def metrics_host_port(address: str) -> tuple[str, int]:
@@ -39,10 +65,16 @@ def metrics_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _typed(path: str, key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{path}: {key} must be a {kind.__name__}")
+    return value
+
+
 def load_config(path: str | None) -> Config:
     """The file at `path` (None: the default path if it exists, else all defaults)."""
-    import os
-
     if path is None:
         if not os.path.exists(DEFAULT_CONFIG_PATH):
             return Config()
@@ -54,12 +86,10 @@ def load_config(path: str | None) -> Config:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    known = {f.name: f.type for f in fields(Config)}
+    kinds = {f.name: type(f.default) for f in fields(Config)}
     values: dict[str, Any] = {}
     for key, value in doc.items():
-        if key not in known:
+        if key not in kinds:
             raise ConfigError(f"{path}: unknown option {key!r}")
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: {key} must be a string")
-        values[key] = value
+        values[key] = _typed(path, key, value, kinds[key])
     return Config(**values).validate()

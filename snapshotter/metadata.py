@@ -194,6 +194,21 @@ class MetaStore:
         self._write_labels(sid, labels)
         return Snapshot(sid, kind, self._parent_chain(parent_id))
 
+    def create_committed(self, name: str, parent: str, labels: dict[str, str],
+                         size: int) -> Snapshot:
+        """A committed snapshot made directly, for a layer mounted lazily: it never was
+        an active snapshot, and its usage is the layer's size."""
+        validate_labels(labels)
+        if self.db.execute("SELECT 1 FROM snapshots WHERE key=?", (name,)).fetchone():
+            raise AlreadyExists(f"snapshot {name}: already exists")
+        snap = self.create(Kind.ACTIVE, name, parent, labels)
+        self.db.execute("UPDATE snapshots SET kind=?, size=? WHERE id=?",
+                        (int(Kind.COMMITTED), size, snap.id))
+        return Snapshot(snap.id, Kind.COMMITTED, snap.parent_ids)
+
+    def exists(self, key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone() is not None
+
     def _write_labels(self, sid: int, labels: dict[str, str]) -> None:
         self.db.execute("DELETE FROM labels WHERE snapshot_id=?", (sid,))
         # An empty value means "no such label", as in containerd's label storage.

@@ -16,15 +16,26 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import InvalidArgument
+from .errors import AlreadyExists, InvalidArgument
 from .filters import parse_filters, snapshot_fields
+from .lazy.manager import (
+    LayerRecord,
+    LazyLayers,
+    is_lazy_snapshot_dir,
+    load_layer_files,
+    write_layer_files,
+)
+from .lazy.metrics import FALLBACKS
+from .lazy.remote import LayerSource, NotLazy, RemoteLayer, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .usage import disk_usage
+
+OpenRemote = Callable[[LayerSource], Awaitable[RemoteLayer]]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +55,11 @@ def _overlay_index_supported() -> bool:
 
 
 class OverlaySnapshotter:
-    def __init__(self, root: str):
+    def __init__(self, root: str, lazy: LazyLayers | None = None,
+                 open_remote: OpenRemote | None = None, prefetch_timeout: float = 60.0):
+        self.lazy = lazy
+        self.open_remote = open_remote
+        self.prefetch_timeout = prefetch_timeout
         self.root = os.path.abspath(root)
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
@@ -103,13 +118,83 @@ class OverlaySnapshotter:
 
     async def mounts(self, key: str) -> list[Mount]:
         snap = await self._run(self.meta.snapshot, key)
+        await self._wait_for_lazy_parents(snap)
         return self.mounts_for(snap)
 
     async def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self.mounts_for(await self._run(self._create, Kind.ACTIVE, key, parent, labels))
+        source = layer_source(labels) if self.lazy and self.open_remote else None
+        if source is not None:
+            await self._mount_remote(key, source, parent, labels)
+        snap = await self._run(self._create, Kind.ACTIVE, key, parent, labels)
+        await self._wait_for_lazy_parents(snap)
+        return self.mounts_for(snap)
 
     async def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self.mounts_for(await self._run(self._create, Kind.VIEW, key, parent, labels))
+        snap = await self._run(self._create, Kind.VIEW, key, parent, labels)
+        await self._wait_for_lazy_parents(snap)
+        return self.mounts_for(snap)
+
+    # -- lazy layers -------------------------------------------------------
+
+    async def _mount_remote(self, key: str, source: LayerSource, parent: str,
+                            labels: dict[str, str]) -> None:
+        """Commit the wanted snapshot as a lazy layer and answer ALREADY_EXISTS, the
+        remote-snapshot handshake; return quietly when the layer cannot be lazy, so the
+        caller makes an ordinary snapshot and containerd unpacks the layer itself."""
+        assert self.lazy is not None and self.open_remote is not None
+        if await self._run(self.meta.exists, source.target):
+            raise AlreadyExists(f"target snapshot {source.target}: already exists")
+        try:
+            remote = await self.open_remote(source)
+        except NotLazy as exc:
+            FALLBACKS.labels(reason="not lazy").inc()
+            log.info("%s: unpacking %s the ordinary way: %s", key, source.layer_digest, exc)
+            return
+        snap = await self._run(self._create_lazy, source.target, parent, labels, remote)
+        self.lazy.mount(str(snap.id), LayerRecord.of(remote), remote.layer)
+        log.info("%s: layer %s of %s mounted lazily as %s", key, source.layer_digest,
+                 source.reference, source.target)
+        raise AlreadyExists(f"target snapshot {source.target}: already exists (lazy layer)")
+
+    def _create_lazy(self, name: str, parent: str, labels: dict[str, str],
+                     remote: RemoteLayer) -> Snapshot:
+        staging = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
+        final = None
+        try:
+            write_layer_files(staging, remote)
+            size = sum(node.size for _, node in remote.layer.walk() if node.kind == "reg")
+            with self.meta.transaction():
+                snap = self.meta.create_committed(name, parent, labels, size)
+                assert self.lazy is not None
+                os.symlink(self.lazy.path_of(str(snap.id)), os.path.join(staging, "fs"))
+                final = self._dir(snap.id)
+                os.rename(staging, final)
+            return snap
+        except BaseException:
+            for path in (staging, final):
+                if path and os.path.exists(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
+        if self.lazy is None:
+            return
+        names = [str(pid) for pid in snap.parent_ids if str(pid) in self.lazy.layers]
+        await self.lazy.wait_prefetched(names, self.prefetch_timeout)
+
+    async def restore_lazy_layers(self) -> int:
+        """Serve again, from local state, every lazy layer committed before a restart."""
+        if self.lazy is None:
+            return 0
+        restored = 0
+        for sid in sorted(await self._run(self.meta.ids)):
+            directory = self._dir(sid)
+            if not is_lazy_snapshot_dir(directory):
+                continue
+            record, layer = await asyncio.to_thread(load_layer_files, directory)
+            self.lazy.mount(str(sid), record, layer)
+            restored += 1
+        return restored
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
         staging = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
@@ -145,7 +230,7 @@ class OverlaySnapshotter:
         await self._run(commit)
 
     async def remove(self, key: str) -> None:
-        def remove() -> str:
+        def remove() -> tuple[int, str]:
             with self.meta.transaction():
                 sid, _ = self.meta.remove(key)
             # The metadata is gone for good: from here on the directory is garbage.
@@ -154,8 +239,10 @@ class OverlaySnapshotter:
                 os.rename(self._dir(sid), garbage)
             except FileNotFoundError:
                 log.warning("snapshot %s (id %d) had no directory", key, sid)
-            return garbage
-        garbage = await self._run(remove)
+            return sid, garbage
+        sid, garbage = await self._run(remove)
+        if self.lazy is not None:
+            await self.lazy.unmount(str(sid))
         await asyncio.to_thread(shutil.rmtree, garbage, True)
 
     async def walk(self, filters: list[str]) -> list[Info]:
@@ -189,6 +276,8 @@ class OverlaySnapshotter:
             log.info("removing leftover directory %s", path)
             shutil.rmtree(path, ignore_errors=True)
         for sid in self.meta.ids():
+            if is_lazy_snapshot_dir(self._dir(sid)):
+                continue  # its fs is in the FUSE mount, served again by restore_lazy_layers
             if not os.path.isdir(self.upper_path(sid)):
                 log.error("snapshot id %d has lost its directory %s", sid, self.upper_path(sid))
         return garbage

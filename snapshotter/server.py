@@ -5,12 +5,20 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 
 import grpc
+
+from oci.docker_config import CredentialStore
+from oci.hosts import HostsConfig
+from oci.registry import RegistryClient
 
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
 from .http_endpoint import HttpEndpoint
+from .lazy.chunk_cache import ChunkCache
+from .lazy.manager import LazyLayers
+from .lazy.remote import LayerSource, RemoteLayer, open_remote_layer
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
 
@@ -26,11 +34,45 @@ def _prepare_socket(path: str) -> None:
         os.unlink(path)  # a socket left by a killed instance
 
 
+def _unmount_stale(mountpoint: str) -> None:
+    """A killed service leaves its FUSE mount behind, disconnected: clear it first."""
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == mountpoint for line in f)
+    if mounted:
+        log.info("unmounting the FUSE mount a previous instance left at %s", mountpoint)
+        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+
+
+async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
+    client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
+                            credentials=CredentialStore(config.docker_config or None))
+    cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes)
+    _unmount_stale(config.fuse_mountpoint)
+    lazy = LazyLayers(config.fuse_mountpoint, cache, client,
+                      concurrency=config.fetch_concurrency, background=config.background_fetch,
+                      background_bytes_per_second=config.background_bytes_per_second)
+    await lazy.start()
+    return lazy, client
+
+
 async def serve(config: Config) -> None:
-    snapshotter = OverlaySnapshotter(config.root)
+    lazy = client = None
+    if config.lazy:
+        os.makedirs(config.root, mode=0o700, exist_ok=True)
+        lazy, client = await _lazy_layers(config)
+
+    async def open_remote(source: LayerSource) -> RemoteLayer:
+        assert client is not None
+        return await open_remote_layer(client, source)
+
+    snapshotter = OverlaySnapshotter(config.root, lazy, open_remote if lazy else None,
+                                     config.prefetch_timeout_seconds)
     removed = snapshotter.recover()
     if removed:
         log.info("recovered: removed %d leftover directories", len(removed))
+    restored = await snapshotter.restore_lazy_layers()
+    if restored:
+        log.info("serving %d lazy layers again", restored)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
         ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -57,6 +99,9 @@ async def serve(config: Config) -> None:
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     if endpoint:
         await endpoint.stop()
+    if lazy is not None and client is not None:
+        await lazy.close()
+        await client.aclose()
     await snapshotter.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(config.address)

@@ -2,10 +2,11 @@
 
 One registry, one snapshotter service and one containerd (with the service as its
 proxy snapshotter "lazypull") serve the whole module; tests keep apart by using their
-own containerd namespaces. Today lazypull's snapshotter answers every Prepare with
-mounts, so every layer takes the fallback: downloaded, applied by containerd, committed.
-The remote branch (Prepare answering ALREADY_EXISTS) is checked against a stand-in
-for containerd at the end.
+own containerd namespaces. The images here are not converted, so lazypull's
+snapshotter answers every Prepare with mounts and every layer takes the fallback:
+downloaded, applied by containerd, committed. The lazy branch with a real containerd
+is in test_lazy_pull.py; the client's remote branch is also checked against a
+stand-in for containerd at the end.
 """
 
 import asyncio

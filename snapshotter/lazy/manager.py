@@ -1,0 +1,174 @@
+"""The lazy layers of a running service: one FUSE tree, a fetcher per layer, and
+their prefetch and background fetch.
+
+A lazy layer is stored with its snapshot, in ROOT/snapshots/<id>/: `toc` (the
+TOC as the blob holds it), `layer.json` (where the blob is and how to verify it)
+and `fs`, a symlink to the layer's directory in the FUSE mount. So a restart
+remounts every layer from local state, without the registry.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import estargz
+from estargz.footer import Compression, Footer
+from oci.reference import Reference
+from oci.registry import RegistryClient
+
+from ..errors import Unavailable
+from .chunk_cache import ChunkCache
+from .fetcher import LayerFetcher
+from .filesystem import LazyFilesystem
+from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
+from .remote import RemoteLayer
+
+log = logging.getLogger(__name__)
+LAYER_FILE = "layer.json"
+TOC_FILE = "toc"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What a restart needs to serve a lazy layer again."""
+
+    reference: str
+    digest: str
+    size: int
+    media_type: str
+    toc_digest: str
+    compression: str
+    toc_offset: int
+    toc_length: int
+    payload_end: int
+    footer_size: int
+    toc_uncompressed_size: int | None
+
+    @classmethod
+    def of(cls, remote: RemoteLayer) -> "LayerRecord":
+        f = remote.footer
+        return cls(str(remote.source.reference), remote.descriptor.digest,
+                   remote.descriptor.size, remote.descriptor.media_type, remote.toc_digest,
+                   str(f.compression), f.toc_offset, f.toc_length, f.payload_end, f.footer_size,
+                   f.toc_uncompressed_size)
+
+    @property
+    def footer(self) -> Footer:
+        return Footer(Compression(self.compression), self.toc_offset, self.toc_length,
+                      self.payload_end, self.footer_size, self.toc_uncompressed_size)
+
+
+def write_layer_files(directory: str, remote: RemoteLayer) -> None:
+    with open(os.path.join(directory, TOC_FILE), "wb") as f:
+        f.write(remote.toc_bytes)
+    with open(os.path.join(directory, LAYER_FILE), "w") as f:
+        json.dump(asdict(LayerRecord.of(remote)), f)
+
+
+def is_lazy_snapshot_dir(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, LAYER_FILE))
+
+
+def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
+    with open(os.path.join(directory, LAYER_FILE)) as f:
+        record = LayerRecord(**json.load(f))
+    with open(os.path.join(directory, TOC_FILE), "rb") as f:
+        toc = f.read()
+    return record, estargz.load_toc(record.footer, toc, record.toc_digest)
+
+
+class _MountedLayer:
+    def __init__(self, fetcher: LayerFetcher, record: LayerRecord):
+        self.fetcher = fetcher
+        self.record = record
+        self.prefetch: asyncio.Task[int] | None = None
+        self.background: asyncio.Task[int] | None = None
+
+
+class LazyLayers:
+    def __init__(self, mountpoint: str, cache: ChunkCache, client: RegistryClient, *,
+                 concurrency: int = 8, background: bool = True,
+                 background_bytes_per_second: float | None = None):
+        self.fs = LazyFilesystem(mountpoint)
+        self.mountpoint = mountpoint
+        self.cache = cache
+        self.client = client
+        self.concurrency = concurrency
+        self.background = background
+        self.background_rate = background_bytes_per_second or None
+        self.layers: dict[str, _MountedLayer] = {}
+
+    async def start(self) -> None:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        await self.fs.start()
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.mountpoint, name)
+
+    def mount(self, name: str, record: LayerRecord, layer: estargz.Layer) -> str:
+        """Serve the layer under MOUNT/<name> and start fetching its prefetch region."""
+        reference = Reference.parse(record.reference)
+
+        async def read_range(offset: int, length: int) -> bytes:
+            return await self.client.fetch_range(reference, record.digest, offset, length)
+
+        fetcher = LayerFetcher(layer, read_range, self.cache, concurrency=self.concurrency,
+                               background_bytes_per_second=self.background_rate)
+        mounted = _MountedLayer(fetcher, record)
+        path = self.fs.add_layer(name, layer, fetcher.read)
+        self.layers[name] = mounted
+        mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
+        LAYERS_MOUNTED.set(len(self.layers))
+        return path
+
+    async def _prefetch(self, name: str, mounted: _MountedLayer) -> int:
+        fetched = await mounted.fetcher.prefetch()
+        log.info("layer %s (%s): prefetched %d bytes", name, mounted.record.digest, fetched)
+        if self.background:
+            mounted.background = asyncio.create_task(self._fetch_rest(name, mounted))
+        return fetched
+
+    async def _fetch_rest(self, name: str, mounted: _MountedLayer) -> int:
+        try:
+            fetched = await mounted.fetcher.fetch_all()
+        except Exception as exc:
+            log.warning("layer %s: background fetch stopped: %s", name, exc)
+            return 0
+        log.info("layer %s: fully local (%d bytes fetched in the background)", name, fetched)
+        return fetched
+
+    async def wait_prefetched(self, names: list[str], timeout: float) -> None:
+        """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long."""
+        tasks = [self.layers[n].prefetch for n in names if n in self.layers]
+        pending = [t for t in tasks if t is not None]
+        if not pending:
+            return
+        done, still = await asyncio.wait(pending, timeout=timeout)
+        if still:
+            PREFETCH_FAILURES.inc()
+            raise Unavailable(f"prefetch of {len(still)} lazy layer(s) did not finish within "
+                              f"{timeout:.0f}s (registry unreachable or slow)")
+        for task in done:
+            if task.exception() is not None:
+                PREFETCH_FAILURES.inc()
+                raise Unavailable(f"prefetch of a lazy layer failed: {task.exception()}")
+
+    async def unmount(self, name: str) -> None:
+        mounted = self.layers.pop(name, None)
+        if mounted is None:
+            return
+        for task in (mounted.prefetch, mounted.background):
+            if task is not None:
+                task.cancel()
+        await mounted.fetcher.aclose()
+        with contextlib.suppress(KeyError, ValueError):
+            await self.fs.remove_layer(name)
+        LAYERS_MOUNTED.set(len(self.layers))
+
+    async def close(self) -> None:
+        for name in list(self.layers):
+            await self.unmount(name)
+        await self.fs.close()

@@ -1,0 +1,228 @@
+"""Lazy pulling end to end: converted images start from FUSE-mounted layers.
+
+A registry (behind a recording proxy, so bytes are counted at the registry side),
+our snapshotter service (background fetch off, so only what is read is fetched)
+and a private containerd with the service as proxy snapshotter "lazypull".
+"""
+
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .fixtures.containerd import start_containerd, stop_containerd, unmount_below
+from .images import File, Symlink, build_layout_image, push_layout_image
+from .test_snapshotter_containerd import proxy_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIG = 24 << 20
+LAYERS = [
+    {"bin/busybox": File(Path("/bin/busybox").read_bytes(), 0o755), "bin/sh": Symlink("busybox"),
+     "etc/motd": b"base\n", "opt/tools/readme": b"tools\n"},
+    {"etc/hello": b"hello lazily\n", "data/big.bin": os.urandom(BIG),
+     "data/other.bin": os.urandom(BIG // 2), "data/small/a.txt": b"a" * 100,
+     "data/small/b.txt": b"b" * 200, "data/link": Symlink("small/a.txt")},
+    {"app/run.sh": File(b"#!/bin/sh\ncat /etc/hello\nhead -c 16 /data/big.bin | wc -c\n",
+                        0o755), "opt/tools/readme": None},
+]
+HOT = "/app/run.sh\n/etc/hello\n/bin/busybox\n"
+
+
+def layer_digests(images) -> set[str]:
+    return {layer["digest"] for layer in images["report"]["manifests"][0]["layers"]}
+
+
+def blob_bytes(proxy, digests: set[str]) -> int:
+    """Bytes of these layer blobs the registry served (ranges, or whole blobs)."""
+    total = 0
+    for request in proxy.requests("GET", r"/blobs/sha256:"):
+        if request.path.rsplit("/", 1)[-1].split("?")[0] not in digests:
+            continue
+        match = re.match(r"bytes=(\d+)-(\d+)", request.headers.get("Range", "")
+                         or request.headers.get("range", ""))
+        if match:
+            total += int(match.group(2)) - int(match.group(1)) + 1
+        else:
+            total += 1 << 40  # a whole-blob download: never expected on the lazy path
+    return total
+
+
+def lazypull(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def images(registry, tmp_path_factory):
+    image = build_layout_image(tmp_path_factory.mktemp("img") / "l", "v1", LAYERS,
+                               cmd=["/app/run.sh"])
+    plain = push_layout_image(image.layout, "v1", registry.host, "ws/lazy")
+    hot = tmp_path_factory.mktemp("hot") / "hot.txt"
+    hot.write_text(HOT)
+    lazy = f"docker://{registry.host}/ws/lazy:v1-esgz"
+    done = lazypull("convert", plain, lazy, "--no-cache", "--json", "--prefetch-list", str(hot))
+    assert done.returncode == 0, done.stderr
+    return {"plain": "ws/lazy:v1", "lazy": "ws/lazy:v1-esgz", "image": image,
+            "report": json.loads(done.stdout)}
+
+
+@pytest.fixture
+def node(snapshotter_factory, registry, fault_proxy_factory, tmp_path_factory):
+    proxy = fault_proxy_factory(registry.host)
+    config = tmp_path_factory.mktemp("cfg") / "config.toml"
+    config.write_text('background_fetch = false\nprefetch_timeout_seconds = 30.0\n'
+                      f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
+    service = snapshotter_factory(None, False, None, "--config", str(config))
+    daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
+    yield {"service": service, "daemon": daemon, "proxy": proxy, "config": config}
+    stop_containerd(daemon)
+
+
+def pull(node, ref: str) -> dict:
+    done = lazypull("pull", f"{node['proxy'].host}/{ref}", "--address", node["daemon"].address,
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_converted_image_starts_lazily(node, images) -> None:
+    daemon, proxy = node["daemon"], node["proxy"]
+    result = pull(node, images["lazy"])
+    assert [layer["source"] for layer in result["layers"]] == ["remote"] * 3
+    content = daemon.ctr("content", "ls", "-q").stdout.split()
+    assert not {layer["digest"] for layer in images["report"]["manifests"][0]["layers"]} & \
+        set(content)  # layer blobs never entered containerd's content store
+    ref = f"{proxy.host}/{images['lazy']}"
+    run = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "lazy1", "/app/run.sh")
+    assert run.stdout == "hello lazily\n16\n"
+    image_size = sum(layer["size"] for layer in images["report"]["manifests"][0]["layers"])
+    served = blob_bytes(proxy, layer_digests(images))
+    assert served < image_size / 4, (served, image_size)
+
+
+def test_unconverted_image_falls_back_and_runs(node, images) -> None:
+    result = pull(node, images["plain"])
+    assert [layer["source"] for layer in result["layers"]] == ["fetched+applied"] * 3
+    ref = f"{node['proxy'].host}/{images['plain']}"
+    run = node["daemon"].ctr("run", "--rm", "--snapshotter", "lazypull", ref, "plain1",
+                             "/app/run.sh")
+    assert run.stdout == "hello lazily\n16\n"
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Everything a container sees of a file tree (landmarks and the TOC entry aside,
+    which only the eStargz tar stream has)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if rel in (".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"):
+                continue
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                body = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            else:
+                body = ""
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                        int(st.st_mtime), st.st_size if not stat.S_ISDIR(st.st_mode) else 0, body)
+    return out
+
+
+def _mount_view(daemon, snapshotter: str, key: str, parent: str, target: Path) -> None:
+    daemon.ctr("snapshots", "--snapshotter", snapshotter, "view", key, parent)
+    target.mkdir(parents=True)
+    # `ctr snapshots mounts` prints the mount(8) commands for the target.
+    commands = daemon.ctr("snapshots", "--snapshotter", snapshotter, "mounts", str(target),
+                          key).stdout
+    subprocess.run(["sh", "-e", "-c", commands], check=True)
+
+
+def implicit_dirs(images, registry) -> set[str]:
+    """Directories some layer holds no entry for: containerd creates them at unpack time
+    (so their mtime is the unpack's), the lazy view shows them as the TOC implies."""
+    from estargz import BlobReader, FileSource
+    found: set[str] = set()
+    for layer in images["report"]["manifests"][0]["layers"]:
+        with FileSource.open(str(registry.blob_data_path(layer["digest"]))) as blob:
+            tree = BlobReader.open(blob, layer["toc_digest"]).layer
+            found |= {path for path, node in tree.walk() if node.implicit and path}
+    return found
+
+
+def test_lazy_tree_equals_native_unpack(node, images, registry, tmp_path) -> None:
+    daemon, proxy = node["daemon"], node["proxy"]
+    pull(node, images["lazy"])
+    ref = f"{proxy.host}/{images['lazy']}"
+    daemon.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+    chain = daemon.ctr("snapshots", "--snapshotter", "overlayfs", "ls").stdout.split()
+    top = [word for word in chain if word.startswith("sha256:")]
+    parents = {line.split()[0]: (line.split()[1] if len(line.split()) > 2 else "")
+               for line in daemon.ctr("snapshots", "--snapshotter", "overlayfs",
+                                      "ls").stdout.splitlines()[1:]}
+    leaf = next(key for key in parents if key not in parents.values())
+    assert leaf in top
+    try:
+        _mount_view(daemon, "overlayfs", "native-view", leaf, tmp_path / "native")
+        _mount_view(daemon, "lazypull", "lazy-view", leaf, tmp_path / "lazy")
+        native, lazy = _tree(tmp_path / "native"), _tree(tmp_path / "lazy")
+        assert native.keys() == lazy.keys()
+        unpack_time = implicit_dirs(images, registry)
+        for path in native:
+            if path in unpack_time:
+                native[path] = native[path][:4] + native[path][5:]
+                lazy[path] = lazy[path][:4] + lazy[path][5:]
+            assert native[path] == lazy[path], path
+        assert "opt/tools/readme" not in lazy and "data/big.bin" in lazy
+    finally:
+        unmount_below(tmp_path)
+
+
+def test_corrupt_chunk_gives_eio_for_that_file_only(node, images, registry) -> None:
+    layer = images["report"]["manifests"][0]["layers"][1]
+    blob = registry.blob_data_path(layer["digest"])
+    original = blob.read_bytes()
+    middle = len(original) // 3  # inside data/big.bin's chunks, far from the prefetch region
+    corrupted = bytearray(original)
+    corrupted[middle] ^= 0xFF
+    blob.write_bytes(bytes(corrupted))
+    try:
+        pull(node, images["lazy"])
+        ref = f"{node['proxy'].host}/{images['lazy']}"
+        run = node["daemon"].ctr("run", "--rm", "--snapshotter", "lazypull", ref, "eio1",
+                                 "/bin/sh", "-c", "cat /data/big.bin > /dev/null; echo $?; "
+                                 "cat /data/small/a.txt | wc -c; cat /etc/hello", check=False)
+        lines = run.stdout.splitlines()
+        assert lines[0] != "0" and "Input/output error" in run.stderr
+        assert lines[1:] == ["100", "hello lazily"]
+    finally:
+        blob.write_bytes(original)
+
+
+def test_restart_serves_cached_chunks_without_refetching(node, images, snapshotter_factory):
+    daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
+    pull(node, images["lazy"])
+    ref = f"{proxy.host}/{images['lazy']}"
+    script = "cat /etc/hello; head -c 4096 /data/other.bin | wc -c"
+    first = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r1", "/bin/sh", "-c",
+                       script)
+    assert first.stdout == "hello lazily\n4096\n"
+    service.kill9()
+    before = blob_bytes(proxy, layer_digests(images))
+    again = snapshotter_factory(service.root, False, service.address, "--config",
+                                str(node["config"]))
+    node["service"] = again
+    from .test_snapshotter_containerd import reconnected
+    reconnected(daemon)
+    second = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r2", "/bin/sh", "-c",
+                        script)
+    assert second.stdout == first.stdout
+    assert blob_bytes(proxy, layer_digests(images)) == before
