@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "tar -> eStargz / zstd:chunked conversion throughput against plain gzip",
     ),
     "convert-e2e": Benchmark("perf.convert_e2e", "lazypull convert via registries vs skopeo copy"),
+    "snapshotter": Benchmark("perf.snapshotter_bench", "lazypull snapshotter vs native overlayfs"),
 }
 DEFAULT = "convert"
 

@@ -135,13 +135,16 @@ class MetaStore:
         return Snapshot(sid, Kind(kind), self._parent_chain(parent_id))
 
     def _parent_chain(self, parent_id: int | None) -> list[int]:
-        chain: list[int] = []
-        while parent_id is not None:
-            chain.append(parent_id)
-            row = self.db.execute("SELECT parent_id FROM snapshots WHERE id=?",
-                                  (parent_id,)).fetchone()
-            parent_id = row[0] if row else None
-        return chain
+        """Ids of the parent and its ancestors, nearest first, in one query."""
+        if parent_id is None:
+            return []
+        rows = self.db.execute(
+            "WITH RECURSIVE chain(id, parent_id, depth) AS ("
+            " SELECT id, parent_id, 0 FROM snapshots WHERE id=?"
+            " UNION ALL SELECT s.id, s.parent_id, c.depth + 1"
+            " FROM snapshots s JOIN chain c ON s.id = c.parent_id)"
+            " SELECT id FROM chain ORDER BY depth", (parent_id,))
+        return [row[0] for row in rows]
 
     def usage(self, key: str) -> tuple[int, Kind, int, int]:
         """(id, kind, size, inodes); size and inodes are stored for committed snapshots."""
