@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .lazy.manager import (
     LayerRecord,
@@ -125,14 +125,12 @@ class OverlaySnapshotter:
         source = layer_source(labels) if self.lazy and self.open_remote else None
         if source is not None:
             await self._mount_remote(key, source, parent, labels)
-        snap = await self._run(self._create, Kind.ACTIVE, key, parent, labels)
-        await self._wait_for_lazy_parents(snap)
-        return self.mounts_for(snap)
+        await self._wait_for_lazy_chain(parent)
+        return self.mounts_for(await self._run(self._create, Kind.ACTIVE, key, parent, labels))
 
     async def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        snap = await self._run(self._create, Kind.VIEW, key, parent, labels)
-        await self._wait_for_lazy_parents(snap)
-        return self.mounts_for(snap)
+        await self._wait_for_lazy_chain(parent)
+        return self.mounts_for(await self._run(self._create, Kind.VIEW, key, parent, labels))
 
     # -- lazy layers -------------------------------------------------------
 
@@ -177,9 +175,23 @@ class OverlaySnapshotter:
             raise
 
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
+        await self._wait_for_lazy_ids(snap.parent_ids)
+
+    async def _wait_for_lazy_chain(self, parent: str) -> None:
+        """Before a snapshot is made over `parent`: wait for the prefetch of the lazy
+        layers below, so a refusal (UNAVAILABLE) leaves no half-made snapshot."""
+        if self.lazy is None or not self.lazy.layers or not parent:
+            return
+        try:
+            below = await self._run(self.meta.snapshot, parent)
+        except SnapshotError:
+            return  # the create that follows reports the missing parent
+        await self._wait_for_lazy_ids([below.id, *below.parent_ids])
+
+    async def _wait_for_lazy_ids(self, ids: list[int]) -> None:
         if self.lazy is None:
             return
-        names = [str(pid) for pid in snap.parent_ids if str(pid) in self.lazy.layers]
+        names = [str(sid) for sid in ids if str(sid) in self.lazy.layers]
         await self.lazy.wait_prefetched(names, self.prefetch_timeout)
 
     async def restore_lazy_layers(self) -> int:
@@ -192,7 +204,7 @@ class OverlaySnapshotter:
             if not is_lazy_snapshot_dir(directory):
                 continue
             record, layer = await asyncio.to_thread(load_layer_files, directory)
-            self.lazy.mount(str(sid), record, layer)
+            self.lazy.mount(str(sid), record, layer, restored=True)
             restored += 1
         return restored
 

@@ -226,3 +226,42 @@ def test_restart_serves_cached_chunks_without_refetching(node, images, snapshott
                         script)
     assert second.stdout == first.stdout
     assert blob_bytes(proxy, layer_digests(images)) == before
+
+
+def test_unreachable_lazy_layer_gives_unavailable_not_a_hang(
+        images, registry, fault_proxy_factory, snapshotter_factory, tmp_path) -> None:
+    import shutil
+
+    import grpc
+
+    from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+    from snapshotter.lazy import remote
+
+    proxy = fault_proxy_factory(registry.host)
+    config = tmp_path / "config.toml"
+    config.write_text("background_fetch = false\nprefetch_timeout_seconds = 5.0\n"
+                      f'hosts_dir = "{tmp_path / "hosts"}"\n')
+    service = snapshotter_factory(None, False, None, "--config", str(config))
+    layer = images["report"]["manifests"][0]["layers"][0]
+    labels = {remote.REF_LABEL: "sha256:" + "c" * 64,
+              remote.STARGZ_REFERENCE: f"{proxy.host}/{images['lazy']}",
+              remote.STARGZ_DIGEST: layer["digest"]}
+    client = service.client()
+    with pytest.raises(grpc.RpcError) as answer:
+        client.Prepare(pb.PrepareSnapshotRequest(key="extract-1", labels=labels))
+    assert answer.value.code() == grpc.StatusCode.ALREADY_EXISTS  # mounted lazily
+    assert service.stop() == 0
+    # The registry goes away and the node loses its chunk cache: the restarted service
+    # serves the layer from its TOC, but cannot prefetch it.
+    proxy.stop()
+    shutil.rmtree(service.root / "cache")
+    again = snapshotter_factory(service.root, False, None, "--config", str(config))
+    with pytest.raises(grpc.RpcError) as refused:
+        again.client().Prepare(pb.PrepareSnapshotRequest(key="container",
+                                                         parent=labels[remote.REF_LABEL]),
+                                timeout=60)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefetch" in refused.value.details()
+    # Refused before anything was made: no half-made snapshot is left behind.
+    listed = [i.name for r in again.client().List(pb.ListSnapshotsRequest()) for i in r.info]
+    assert listed == [labels[remote.REF_LABEL]]
