@@ -5,7 +5,7 @@ import sys
 
 from estargz import FormatError
 
-from . import convert_command, estargz_commands, pull_command, snapshotter_command
+from . import convert_command, estargz_commands, profile_command, pull_command, snapshotter_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     estargz_commands.register(commands)
     snapshotter_command.register(commands)
     pull_command.register(commands)
+    profile_command.register(commands)
     return parser
 
 

@@ -30,6 +30,10 @@ class Config:
     fetch_concurrency: int = 8
     background_fetch: bool = True
     background_bytes_per_second: float = 0.0  # 0: no cap
+    # Access profiles (ROOT/profiles): files read in this long after a container
+    # starts on freshly mounted lazy layers, at most this many per image. 0: off.
+    profile_window_seconds: float = 60.0
+    profile_max_files: int = 10_000
 
     def with_overrides(self, **values: Any) -> "Config":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -41,12 +45,15 @@ class Config:
             raise ConfigError("address and root must not be empty")
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
-        for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency"):
+        for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency",
+                     "profile_max_files"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0:
             raise ConfigError("prefetch_timeout_seconds must be positive and "
                               "background_bytes_per_second not negative")
+        if self.profile_window_seconds < 0:
+            raise ConfigError("profile_window_seconds must not be negative (0: off)")
         return self
 
     @property
@@ -56,6 +63,10 @@ class Config:
     @property
     def cache_dir(self) -> str:
         return os.path.join(self.root, "cache")
+
+    @property
+    def profiles_dir(self) -> str:
+        return os.path.join(self.root, "profiles")
 
 
 def metrics_host_port(address: str) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from .config import Config, metrics_host_port
 from .http_endpoint import HttpEndpoint
 from .lazy.chunk_cache import ChunkCache
 from .lazy.manager import LazyLayers
+from .lazy.profiles import ProfileRecorder
 from .lazy.remote import LayerSource, RemoteLayer, open_remote_layer
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
@@ -48,9 +49,14 @@ async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
                             credentials=CredentialStore(config.docker_config or None))
     cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes)
     _unmount_stale(config.fuse_mountpoint)
+    profiles = None
+    if config.profile_window_seconds > 0:
+        profiles = ProfileRecorder(config.profiles_dir, max_files=config.profile_max_files,
+                                   window_seconds=config.profile_window_seconds)
     lazy = LazyLayers(config.fuse_mountpoint, cache, client,
                       concurrency=config.fetch_concurrency, background=config.background_fetch,
-                      background_bytes_per_second=config.background_bytes_per_second)
+                      background_bytes_per_second=config.background_bytes_per_second,
+                      profiles=profiles)
     await lazy.start()
     return lazy, client
 

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ReadFn = Callable[[Node, int, int], Awaitable[bytes]]
 """`read(node, offset, length)`: exactly that many verified bytes of the file (or raise)."""
+ObserveFn = Callable[[Node, int, int], None]
+"""`observe(node, offset, length)`: a regular file of the layer was opened (length 0) or
+read. Called on every open and read, before the bytes are fetched: it must be cheap."""
 
 # ro: the kernel answers writes with EROFS before they reach us. allow_other:
 # containers run as any uid, and default_permissions makes the kernel check them
@@ -106,6 +109,7 @@ class _LayerTree:
         self.name = name
         self.layer = layer
         self.read = read
+        self.observe: ObserveFn | None = None
         self.serial = serial  # position in the root listing; never reused
         self.removed = False
         self.inodes: dict[tuple[Node, bool], _Inode] = {}
@@ -222,6 +226,17 @@ def _replies_eio_on_bugs(handler: Handler) -> Handler:
     return guarded  # type: ignore[return-value]
 
 
+def _tell(tree: _LayerTree, node: Node, offset: int, length: int) -> None:
+    """Pass an access on to the layer's observer; one that fails is dropped, never the
+    request it watched."""
+    assert tree.observe is not None
+    try:
+        tree.observe(node, offset, length)
+    except Exception:
+        log.exception("lazy filesystem: observer of layer %s failed; dropping it", tree.name)
+        tree.observe = None
+
+
 def _check_layer_name(name: str) -> None:
     if name in ("", ".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"{name!r} cannot name a layer directory")
@@ -269,6 +284,10 @@ class LazyFilesystem(pyfuse3.Operations):
             self._invalidations.add(task)
             task.add_done_callback(self._invalidations.discard)
             await asyncio.shield(task)  # close() waits for it even if we are cancelled
+
+    def observe_layer(self, name: str, observe: ObserveFn | None) -> None:
+        """Tell `observe` of every open and read of a file in layer `name` (None: stop)."""
+        self._trees[name].observe = observe
 
     def layer_names(self) -> list[str]:
         return list(self._trees)
@@ -474,6 +493,8 @@ class LazyFilesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if known.whiteout or known.node.kind != "reg":
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if known.tree.observe is not None:
+            _tell(known.tree, known.node, 0, 0)
         # Layers never change: pages the kernel has cached stay valid across opens.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
@@ -484,6 +505,8 @@ class LazyFilesystem(pyfuse3.Operations):
         length = min(size, node.size - off)
         if length <= 0:
             return b""
+        if inode.tree.observe is not None:
+            _tell(inode.tree, node, off, length)
         try:
             data = await inode.tree.read(node, off, length)
         except Exception as exc:

@@ -24,6 +24,7 @@ from .chunk_cache import ChunkCache
 from .fetcher import LayerFetcher
 from .filesystem import LazyFilesystem
 from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
+from .profiles import ProfileRecorder
 from .remote import RemoteLayer
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class LayerRecord:
     payload_end: int
     footer_size: int
     toc_uncompressed_size: int | None
+    manifest_digest: str | None = None  # of the image's platform manifest, when labelled
 
     @classmethod
     def of(cls, remote: RemoteLayer) -> "LayerRecord":
@@ -53,7 +55,7 @@ class LayerRecord:
         return cls(str(remote.source.reference), remote.descriptor.digest,
                    remote.descriptor.size, remote.descriptor.media_type, remote.toc_digest,
                    str(f.compression), f.toc_offset, f.toc_length, f.payload_end, f.footer_size,
-                   f.toc_uncompressed_size)
+                   f.toc_uncompressed_size, remote.source.manifest_digest)
 
     @property
     def footer(self) -> Footer:
@@ -91,7 +93,8 @@ class _MountedLayer:
 class LazyLayers:
     def __init__(self, mountpoint: str, cache: ChunkCache, client: RegistryClient, *,
                  concurrency: int = 8, background: bool = True,
-                 background_bytes_per_second: float | None = None):
+                 background_bytes_per_second: float | None = None,
+                 profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
         self.mountpoint = mountpoint
         self.cache = cache
@@ -99,17 +102,22 @@ class LazyLayers:
         self.concurrency = concurrency
         self.background = background
         self.background_rate = background_bytes_per_second or None
+        self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
 
     async def start(self) -> None:
         os.makedirs(self.mountpoint, exist_ok=True)
         await self.fs.start()
+        if self.profiles is not None:
+            await self.profiles.start()
 
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name)
 
-    def mount(self, name: str, record: LayerRecord, layer: estargz.Layer) -> str:
-        """Serve the layer under MOUNT/<name> and start fetching its prefetch region."""
+    def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
+              restored: bool = False) -> str:
+        """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
+        `restored`: served again after a restart, not freshly pulled."""
         reference = Reference.parse(record.reference)
 
         async def read_range(offset: int, length: int) -> bytes:
@@ -119,6 +127,10 @@ class LazyLayers:
                                background_bytes_per_second=self.background_rate)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
+        if self.profiles is not None:
+            self.fs.observe_layer(name, self.profiles.attach(
+                name, record.reference, record.digest, record.manifest_digest,
+                fresh=not restored))
         self.layers[name] = mounted
         mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
         LAYERS_MOUNTED.set(len(self.layers))
@@ -166,9 +178,13 @@ class LazyLayers:
         await mounted.fetcher.aclose()
         with contextlib.suppress(KeyError, ValueError):
             await self.fs.remove_layer(name)
+        if self.profiles is not None:
+            self.profiles.detach(name)
         LAYERS_MOUNTED.set(len(self.layers))
 
     async def close(self) -> None:
         for name in list(self.layers):
             await self.unmount(name)
+        if self.profiles is not None:
+            await self.profiles.close()  # after the unmounts, which end the recordings
         await self.fs.close()
