@@ -53,6 +53,18 @@ def blob_bytes(proxy, digests: set[str]) -> int:
     return total
 
 
+def metric_values(service) -> dict[str, float]:
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def lazypull(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=300)
@@ -78,7 +90,7 @@ def node(snapshotter_factory, registry, fault_proxy_factory, tmp_path_factory):
     config = tmp_path_factory.mktemp("cfg") / "config.toml"
     config.write_text('background_fetch = false\nprefetch_timeout_seconds = 30.0\n'
                       f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
-    service = snapshotter_factory(None, False, None, "--config", str(config))
+    service = snapshotter_factory(None, True, None, "--config", str(config))
     daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
     yield {"service": service, "daemon": daemon, "proxy": proxy, "config": config}
     stop_containerd(daemon)
@@ -104,6 +116,12 @@ def test_converted_image_starts_lazily(node, images) -> None:
     image_size = sum(layer["size"] for layer in images["report"]["manifests"][0]["layers"])
     served = blob_bytes(proxy, layer_digests(images))
     assert served < image_size / 4, (served, image_size)
+    metrics = metric_values(node["service"])
+    assert metrics["lazypull_lazy_layers_mounted"] == 3
+    assert metrics['lazypull_fetch_bytes_total{kind="prefetch"}'] > 0
+    assert metrics['lazypull_fetch_bytes_total{kind="demand"}'] > 0
+    assert metrics['lazypull_fuse_operation_duration_seconds_count{operation="read"}'] > 0
+    assert metrics['lazypull_chunk_cache_bytes'] > 0
 
 
 def test_unconverted_image_falls_back_and_runs(node, images) -> None:
@@ -215,6 +233,9 @@ def test_restart_serves_cached_chunks_without_refetching(node, images, snapshott
     first = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r1", "/bin/sh", "-c",
                        script)
     assert first.stdout == "hello lazily\n4096\n"
+    # A container keeps running while the service is killed under it.
+    daemon.ctr("run", "-d", "--snapshotter", "lazypull", ref, "running", "/bin/busybox",
+               "sleep", "600")
     service.kill9()
     before = blob_bytes(proxy, layer_digests(images))
     again = snapshotter_factory(service.root, False, service.address, "--config",
@@ -226,6 +247,7 @@ def test_restart_serves_cached_chunks_without_refetching(node, images, snapshott
                         script)
     assert second.stdout == first.stdout
     assert blob_bytes(proxy, layer_digests(images)) == before
+    assert "running" in daemon.ctr("tasks", "ls").stdout
 
 
 def test_unreachable_lazy_layer_gives_unavailable_not_a_hang(

@@ -28,6 +28,8 @@ import pyfuse3.asyncio
 from estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Layer, Node
 from estargz.layer import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
 
+from .metrics import FUSE_LATENCY
+
 log = logging.getLogger(__name__)
 
 ReadFn = Callable[[Node, int, int], Awaitable[bytes]]
@@ -211,10 +213,12 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 def _replies_eio_on_bugs(handler: Handler) -> Handler:
     """pyfuse3 answers only FUSEError; any other exception would leave the request
-    unanswered and the caller hung."""
+    unanswered and the caller hung. Every operation is timed for the metrics."""
+    latency = FUSE_LATENCY.labels(handler.__name__)
 
     @functools.wraps(handler)
     async def guarded(*args: Any) -> Any:
+        started = time.perf_counter()
         try:
             return await handler(*args)
         except pyfuse3.FUSEError:
@@ -222,6 +226,8 @@ def _replies_eio_on_bugs(handler: Handler) -> Handler:
         except Exception:
             log.exception("lazy filesystem: %s failed", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            latency.observe(time.perf_counter() - started)
 
     return guarded  # type: ignore[return-value]
 

@@ -1,6 +1,6 @@
 """Metrics of lazy layers (fetch and cache metrics live with the fetcher and the cache)."""
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from ..metrics import REGISTRY
 
@@ -12,3 +12,8 @@ FALLBACKS = Counter("lazypull_remote_snapshot_fallbacks_total",
 PREFETCH_FAILURES = Counter("lazypull_prefetch_failures_total",
                             "Mounts refused because lazy layers could not be prefetched in time",
                             registry=REGISTRY)
+FUSE_LATENCY = Histogram("lazypull_fuse_operation_duration_seconds",
+                         "Time to answer a FUSE request, by operation", ["operation"],
+                         registry=REGISTRY,
+                         buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                  0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
