@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -105,10 +106,11 @@ def stack(registry, tmp_path_factory):
 
 
 def content_labels(stack: Stack, namespace: str) -> dict[str, dict[str, str]]:
-    """digest -> labels, from `ctr content ls` (DIGEST, SIZE, AGE, LABELS: tab-separated)."""
+    """digest -> labels, from `ctr content ls` (DIGEST, SIZE, AGE, LABELS). ctr pads its
+    columns with tabs, so a narrow cell is followed by more than one."""
     out = {}
     for row in stack.ctr(namespace, "content", "ls").stdout.splitlines()[1:]:
-        digest, _size, _age, labels = row.split("\t")
+        digest, _size, _age, labels = ([*re.split(r"\t+", row.rstrip("\t")), ""])[:4]
         out[digest] = dict(item.split("=", 1) for item in labels.split(",") if "=" in item)
     return out
 
