@@ -12,11 +12,12 @@ All metadata work runs on one thread, one operation at a time (one writer).
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -39,6 +40,16 @@ OpenRemote = Callable[[LayerSource], Awaitable[RemoteLayer]]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class _Staging:
+    def __init__(self, path: str):
+        self.path = path
+        self.final: str | None = None
+
+    def place(self, final: str) -> None:
+        os.rename(self.path, final)
+        self.final = final
 
 
 @dataclass(frozen=True)
@@ -156,23 +167,15 @@ class OverlaySnapshotter:
 
     def _create_lazy(self, name: str, parent: str, labels: dict[str, str],
                      remote: RemoteLayer) -> Snapshot:
-        staging = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
-        final = None
-        try:
-            write_layer_files(staging, remote)
+        assert self.lazy is not None
+        with self._staging() as staging:
+            write_layer_files(staging.path, remote)
             size = sum(node.size for _, node in remote.layer.walk() if node.kind == "reg")
             with self.meta.transaction():
                 snap = self.meta.create_committed(name, parent, labels, size)
-                assert self.lazy is not None
-                os.symlink(self.lazy.path_of(str(snap.id)), os.path.join(staging, "fs"))
-                final = self._dir(snap.id)
-                os.rename(staging, final)
+                os.symlink(self.lazy.path_of(str(snap.id)), os.path.join(staging.path, "fs"))
+                staging.place(self._dir(snap.id))
             return snap
-        except BaseException:
-            for path in (staging, final):
-                if path and os.path.exists(path):
-                    shutil.rmtree(path, ignore_errors=True)
-            raise
 
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
         await self._wait_for_lazy_ids(snap.parent_ids)
@@ -209,23 +212,28 @@ class OverlaySnapshotter:
         return restored
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
-        staging = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
-        final = None
-        try:
-            os.mkdir(os.path.join(staging, "fs"), 0o755)
+        with self._staging() as staging:
+            os.mkdir(os.path.join(staging.path, "fs"), 0o755)
             if kind is Kind.ACTIVE:
-                os.mkdir(os.path.join(staging, "work"), 0o711)
+                os.mkdir(os.path.join(staging.path, "work"), 0o711)
             with self.meta.transaction():
                 snap = self.meta.create(kind, key, parent, labels)
                 if snap.parent_ids:
                     # The new upper directory takes its parent's owner, as in containerd.
                     st = os.stat(self.upper_path(snap.parent_ids[0]))
-                    os.lchown(os.path.join(staging, "fs"), st.st_uid, st.st_gid)
-                final = self._dir(snap.id)
-                os.rename(staging, final)
+                    os.lchown(os.path.join(staging.path, "fs"), st.st_uid, st.st_gid)
+                staging.place(self._dir(snap.id))
             return snap
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator["_Staging"]:
+        """A directory built under a temporary name and renamed into place inside the
+        metadata transaction; on any failure both names are removed again."""
+        staging = _Staging(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
+        try:
+            yield staging
         except BaseException:
-            for path in (staging, final):
+            for path in (staging.path, staging.final):
                 if path and os.path.exists(path):
                     shutil.rmtree(path, ignore_errors=True)
             raise
