@@ -1,6 +1,7 @@
-"""Convert a realistic layer (this interpreter's standard library) to eStargz and
-zstd:chunked with the files an interpreter start reads placed first, verify both
-blobs fully, and print what a build pipeline would record. Needs no network."""
+"""`make demo`: first the format (convert a realistic layer, this interpreter's
+standard library, to eStargz and zstd:chunked with the files an interpreter start
+reads placed first, verify both blobs, print what a build pipeline records), then
+the main job end to end (demo/lazy_start.py). Needs no network beyond loopback."""
 
 import json
 import os
@@ -78,7 +79,10 @@ def main() -> int:
                 "missing_hot_files": result.missing_prioritized,
             }
             print(json.dumps(summary, indent=2))
-    return 0
+    from demo import lazy_start
+
+    print("\nlazy start of a workspace image, on this machine:")
+    return lazy_start.main()
 
 
 if __name__ == "__main__":
