@@ -565,3 +565,23 @@ def test_token_bucket_holds_the_average_rate():
         assert now == pytest.approx(11.5)  # 12500 bytes in total at 1000 bytes/s, burst 1000
 
     run(scenario())
+
+
+def test_a_miss_in_a_large_file_reads_ahead_only_so_far(blob, tmp_path):
+    async def scenario() -> None:
+        node = blob.node("app/data/blob2.bin")
+        first = node.chunks[0]
+        for readahead, wanted in ((0, 1), (1 << 30, len(node.chunks))):
+            log = RangeLog()
+            async with make_client(log) as client:
+                fetcher = LayerFetcher(blob.layer, reader_of(client, blob),
+                                       new_cache(tmp_path / str(readahead)),
+                                       demand_readahead_bytes=readahead)
+                assert await fetcher.read(node, 0, 100) == \
+                    blob.files["app/data/blob2.bin"][:100]
+            start, end = log.ranges[0]
+            covered = [c for c in node.chunks if start <= c.blob_offset and c.blob_end <= end]
+            assert len(log.ranges) == 1 and start == first.blob_offset
+            assert len(covered) == wanted
+
+    run(scenario())

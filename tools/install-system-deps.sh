@@ -13,6 +13,8 @@ packages=(
   docker-registry apache2-utils skopeo umoci containerd runc busybox-static
   # FUSE for lazy layers (pyfuse3 builds against libfuse3)
   fuse3 libfuse3-dev pkg-config
+  # the cold-start benchmark builds workspace images from Debian packages
+  debootstrap
 )
 
 missing=()
