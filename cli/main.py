@@ -5,7 +5,14 @@ import sys
 
 from estargz import FormatError
 
-from . import convert_command, estargz_commands, profile_command, pull_command, snapshotter_command
+from . import (
+    convert_command,
+    estargz_commands,
+    profile_command,
+    pull_command,
+    snapshotter_command,
+    warm_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshotter_command.register(commands)
     pull_command.register(commands)
     profile_command.register(commands)
+    warm_command.register(commands)
     return parser
 
 

@@ -5,6 +5,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .warm.spec import WarmSpecError, parse_entries
+
 DEFAULT_CONFIG_PATH = "/etc/lazypull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -30,10 +32,19 @@ class Config:
     fetch_concurrency: int = 8
     background_fetch: bool = True
     background_bytes_per_second: float = 0.0  # 0: no cap
+    # Background fetch starts once no container has missed a chunk for this long.
+    background_quiet_seconds: float = 3.0
     # Access profiles (ROOT/profiles): files read in this long after a container
     # starts on freshly mounted lazy layers, at most this many per image. 0: off.
     profile_window_seconds: float = 60.0
     profile_max_files: int = 10_000
+    # The warm set: images pulled through containerd at start and kept fresh; readiness
+    # waits for them. `warm_set` holds tables (ref, policy, namespace, refresh_seconds,
+    # block_readiness), `warm_set_dir` files *.toml of [[warm_set]] tables (re-read).
+    containerd_address: str = "/run/containerd/containerd.sock"
+    warm_set: tuple = ()
+    warm_set_dir: str = ""
+    warm_concurrency: int = 2
 
     def with_overrides(self, **values: Any) -> "Config":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -46,14 +57,19 @@ class Config:
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
         for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency",
-                     "profile_max_files"):
+                     "profile_max_files", "warm_concurrency"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0:
+        if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0 \
+                or self.background_quiet_seconds < 0:
             raise ConfigError("prefetch_timeout_seconds must be positive and "
                               "background_bytes_per_second not negative")
         if self.profile_window_seconds < 0:
             raise ConfigError("profile_window_seconds must not be negative (0: off)")
+        try:
+            parse_entries(self.warm_set, "warm_set")
+        except WarmSpecError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
     @property
@@ -102,5 +118,7 @@ def load_config(path: str | None) -> Config:
     for key, value in doc.items():
         if key not in kinds:
             raise ConfigError(f"{path}: unknown option {key!r}")
+        if key == "warm_set" and isinstance(value, list):
+            value = tuple(value)  # of tables, checked by validate()
         values[key] = _typed(path, key, value, kinds[key])
     return Config(**values).validate()

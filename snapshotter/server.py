@@ -22,6 +22,9 @@ from .lazy.profiles import ProfileRecorder
 from .lazy.remote import LayerSource, RemoteLayer, open_remote_layer
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
+from .warm.http import warm_routes
+from .warm.manager import WarmSet
+from .warm.spec import parse_entries
 
 log = logging.getLogger("lazypull.snapshotter")
 # containerd's own limit for gRPC messages, so large label maps fail the same way.
@@ -47,7 +50,10 @@ def _unmount_stale(mountpoint: str) -> None:
 async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
     client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
                             credentials=CredentialStore(config.docker_config or None))
-    cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes)
+    # Whole chunks (4 MiB by default) must fit the memory tier: FUSE reads 128 KiB at a
+    # time, and each read of a chunk only on disk reads and re-hashes all of it.
+    cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes,
+                       memory_item_limit=min(16 << 20, config.cache_memory_bytes // 4))
     _unmount_stale(config.fuse_mountpoint)
     profiles = None
     if config.profile_window_seconds > 0:
@@ -56,9 +62,22 @@ async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
     lazy = LazyLayers(config.fuse_mountpoint, cache, client,
                       concurrency=config.fetch_concurrency, background=config.background_fetch,
                       background_bytes_per_second=config.background_bytes_per_second,
+                      background_quiet_seconds=config.background_quiet_seconds,
                       profiles=profiles)
     await lazy.start()
     return lazy, client
+
+
+def _warm_set(config: Config, lazy: LazyLayers | None,
+              client: RegistryClient | None) -> WarmSet | None:
+    """The warm set, if the config names one (no warm_set and no warm_set_dir: None)."""
+    if not config.warm_set and not config.warm_set_dir:
+        return None
+    registry = client or RegistryClient(hosts=HostsConfig(config.hosts_dir),
+                                        credentials=CredentialStore(config.docker_config or None))
+    return WarmSet(parse_entries(config.warm_set, "warm_set"), registry=registry,
+                   containerd_address=config.containerd_address, lazy=lazy,
+                   directory=config.warm_set_dir, concurrency=config.warm_concurrency)
 
 
 async def serve(config: Config) -> None:
@@ -87,14 +106,18 @@ async def serve(config: Config) -> None:
     _prepare_socket(config.address)
     server.add_insecure_port(f"unix:{config.address}")
     endpoint = None
+    warm = _warm_set(config, lazy, client)
     if config.metrics_address:
         host, port = metrics_host_port(config.metrics_address)
-        endpoint = HttpEndpoint(host, port, ready=lambda: (True, "ready"))
+        endpoint = HttpEndpoint(host, port, ready=warm.ready if warm else lambda: (True, "ready"),
+                                routes=warm_routes(warm) if warm else None)
         await endpoint.start()
     await server.start()
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
     log.info("serving containerd snapshots on %s (root %s)", config.address, config.root)
+    if warm is not None:  # after recovery; containerd pulls through the socket just opened
+        await warm.start()
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,9 +125,13 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("shutting down")
+    if warm is not None:
+        await warm.close()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     if endpoint:
         await endpoint.stop()
+    if warm is not None and client is None:
+        await warm.registry.aclose()
     if lazy is not None and client is not None:
         await lazy.close()
         await client.aclose()

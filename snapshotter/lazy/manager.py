@@ -94,6 +94,7 @@ class LazyLayers:
     def __init__(self, mountpoint: str, cache: ChunkCache, client: RegistryClient, *,
                  concurrency: int = 8, background: bool = True,
                  background_bytes_per_second: float | None = None,
+                 background_quiet_seconds: float = 3.0,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
         self.mountpoint = mountpoint
@@ -102,8 +103,12 @@ class LazyLayers:
         self.concurrency = concurrency
         self.background = background
         self.background_rate = background_bytes_per_second or None
+        self.background_quiet_seconds = background_quiet_seconds
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
+        self._prefetching = 0
+        self._prefetch_idle = asyncio.Event()
+        self._prefetch_idle.set()
 
     async def start(self) -> None:
         os.makedirs(self.mountpoint, exist_ok=True)
@@ -137,13 +142,25 @@ class LazyLayers:
         return path
 
     async def _prefetch(self, name: str, mounted: _MountedLayer) -> int:
-        fetched = await mounted.fetcher.prefetch()
+        self._prefetching += 1
+        self._prefetch_idle.clear()
+        try:
+            fetched = await mounted.fetcher.prefetch()
+        finally:
+            self._prefetching -= 1
+            if self._prefetching == 0:
+                self._prefetch_idle.set()
         log.info("layer %s (%s): prefetched %d bytes", name, mounted.record.digest, fetched)
         if self.background:
             mounted.background = asyncio.create_task(self._fetch_rest(name, mounted))
         return fetched
 
     async def _fetch_rest(self, name: str, mounted: _MountedLayer) -> int:
+        # Background fetch shares the link with every layer's prefetch, and each
+        # fetcher orders only its own requests: measured cold starts were up to twice
+        # as slow when it ran alongside another layer's prefetch. So it waits for all.
+        await self._prefetch_idle.wait()
+        await self._quiet()
         try:
             fetched = await mounted.fetcher.fetch_all()
         except Exception as exc:
@@ -151,6 +168,19 @@ class LazyLayers:
             return 0
         log.info("layer %s: fully local (%d bytes fetched in the background)", name, fetched)
         return fetched
+
+    def _demand_requests(self) -> int:
+        return sum(m.fetcher.stats.demand_requests for m in self.layers.values())
+
+    async def _quiet(self) -> None:
+        """Wait until containers have stopped asking for missing chunks for a while: a
+        starting workspace reads on demand right after the prefetch, and background
+        requests beside those reads delayed measured cold starts by a factor of two."""
+        while True:
+            before = self._demand_requests()
+            await asyncio.sleep(self.background_quiet_seconds)
+            if self._demand_requests() == before and self._prefetching == 0:
+                return
 
     async def wait_prefetched(self, names: list[str], timeout: float) -> None:
         """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long."""
