@@ -156,12 +156,15 @@ def _tree(root: Path) -> dict[str, tuple]:
 
 
 def _mount_view(daemon, snapshotter: str, key: str, parent: str, target: Path) -> None:
-    daemon.ctr("snapshots", "--snapshotter", snapshotter, "view", key, parent)
+    # One call creates the view and prints its mounts: containerd's garbage collector
+    # may drop an unleased view at any moment, but not the layers a mount holds.
+    mounts = json.loads(daemon.ctr("snapshots", "--snapshotter", snapshotter, "view",
+                                   "--mounts", key, parent).stdout)
     target.mkdir(parents=True)
-    # `ctr snapshots mounts` prints the mount(8) commands for the target.
-    commands = daemon.ctr("snapshots", "--snapshotter", snapshotter, "mounts", str(target),
-                          key).stdout
-    subprocess.run(["sh", "-e", "-c", commands], check=True)
+    for mount in mounts:  # containerd's mount.Mount, as Go encodes it
+        options = ",".join(mount.get("Options") or [])
+        subprocess.run(["mount", "-t", mount["Type"], "-o", options, mount["Source"],
+                        str(target)], check=True)
 
 
 def implicit_dirs(images, registry) -> set[str]:
