@@ -34,6 +34,8 @@ class Config:
     background_bytes_per_second: float = 0.0  # 0: no cap
     # Background fetch starts once no container has missed a chunk for this long.
     background_quiet_seconds: float = 3.0
+    # A miss on a small file also fetches the files after it in the blob, up to this.
+    small_file_window_bytes: int = 512 << 10
     # Access profiles (ROOT/profiles): files read in this long after a container
     # starts on freshly mounted lazy layers, at most this many per image. 0: off.
     profile_window_seconds: float = 60.0

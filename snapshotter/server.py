@@ -63,6 +63,7 @@ async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
                       concurrency=config.fetch_concurrency, background=config.background_fetch,
                       background_bytes_per_second=config.background_bytes_per_second,
                       background_quiet_seconds=config.background_quiet_seconds,
+                      small_file_window_bytes=config.small_file_window_bytes,
                       profiles=profiles)
     await lazy.start()
     return lazy, client

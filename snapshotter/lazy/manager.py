@@ -95,6 +95,7 @@ class LazyLayers:
                  concurrency: int = 8, background: bool = True,
                  background_bytes_per_second: float | None = None,
                  background_quiet_seconds: float = 3.0,
+                 small_file_window_bytes: int = 512 << 10,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
         self.mountpoint = mountpoint
@@ -104,6 +105,7 @@ class LazyLayers:
         self.background = background
         self.background_rate = background_bytes_per_second or None
         self.background_quiet_seconds = background_quiet_seconds
+        self.small_file_window_bytes = small_file_window_bytes
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
         self._prefetching = 0
@@ -129,7 +131,8 @@ class LazyLayers:
             return await self.client.fetch_range(reference, record.digest, offset, length)
 
         fetcher = LayerFetcher(layer, read_range, self.cache, concurrency=self.concurrency,
-                               background_bytes_per_second=self.background_rate)
+                               background_bytes_per_second=self.background_rate,
+                               window_bytes=self.small_file_window_bytes)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
