@@ -21,6 +21,7 @@ from kubernetes_validate.utils import all_versions
 from cli.main import build_parser
 from oci.docker_config import CredentialStore
 from snapshotter.config import Config, load_config, metrics_host_port
+from snapshotter.warm.spec import read_dir
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -347,6 +348,55 @@ def test_pull_secret_mount_is_the_config_docker_config(tmp_path: Path) -> None:
     path.write_text(example["stringData"][".dockerconfigjson"])
     assert CredentialStore(str(path)).get("registry.example.com") is None
     assert CredentialStore(str(tmp_path / "absent")).get("registry.example.com") is None
+
+
+def _warm_set_files() -> tuple[dict[str, Any], dict[str, str]]:
+    """The warm_set_dir mount and the files the pod sees in it (from the ConfigMap)."""
+    mount = mount_at("/etc/lazypull/warm.d")
+    source = volume(mount["name"]).get("configMap")
+    assert source is not None, "warm_set_dir comes from a ConfigMap"
+    data = find(built_base(), "ConfigMap", source["name"]).get("data", {})
+    files = {item["path"]: data[item["key"]] for item in source["items"]} \
+        if source.get("items") else dict(data)
+    return mount, files
+
+
+def test_warm_set_dir_is_the_mounted_configmap(tmp_path: Path) -> None:
+    config = effective_config(tmp_path)
+    assert config.warm_set_dir == "/etc/lazypull/warm.d"
+    mount, files = _warm_set_files()
+    assert mount["mountPath"] == config.warm_set_dir
+    # A whole directory (no subPath), so ConfigMap updates reach the running pod.
+    assert "subPath" not in mount and mount.get("readOnly")
+    assert "workspaces.toml" in files
+    # The warm set pulls through the host's containerd, whose directory is mounted.
+    assert os.path.dirname(config.containerd_address) == "/run/containerd"
+    host_path_mount("/run/containerd")
+    # Not shadowed by (nor shadowing) the config file's own mount.
+    assert not config.warm_set_dir.startswith(
+        build_parser().parse_args(command_line()[1:]).config + "/")
+
+
+def test_warm_set_example_parses_with_the_services_loader(tmp_path: Path) -> None:
+    _, files = _warm_set_files()
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name, text in files.items():
+        (shipped / name).write_text(text)
+    # As shipped the base warms nothing, and every file is one the service reads.
+    assert read_dir(str(shipped)) == ([], [])
+    # The commented-out example, uncommented, is a valid warm set.
+    example = tmp_path / "example"
+    example.mkdir()
+    text = "\n".join(line.split("# ", 1)[1] if line.lstrip().startswith("# ") else
+                     line.lstrip().removeprefix("#")
+                     for line in files["workspaces.toml"].splitlines())
+    (example / "workspaces.toml").write_text(text + "\n")
+    specs, errors = read_dir(str(example))
+    assert errors == [], errors
+    assert [(s.policy, s.namespace, s.block_readiness) for s in specs] == \
+        [("prefetch", "k8s.io", True), ("full", "k8s.io", False)]
+    assert specs[1].refresh_seconds == 3600
 
 
 def test_daemonset_runs_privileged_and_survives_updates() -> None:

@@ -19,8 +19,9 @@ from snapshotter.config import ConfigError, load_config
 from snapshotter.warm.spec import WarmSpecError, merge, parse_entries, read_dir
 
 from .fixtures.containerd import start_containerd, stop_containerd
-from .images import File, build_layout_image, push_layout_image
-from .test_lazy_pull import lazypull
+from .fixtures.registry import Fault
+from .images import File, Symlink, build_layout_image, push_layout_image
+from .test_lazy_pull import blob_bytes, lazypull
 from .test_snapshotter_containerd import proxy_config
 
 HOT = "/etc/hot.txt\n"
@@ -311,3 +312,110 @@ def test_failures_retry_and_readiness_follows_block_readiness() -> None:
             await warm.close()
 
     asyncio.run(scenario())
+
+
+# -- registry down at boot, zero-traffic workloads, re-warm after eviction -------------------
+
+RUN_HOT = "/bin/busybox\n/bin/sh\n/etc/hot.txt\n"
+
+
+@pytest.fixture(scope="module")
+def runnable(registry, tmp_path_factory):
+    """A converted image with a shell whose hot files (busybox, /etc/hot.txt) are in its
+    prioritized region, and a cold layer that a workload reading hot files never needs."""
+    layers = [{"bin/busybox": File(Path("/bin/busybox").read_bytes(), 0o755),
+               "bin/sh": Symlink("busybox"), "etc/hot.txt": b"hot runnable\n"},
+              {"data/cold.bin": os.urandom(4 << 20), "etc/cold.txt": b"cold\n"}]
+    image = build_layout_image(tmp_path_factory.mktemp("run") / "l", "v1", layers,
+                               cmd=["/bin/sh"])
+    plain = push_layout_image(image.layout, "v1", registry.host, "ws/warm-run")
+    hot = tmp_path_factory.mktemp("hot") / "hot.txt"
+    hot.write_text(RUN_HOT)
+    done = lazypull("convert", plain, f"docker://{registry.host}/ws/warm-run:v1-esgz",
+                    "--no-cache", "--json", "--prefetch-list", str(hot))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    return {"repo": "ws/warm-run:v1-esgz",
+            "layers": {layer["digest"] for layer in report["manifests"][0]["layers"]}}
+
+
+def _down(proxy) -> list[Fault]:
+    """Every request the proxy gets is refused with a 503 until the faults are removed."""
+    return [proxy.add(Fault(method, ".", status=503, body=b"registry down", times=10**9))
+            for method in ("GET", "HEAD")]
+
+
+def _blob_requests(proxy, digests: set[str]) -> int:
+    return sum(1 for r in proxy.requests(None, r"/blobs/sha256:")
+               if r.path.rsplit("/", 1)[-1].split("?")[0] in digests)
+
+
+def test_registry_down_at_boot_then_zero_traffic_and_rewarm(
+        snapshotter_factory, registry, fault_proxy_factory, runnable,
+        tmp_path_factory) -> None:
+    proxy = fault_proxy_factory(registry.host)
+    faults = _down(proxy)
+    ref = f"{proxy.host}/{runnable['repo']}"
+    ctrd_base = tmp_path_factory.mktemp("ctrd")
+    config = tmp_path_factory.mktemp("cfg") / "config.toml"
+    config.write_text(
+        "background_fetch = false\n"
+        f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
+        f'containerd_address = "{ctrd_base / "c.sock"}"\n'
+        f'[[warm_set]]\nref = "{ref}"\n')
+    service = snapshotter_factory(None, True, None, "--config", str(config))
+    daemon = start_containerd(ctrd_base, proxy_config(service.address))
+    try:
+        port = service.metrics_port
+        # 1. The registry refuses everything: failed with a reason, retried, not ready.
+        deadline = time.monotonic() + 60
+        image = _warm(port, "status")["images"][0]
+        while image["state"] != "failed" or image["failures"] < 2:
+            assert time.monotonic() < deadline, image
+            time.sleep(0.3)
+            image = _warm(port, "status")["images"][0]
+        assert image["reason"] and "resolve" in image["reason"], image
+        assert _http(port, "/readyz")[0] == 503
+        seen = len(proxy.requests())
+        time.sleep(3)  # backoff: the service keeps asking
+        assert len(proxy.requests()) > seen
+        assert _warm(port, "status")["images"][0]["state"] in ("failed", "pending",
+                                                               "warming")
+        # The registry comes back: ready without a restart.
+        for fault in faults:
+            fault.times = 0
+        _wait_ready(port, 120)
+        [image] = _warm(port, "status")["images"]
+        assert image["state"] == "warm" and not image["reason"], image
+        assert 0 < image["bytes_cached"] < image["bytes_total"], image
+        assert service.process.poll() is None
+
+        # 2. A workload reading the hot files costs no registry traffic.
+        before = _blob_requests(proxy, runnable["layers"])
+        assert before > 0
+        run = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "warmrun",
+                         "/bin/sh", "-c", "cat /etc/hot.txt", namespace="k8s.io")
+        assert run.stdout == "hot runnable\n", run.stderr
+        assert _blob_requests(proxy, runnable["layers"]) == before
+        assert blob_bytes(proxy, runnable["layers"]) < 1 << 40  # ranges only
+
+        # 3. The cached chunks are evicted (the cache directory emptied while the
+        # service is down): after a restart and a forced refresh the image is warmed
+        # again, fetching the chunks from the registry again.
+        chunks = service.root / "cache" / "sha256"
+        service.stop()
+        removed = 0
+        for path in chunks.rglob("*"):
+            if path.is_file():
+                path.unlink()
+                removed += 1
+        assert removed > 0
+        service.start()
+        _wait_ready(port, 120)
+        [image] = _warm(port, "refresh", ref)["images"]  # forced: still complete
+        assert image["state"] == "warm", image
+        assert 0 < image["bytes_cached"] < image["bytes_total"], image
+        assert _blob_requests(proxy, runnable["layers"]) > before
+        assert sum(1 for p in chunks.rglob("*") if p.is_file()) > 0
+    finally:
+        stop_containerd(daemon)
