@@ -369,14 +369,21 @@ class WarmSet:
                 log.info("warm set: %s moved from %s to %s", spec.ref, entry.warm_digest,
                          plan.top.digest)
             self._set_state(entry, WARMING)
+            new_owner = f"warm:{spec.key}@{plan.top.digest}"
             try:
                 await containerd.version()  # says clearly when containerd is not there
                 await puller.pull(spec.ref)
+                if self.cache is not None:
+                    # Protected before they are fetched: a full cache would otherwise
+                    # evict them again before the check below sees them.
+                    self.cache.protect(self._protected_digests(entry, plan), new_owner)
                 await self._fetch(entry, plan)
                 missing = await self._missing(entry, plan, containerd)
             except Exception as exc:
+                self._release_unless_current(entry, new_owner)
                 return await self._refresh_failed(entry, containerd, _why(exc))
             if missing:
+                self._release_unless_current(entry, new_owner)
                 return await self._refresh_failed(entry, containerd,
                                                   f"not warm after warming: {missing}")
             old_owner = entry.owner if entry.warm_digest else None
@@ -388,6 +395,10 @@ class WarmSet:
                 if old_owner is not None and old_owner != entry.owner:
                     self.cache.release(old_owner)  # other owners keep shared chunks
             return self._warm(entry)
+
+    def _release_unless_current(self, entry: WarmImage, owner: str) -> None:
+        if self.cache is not None and owner != entry.owner:
+            self.cache.release(owner)
 
     async def _refresh_failed(self, entry: WarmImage, containerd: ContainerdClient,
                               reason: str) -> bool:
