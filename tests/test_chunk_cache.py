@@ -296,3 +296,15 @@ def test_metrics_count_hits_by_tier_misses_and_evictions(tmp_path):
     assert sample("lazypull_chunk_cache_misses_total") == before["misses"] + 1
     assert sample("lazypull_chunk_cache_evictions_total") == before["evictions"] + 1
     assert sample("lazypull_chunk_cache_bytes") == before["bytes"] + cache.size_bytes
+
+
+def test_on_disk_notices_files_removed_behind_its_back(tmp_path):
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 20)
+    data = b"chunk bytes" * 100
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache.put(digest, data)
+    assert cache.on_disk(digest) and digest in cache
+    os.unlink(cache.path_of(digest))
+    assert digest in cache  # the index alone still believes it
+    assert not cache.on_disk(digest)
+    assert digest not in cache and cache.size_bytes == 0

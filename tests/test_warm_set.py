@@ -417,5 +417,16 @@ def test_registry_down_at_boot_then_zero_traffic_and_rewarm(
         assert 0 < image["bytes_cached"] < image["bytes_total"], image
         assert _blob_requests(proxy, runnable["layers"]) > before
         assert sum(1 for p in chunks.rglob("*") if p.is_file()) > 0
+
+        # 4. Chunk files removed behind the running service's back: a forced refresh
+        # notices and warms the image again.
+        before = _blob_requests(proxy, runnable["layers"])
+        for path in chunks.rglob("*"):
+            if path.is_file():
+                path.unlink()
+        [image] = _warm(port, "refresh", ref)["images"]
+        assert image["state"] == "warm", (image, service.log[-3000:])
+        assert _blob_requests(proxy, runnable["layers"]) > before
+        assert sum(1 for p in chunks.rglob("*") if p.is_file()) > 0
     finally:
         stop_containerd(daemon)

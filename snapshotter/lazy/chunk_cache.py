@@ -142,6 +142,21 @@ class ChunkCache:
         with self._lock:
             return digest in self._disk
 
+    def on_disk(self, digest: str) -> bool:
+        """Whether the chunk's file is really there. The index alone goes stale when
+        files are removed behind the cache's back (disk cleaners, an operator); a file
+        found gone is forgotten."""
+        with self._lock:
+            entry = self._disk.get(digest)
+        if entry is None:
+            return False
+        if os.path.exists(self.path_of(digest)):
+            return True
+        with self._lock:
+            if self._disk.get(digest) is entry:
+                self._forget(digest)
+        return False
+
     def path_of(self, digest: str) -> str:
         """Where the chunk's file is (or would be)."""
         hex_digest = _hex_of(digest)

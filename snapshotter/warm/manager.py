@@ -458,14 +458,18 @@ class WarmSet:
         if self.cache is None:
             return ""
         mounted = self._mounted()
+        incomplete = ""
         for digest, _ in layers:
             spans = self._layer_spans(digest, mounted)
             if spans is None:
                 continue
-            for span in self._wanted(entry, spans):
-                if not all(d in self.cache for d in span.digests):
-                    return f"chunks of layer {digest} are not cached"
-        return ""
+            # Every chunk is looked at (no early return): on_disk also drops index
+            # entries whose files are gone, so the fetch that follows gets them again.
+            present = [self.cache.on_disk(d) for span in self._wanted(entry, spans)
+                       for d in span.digests]
+            if not all(present) and not incomplete:
+                incomplete = f"chunks of layer {digest} are not cached"
+        return incomplete
 
     def _protected_digests(self, entry: WarmImage, plan: PullPlan) -> list[str]:
         mounted = self._mounted()
