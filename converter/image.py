@@ -24,6 +24,7 @@ from typing import Any
 import estargz
 from estargz import BuildOptions, Compression
 from oci import mediatypes as mt
+from oci.digest import sha256_of
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.store import ImageStore
 
@@ -243,8 +244,8 @@ class ImageConverter:
         rootfs["diff_ids"] = [diff_id for _, _, diff_id in results]
         config_bytes = json.dumps(config, separators=(",", ":")).encode()
         config_type = mt.OCI_CONFIG if to_oci else manifest.config.media_type
-        config_desc = Descriptor(config_type, "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
-                                 len(config_bytes), annotations=dict(manifest.config.annotations))
+        config_desc = Descriptor(config_type, sha256_of(config_bytes), len(config_bytes),
+                                 annotations=dict(manifest.config.annotations))
         await self._push_bytes(config_desc, config_bytes)
         manifest_type = mt.OCI_MANIFEST if to_oci else manifest.media_type
         new_manifest = Manifest(manifest_type, config_desc, [d for d, _, _ in results],

@@ -11,11 +11,11 @@
 """
 
 import base64
-import hashlib
 import secrets
 import time
 from collections.abc import Sequence
 
+from oci.digest import sha256_of
 from oci.reference import Reference
 
 # containerd's label size limit: key and value together (labels.Validate).
@@ -50,8 +50,7 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
         if not out:
             out.append(diff_id)
         else:
-            text = f"{out[-1]} {diff_id}".encode()
-            out.append("sha256:" + hashlib.sha256(text).hexdigest())
+            out.append(sha256_of(f"{out[-1]} {diff_id}".encode()))
     return out
 
 
