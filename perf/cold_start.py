@@ -920,51 +920,78 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def machine_problem(benchmark: str) -> str | None:
+    """Why this machine cannot run a shaped-link benchmark, or None."""
     if os.geteuid() != 0:
-        print("cold-start needs root (namespaces, tc, mounts, drop_caches)", file=sys.stderr)
-        return 1
+        return f"{benchmark} needs root (namespaces, tc, mounts, drop_caches)"
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        print(f"missing tools: {', '.join(missing)} (apt-get install them)", file=sys.stderr)
-        return 1
-    source = args.prefetch_source
+        return f"missing tools: {', '.join(missing)} (apt-get install them)"
+    return None
+
+
+def prefetch_source(choice: str) -> str:
+    source = choice
     if source == "auto":
         source = "profile" if profile_export_available() else "strace"
     log(f"prefetch files from: {source}")
+    return source
+
+
+@contextlib.contextmanager
+def shaped_registry(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
+    """The registry in its namespace behind the path (not shaped yet: see ShapedPath.shape),
+    its hosts.toml and the service's base config (hosts_dir + --service-option lines).
+    Everything is stopped and deleted on the way out."""
+    path = ShapedPath(args.rate, args.delay_ms, workdir)
+    path.open()
+    registry = None
+    try:
+        registry = start_registry_in_namespace(workdir / "registry", path.registry_address)
+        hosts_dir = workdir / "hosts"
+        write_hosts(hosts_dir, registry.host)
+        service_config = workdir / "service.toml"
+        service_config.write_text(f'hosts_dir = "{hosts_dir}"\n'
+                                  + "".join(f"{line}\n" for line in args.service_option))
+        yield Setup(args, workdir, path, registry, hosts_dir, service_config)
+    finally:
+        if registry is not None:
+            registry.stop()
+        path.close()
+        remove_cgroups()
+
+
+def network_method(args: argparse.Namespace) -> dict[str, object]:
+    return {"rate": args.rate, "one_way_delay_ms": args.delay_ms,
+            "how": "registry in its own netns; veth pairs through a netns that "
+                   "holds every frame (AF_PACKET, PACKET_VNET_HDR) for the delay; "
+                   "tbf at the rate on both sides (burst 128kb, latency "
+                   f"{max(20.0, 2 * args.delay_ms):g}ms)"}
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    problem = machine_problem("cold-start")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    source = prefetch_source(args.prefetch_source)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lazypull-perf-cold-", dir=args.tmpdir) as tmp:
-        workdir = Path(tmp)
-        path = ShapedPath(args.rate, args.delay_ms, workdir)
-        path.open()
-        registry = None
-        try:
-            registry = start_registry_in_namespace(workdir / "registry", path.registry_address)
-            hosts_dir = workdir / "hosts"
-            write_hosts(hosts_dir, registry.host)
-            service_config = workdir / "service.toml"
-            service_config.write_text(f'hosts_dir = "{hosts_dir}"\n'
-                                      + "".join(f"{line}\n" for line in args.service_option))
-            setup = Setup(args, workdir, path, registry, hosts_dir, service_config)
-            service_config_text = service_config.read_text()
-            service_config.with_name("service-nobg.toml").write_text(
-                service_config_text + "background_fetch = false\n")
-            prepare(setup, args.image_names, args.bigfile_mib * MIB, source)
-            setup_s = time.monotonic() - started
-            log(f"set-up done in {setup_s:.0f} s; shaping the link: {args.rate}, "
-                f"{args.delay_ms:g} ms one way")
-            path.shape()
-            samples = measure_cold(setup, args.image_names, args.variant_names, args.repeat)
-            throughput = None
-            if args.bigfile_mib:
-                log("warm read throughput (link unshaped) ...")
-                throughput = measure_throughput(setup, args.warm_reads)
-        finally:
-            if registry is not None:
-                registry.stop()
-            path.close()
-            remove_cgroups()
+    with tempfile.TemporaryDirectory(prefix="lazypull-perf-cold-", dir=args.tmpdir) as tmp, \
+            shaped_registry(args, Path(tmp)) as setup:
+        service_config_text = setup.service_config.read_text()
+        setup.service_config.with_name("service-nobg.toml").write_text(
+            service_config_text + "background_fetch = false\n")
+        prepare(setup, args.image_names, args.bigfile_mib * MIB, source)
+        setup_s = time.monotonic() - started
+        log(f"set-up done in {setup_s:.0f} s; shaping the link: {args.rate}, "
+            f"{args.delay_ms:g} ms one way")
+        setup.path.shape()
+        samples = measure_cold(setup, args.image_names, args.variant_names, args.repeat)
+        throughput = None
+        if args.bigfile_mib:
+            log("warm read throughput (link unshaped) ...")
+            throughput = measure_throughput(setup, args.warm_reads)
     summary = summarize(samples)
     data = {
         "benchmark": "cold-start",
@@ -972,11 +999,7 @@ def main(argv: list[str]) -> int:
         "environment": environment(),
         "method": {
             "repeat": args.repeat,
-            "network": {"rate": args.rate, "one_way_delay_ms": args.delay_ms,
-                        "how": "registry in its own netns; veth pairs through a netns that "
-                               "holds every frame (AF_PACKET, PACKET_VNET_HDR) for the delay; "
-                               "tbf at the rate on both sides (burst 128kb, latency "
-                               f"{max(20.0, 2 * args.delay_ms):g}ms)"},
+            "network": network_method(args),
             "per_run": "fresh containerd root/state (and snapshotter service root, chunk "
                        "cache) per sample; sync + drop_caches before the timed pull",
             "timing": "from the start of the pull command to the READY line on ctr run's "
