@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "convert-e2e": Benchmark("perf.convert_e2e", "lazypull convert via registries vs skopeo copy"),
     "snapshotter": Benchmark("perf.snapshotter_bench", "lazypull snapshotter vs native overlayfs"),
     "cold-start": Benchmark("perf.cold_start", "pull + run to READY, 100 Mbit/20 ms: lazy vs full"),
+    "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
 }
 DEFAULT = "convert"
 
