@@ -40,7 +40,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from perf.convert_throughput import _first_line, _row, environment
+from perf import convert_throughput
+from perf.convert_throughput import Timing, _first_line, _row, environment, timing
 from perf.images import BuiltImage, LayerSpec, build_image, default_layer_specs, python_stdlib
 from tests.fixtures.registry import RegistryServer, start_registry
 from tests.images import push_layout_image
@@ -82,25 +83,17 @@ class Pushed:
 
 
 @dataclass
-class Samples:
-    wall_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)
-    output_bytes: set[int] = field(default_factory=set)
+class Samples(convert_throughput.Samples):
+    """convert_throughput's samples (output_bytes: of the layers), plus what else each
+    run left in the destination registry."""
+
     total_output_bytes: set[int] = field(default_factory=set)
-    digests: set[str] = field(default_factory=set)
     layer_types: set[str] = field(default_factory=set)
     missing_hot_files: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
-class Summary:
-    name: str
-    label: str
-    baseline: bool
-    median_s: float
-    min_s: float
-    max_s: float
-    median_cpu_s: float
+class Summary(Timing):
     mb_per_s_compressed: float  # of the source image's gzip layers
     mb_per_s_uncompressed: float  # of its layer tars
     output_layer_bytes: int
@@ -328,13 +321,7 @@ def summarize(found: list[Variant], samples: dict[str, Samples],
         s, median = samples[v.name], medians[v.name]
         summaries.append(
             Summary(
-                name=v.name,
-                label=v.label,
-                baseline=v.baseline,
-                median_s=median,
-                min_s=min(s.wall_s),
-                max_s=max(s.wall_s),
-                median_cpu_s=statistics.median(s.cpu_s),
+                **timing(v.name, v.label, v.baseline, s),
                 mb_per_s_compressed=image.compressed_bytes / MB / median,
                 mb_per_s_uncompressed=image.uncompressed_bytes / MB / median,
                 output_layer_bytes=max(s.output_bytes),  # one value unless nondeterministic

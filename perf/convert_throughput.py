@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -55,7 +56,10 @@ class Samples:
 
 
 @dataclass(frozen=True)
-class Summary:
+class Timing:
+    """The head of a variant's summary, shared by the conversion benchmarks; subclasses
+    add their own figures after it (and end with wall_s, as their JSON always has)."""
+
     name: str
     label: str
     baseline: bool
@@ -63,6 +67,23 @@ class Summary:
     min_s: float
     max_s: float
     median_cpu_s: float
+
+
+def timing(name: str, label: str, baseline: bool, samples: Samples) -> dict[str, Any]:
+    """Timing's fields from a variant's samples, to pass on to a summary's constructor."""
+    return {
+        "name": name,
+        "label": label,
+        "baseline": baseline,
+        "median_s": statistics.median(samples.wall_s),
+        "min_s": min(samples.wall_s),
+        "max_s": max(samples.wall_s),
+        "median_cpu_s": statistics.median(samples.cpu_s),
+    }
+
+
+@dataclass(frozen=True)
+class Summary(Timing):
     mb_per_s: float
     output_bytes: int
     compression_ratio: float
@@ -170,13 +191,7 @@ def summarize(found: list[Variant], samples: dict[str, Samples], input_bytes: in
         vs = {} if v.baseline else {b: medians[b] / median for b in baselines}
         summaries.append(
             Summary(
-                name=v.name,
-                label=v.label,
-                baseline=v.baseline,
-                median_s=median,
-                min_s=min(s.wall_s),
-                max_s=max(s.wall_s),
-                median_cpu_s=statistics.median(s.cpu_s),
+                **timing(v.name, v.label, v.baseline, s),
                 mb_per_s=input_bytes / MB / median,
                 output_bytes=size,
                 compression_ratio=input_bytes / size,
