@@ -36,6 +36,7 @@ reported; nothing is asserted. Everything started is stopped by PID at the end.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -395,6 +396,7 @@ def main(argv: list[str]) -> int:
         return 1
     source = prefetch_source(args.prefetch_source)
     started = time.monotonic()
+    load_before = os.getloadavg()  # other work on the machine shows up in the figures
     with tempfile.TemporaryDirectory(prefix="lazypull-perf-warm-", dir=args.tmpdir) as tmp, \
             shaped_registry(args, Path(tmp)) as setup:
         prepare(setup, [args.image], 0, source)
@@ -433,6 +435,7 @@ def main(argv: list[str]) -> int:
                        "(plus containerd_address and warm_set) at their defaults",
             "wire_bytes": "tbf 'Sent' counter on the registry side's veth (frames)",
             "setup_seconds": round(setup_s, 1),
+            "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         },
         "image": image.to_json(),
         "conversions": setup.conversions,
