@@ -157,27 +157,47 @@ def _parse_config(path: str, raw: bytes) -> _ParsedConfig:
     )
 
 
+_Stamp = tuple[str, int, int, int, int]
+
+
+def _file_stamp(path: str) -> _Stamp:
+    """What identifies the file `path` leads to now: where its symlinks lead, its
+    inode, mtime and size. A Kubernetes Secret volume swaps a `..data` symlink to a
+    new directory, and the replacement can have the old file's size and, with
+    coarse file timestamps, its mtime: the target path and inode still differ."""
+    stat = os.stat(path)
+    return (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 class CredentialStore:
-    """Credentials from a Docker config file, reloaded when the file changes."""
+    """Credentials from a Docker config file, reloaded when the file changes (also when
+    it is a symlink that now leads elsewhere, as in a Kubernetes Secret volume)."""
 
     def __init__(self, config_path: str | None = None):
         self.path = config_path or default_config_path()
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: _Stamp | None = None
         self._config = _ParsedConfig({}, {}, "")
         self._helper_cache: dict[str, tuple[float, Credentials | None]] = {}
 
+    def _forget(self) -> _ParsedConfig:
+        self._stamp, self._config = None, _ParsedConfig({}, {}, "")
+        self._helper_cache.clear()
+        return self._config
+
     def _reload_if_changed(self) -> _ParsedConfig:
         try:
-            stat = os.stat(self.path)
+            stamp = _file_stamp(self.path)
         except FileNotFoundError:
-            self._stamp, self._config = None, _ParsedConfig({}, {}, "")
-            self._helper_cache.clear()
-            return self._config
-        stamp = (stat.st_mtime_ns, stat.st_size)
+            return self._forget()
         if stamp != self._stamp:
-            with open(self.path, "rb") as f:
-                self._config = _parse_config(self.path, f.read())
+            # The stamp is taken before the read: a change in between only means
+            # one more reload, never a stale config kept.
+            try:
+                with open(self.path, "rb") as f:
+                    self._config = _parse_config(self.path, f.read())
+            except FileNotFoundError:
+                return self._forget()
             self._stamp = stamp
             self._helper_cache.clear()
             log.debug("loaded Docker config %s", self.path)
