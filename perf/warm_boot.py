@@ -37,6 +37,7 @@ reported; nothing is asserted. Everything started is stopped by PID at the end.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perf import cold_start
 from perf.cold_start import (
     MB,
     NAMESPACE,
@@ -68,7 +70,6 @@ from perf.cold_start import (
     run_to_ready,
     schedule,
     shaped_registry,
-    stop_node,
 )
 from perf.workspace_images import DEFAULT_CACHE, SPECS, WorkspaceImage
 from tests.fixtures.containerd import start_containerd
@@ -81,6 +82,7 @@ WARM_TAG = "v1-esgz-prefetch"
 VARIANTS = ("warm-boot", "full-pull")
 READY_POLL_SECONDS = 0.05
 READY_TIMEOUT = 900.0
+FAILURES_METRIC = "lazypull_warm_refresh_failures_total"
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Samples:
     counters_at_ready: list[dict[str, float]] = field(default_factory=list)
     counters_first_start: list[dict[str, float]] = field(default_factory=list)
     warm_status: list[dict] = field(default_factory=list)
+    failed_attempts: list[int] = field(default_factory=list)  # before /readyz said 200
+    warnings: list[list[str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -132,6 +136,18 @@ def warm_status(service: SnapshotterProcess) -> dict:
     assert service.metrics_port is not None
     status, body = _get(service.metrics_port, "/warm")
     return json.loads(body) if status == 200 else {"http_status": status}
+
+
+def failed_attempts(service: SnapshotterProcess) -> tuple[int, list[str]]:
+    """Warm attempts that failed so far (the service's counter), and the warm set's
+    warnings in its log, which say why."""
+    assert service.metrics_port is not None
+    _, body = _get(service.metrics_port, "/metrics")
+    count = sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                if line.startswith(FAILURES_METRIC + "{"))
+    warnings = [line[:400] for line in service.log.splitlines()
+                if " WARNING snapshotter.warm" in line]
+    return int(count), warnings
 
 
 # -- samples ----------------------------------------------------------------------------
@@ -175,6 +191,7 @@ def warm_boot_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
         wire = setup.path.bytes_to_host() - wire0
         at_ready = {k: v for k, v in fetch_metrics(node).items() if v}
         status = warm_status(service)
+        failures, warnings = failed_attempts(service)
         drop_caches()
         wire1 = setup.path.bytes_to_host()
         first, _, _ = run_to_ready(node, ref, f"wb{setup.seq}", image.command, "lazypull",
@@ -188,10 +205,13 @@ def warm_boot_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
         s.wire_bytes.append(wire)
         s.counters_at_ready.append(at_ready)
         s.warm_status.append(status)
+        s.failed_attempts.append(failures)
+        s.warnings.append(warnings)
         s.first_start_s.append(first)
         s.first_start_wire_bytes.append(first_wire)
         s.counters_first_start.append(during)
-        return (f"/readyz {boot:6.2f} s ({wire / MB:5.1f} MB; {fetch_summary(at_ready)}); "
+        return (f"/readyz {boot:6.2f} s ({wire / MB:5.1f} MB; {fetch_summary(at_ready)}; "
+                f"{failures} failed attempt(s)); "
                 f"first start {first:5.2f} s ({first_wire / MB:.1f} MB; "
                 f"{fetch_summary(during) or 'nothing fetched'})")
     except Exception as exc:
@@ -201,7 +221,7 @@ def warm_boot_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
     finally:
         if service.process is None:  # never spawned: nothing of it to stop
             node.service = None
-        stop_node(node)
+        stop_node(node, setup.args.logs)
 
 
 def full_pull_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
@@ -229,7 +249,22 @@ def full_pull_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
         s.errors.append(f"{exc}\n-- containerd log tail --\n{daemon.log[-2000:]}")
         return f"FAILED: {str(exc).splitlines()[0][:200]}"
     finally:
-        stop_node(node)
+        stop_node(node, setup.args.logs)
+
+
+def stop_node(node: Node, logs: Path | None) -> None:
+    """cold-start's stop_node, keeping the node's logs in `logs` first if asked to."""
+    try:
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            sources = {"containerd": node.daemon.base / "containerd.log"}
+            if node.service is not None:
+                sources["service"] = node.service.log_path
+            for name, source in sources.items():
+                if source.exists():
+                    shutil.copyfile(source, logs / f"{node.base.name}-{name}.log")
+    finally:
+        cold_start.stop_node(node)
 
 
 def measure(setup: Setup, image: WorkspaceImage, repeat: int) -> dict[str, Samples]:
@@ -266,6 +301,7 @@ def summarize(samples: dict[str, Samples]) -> dict[str, object]:
         "warm_boot_wire_bytes": _stats([float(b) for b in warm.wire_bytes]),
         "full_pull_wire_bytes": _stats([float(b) for b in full.wire_bytes]),
         "first_start_warmed_wire_bytes": _stats([float(b) for b in warm.first_start_wire_bytes]),
+        "failed_warm_attempts_before_ready": _stats([float(n) for n in warm.failed_attempts]),
         "boot_plus_first_start_s": _stats([a + b for a, b in zip(warm.boot_s,
                                                                   warm.first_start_s,
                                                                   strict=True)]),
@@ -293,7 +329,10 @@ def summarize(samples: dict[str, Samples]) -> dict[str, object]:
                           "first_start_wire_bytes": warm.first_start_wire_bytes,
                           "service_counters_at_ready": warm.counters_at_ready,
                           "service_counters_during_first_start": warm.counters_first_start,
-                          "warm_status_at_ready": warm.warm_status, "errors": warm.errors},
+                          "warm_status_at_ready": warm.warm_status,
+                          "failed_warm_attempts_before_ready": warm.failed_attempts,
+                          "warm_set_warnings_before_ready": warm.warnings,
+                          "errors": warm.errors},
             "full-pull": {"pull_s": full.pull_s, "first_start_s": full.first_start_s,
                           "wire_bytes": full.wire_bytes, "errors": full.errors},
         },
@@ -331,6 +370,8 @@ def table(summary: dict) -> str:
         f"{_f(ratios['first_start_warmed_over_local'], '.2f')}",
         f"wire bytes, warm boot / full pull:     "
         f"{_f(ratios['warm_boot_wire_over_full_pull_wire'], '.3f')}",
+        f"failed warm attempts before /readyz 200 (median): "
+        f"{_f(med['failed_warm_attempts_before_ready']['median'], 'g')}",
     ])
 
 
@@ -380,6 +421,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tmpdir", type=Path, default=None,
                         help="where registries and nodes keep their state (default: the "
                              "system temp dir)")
+    parser.add_argument("--logs", type=Path, default=None, metavar="DIR",
+                        help="keep each sample's service and containerd logs in DIR")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"JSON results (default: {DEFAULT_JSON})")
     args = parser.parse_args(argv)
