@@ -8,6 +8,7 @@ from estargz import FormatError
 from . import (
     convert_command,
     estargz_commands,
+    fuse_manager_command,
     profile_command,
     pull_command,
     snapshotter_command,
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_command.register(commands)
     estargz_commands.register(commands)
     snapshotter_command.register(commands)
+    fuse_manager_command.register(commands)
     pull_command.register(commands)
     profile_command.register(commands)
     warm_command.register(commands)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from snapshotter.config import LOG_LEVELS, ConfigError, load_config
+from snapshotter.config import FUSE_MANAGER_MODES, LOG_LEVELS, ConfigError, load_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,6 +19,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve /metrics, /healthz and /readyz here (default: off)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    p.add_argument("--fuse-manager", choices=FUSE_MANAGER_MODES,
+                   help="start the FUSE manager if none runs (spawn, the default), or wait "
+                        "for one started otherwise (external)")
     p.set_defaults(run=run)
 
 
@@ -26,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config).with_overrides(
             address=args.address, root=args.root, metrics_address=args.metrics_address,
-            log_level=args.log_level).validate()
+            log_level=args.log_level, fuse_manager=args.fuse_manager).validate()
     except ConfigError as exc:
         print(f"lazypull snapshotter: {exc}", file=sys.stderr)
         return 2
     from snapshotter.server import run as serve  # grpc loads only for the service
 
-    return serve(config)
+    return serve(config, args.config)

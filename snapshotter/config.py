@@ -9,6 +9,7 @@ from .warm.spec import WarmSpecError, parse_entries
 
 DEFAULT_CONFIG_PATH = "/etc/lazypull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+FUSE_MANAGER_MODES = ("spawn", "external")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,10 @@ class Config:
     log_level: str = "info"
     # Lazy layers: registries are reached as containerd would (hosts.toml, Docker config).
     lazy: bool = True
+    # The FUSE mount lives in a separate process (`lazypull fuse-manager`) so running
+    # containers survive a restart of this service. "spawn": start it when it is not
+    # running; "external": wait for one started otherwise (a second container, a unit).
+    fuse_manager: str = "spawn"
     hosts_dir: str = "/etc/containerd/certs.d"
     docker_config: str = ""  # empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json
     cache_max_bytes: int = 20 << 30
@@ -56,6 +61,8 @@ class Config:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not self.address or not self.root:
             raise ConfigError("address and root must not be empty")
+        if self.fuse_manager not in FUSE_MANAGER_MODES:
+            raise ConfigError(f"fuse_manager must be one of {', '.join(FUSE_MANAGER_MODES)}")
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
         for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency",
@@ -77,6 +84,14 @@ class Config:
     @property
     def fuse_mountpoint(self) -> str:
         return os.path.join(self.root, "fuse")
+
+    @property
+    def fuse_manager_address(self) -> str:
+        return os.path.join(self.root, "fuse-manager.sock")
+
+    @property
+    def fuse_manager_pidfile(self) -> str:
+        return os.path.join(self.root, "fuse-manager.pid")
 
     @property
     def cache_dir(self) -> str:

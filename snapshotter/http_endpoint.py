@@ -1,5 +1,8 @@
 """The service's HTTP endpoint: /metrics for Prometheus, /healthz and /readyz for probes,
-and whatever routes the service adds (the warm set's GET /warm and POST /warm/refresh)."""
+and whatever routes the service adds (the warm set's GET /warm and POST /warm/refresh).
+
+/metrics holds the service's own metrics and those of the FUSE manager, which keeps its
+in its own process: their names differ, so the two expositions are simply joined."""
 
 import asyncio
 import logging
@@ -20,10 +23,12 @@ Route = Callable[[str, str, str], Awaitable[tuple[int, str, bytes] | None]]
 
 class HttpEndpoint:
     def __init__(self, host: str, port: int, ready: Callable[[], tuple[bool, str]],
-                 routes: Route | None = None):
+                 routes: Route | None = None,
+                 more_metrics: Callable[[], Awaitable[str]] | None = None):
         self.host, self.port = host, port
         self.ready = ready
         self.routes = routes
+        self.more_metrics = more_metrics
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -36,9 +41,18 @@ class HttpEndpoint:
             self.server.close()
             await self.server.wait_closed()
 
-    def _respond(self, path: str) -> tuple[int, str, bytes]:
+    async def _metrics(self) -> bytes:
+        text = generate_latest(REGISTRY)
+        if self.more_metrics is not None:
+            try:
+                text += (await self.more_metrics()).encode()
+            except Exception as exc:  # the service's own metrics still count
+                log.warning("metrics of the FUSE manager: %s", exc)
+        return text
+
+    async def _respond(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+            return 200, CONTENT_TYPE_LATEST, await self._metrics()
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
@@ -67,7 +81,7 @@ class HttpEndpoint:
             answer = await self._route(method, path, query)
             if answer is None:
                 answer = (405, "text/plain", b"method not allowed\n") \
-                    if method not in ("GET", "HEAD") else self._respond(path)
+                    if method not in ("GET", "HEAD") else await self._respond(path)
             status, ctype, body = answer
             reason = _REASONS.get(status, "Unknown")
             writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"

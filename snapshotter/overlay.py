@@ -22,18 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import AlreadyExists, InvalidArgument, SnapshotError
+from .errors import AlreadyExists, InvalidArgument, NotFound, SnapshotError
 from .filters import parse_filters, snapshot_fields
-from .lazy.manager import (
-    LayerRecord,
-    LazyLayers,
-    is_lazy_snapshot_dir,
-    load_layer_files,
-    write_layer_files,
-)
-from .lazy.metrics import FALLBACKS
+from .fusemanager.client import FuseManagerClient
+from .lazy.manager import is_lazy_snapshot_dir, read_layer_record, write_layer_files
 from .lazy.remote import LayerSource, NotLazy, RemoteLayer, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
+from .metrics import FALLBACKS
 from .usage import disk_usage
 
 OpenRemote = Callable[[LayerSource], Awaitable[RemoteLayer]]
@@ -66,7 +61,7 @@ def _overlay_index_supported() -> bool:
 
 
 class OverlaySnapshotter:
-    def __init__(self, root: str, lazy: LazyLayers | None = None,
+    def __init__(self, root: str, lazy: FuseManagerClient | None = None,
                  open_remote: OpenRemote | None = None, prefetch_timeout: float = 60.0):
         self.lazy = lazy
         self.open_remote = open_remote
@@ -160,7 +155,16 @@ class OverlaySnapshotter:
             log.info("%s: unpacking %s the ordinary way: %s", key, source.layer_digest, exc)
             return
         snap = await self._run(self._create_lazy, source.target, parent, labels, remote)
-        self.lazy.mount(str(snap.id), LayerRecord.of(remote), remote.layer)
+        try:
+            await self.lazy.mount(str(snap.id), self._dir(snap.id))
+        except SnapshotError as exc:
+            # Not served, so not kept: containerd unpacks the layer into a new one.
+            FALLBACKS.labels(reason="fuse manager").inc()
+            log.warning("%s: cannot serve %s lazily, unpacking it the ordinary way: %s",
+                        key, source.layer_digest, exc)
+            with contextlib.suppress(NotFound):
+                await self.remove(source.target)
+            return
         log.info("%s: layer %s of %s mounted lazily as %s", key, source.layer_digest,
                  source.reference, source.target)
         raise AlreadyExists(f"target snapshot {source.target}: already exists (lazy layer)")
@@ -198,18 +202,27 @@ class OverlaySnapshotter:
         await self.lazy.wait_prefetched(names, self.prefetch_timeout)
 
     async def restore_lazy_layers(self) -> int:
-        """Serve again, from local state, every lazy layer committed before a restart."""
+        """Bring the FUSE manager's layers in line with the committed lazy snapshots:
+        serve the ones it does not (it restarted, or never served them), stop serving
+        the ones no snapshot names. Returns how many were mounted anew."""
         if self.lazy is None:
             return 0
-        restored = 0
+        wanted: dict[str, str] = {}
         for sid in sorted(await self._run(self.meta.ids)):
             directory = self._dir(sid)
-            if not is_lazy_snapshot_dir(directory):
-                continue
-            record, layer = await asyncio.to_thread(load_layer_files, directory)
-            self.lazy.mount(str(sid), record, layer, restored=True)
-            restored += 1
-        return restored
+            if is_lazy_snapshot_dir(directory):
+                record = await asyncio.to_thread(read_layer_record, directory)
+                wanted[str(sid)] = record.digest
+        for name, digest in list(self.lazy.layers.items()):
+            if wanted.get(name) != digest:
+                log.info("lazy layer %s (%s) has no snapshot: unmounting it", name, digest)
+                await self.lazy.unmount(name)
+        mounted = 0
+        for name in wanted:
+            if name not in self.lazy.layers:
+                await self.lazy.mount(name, self._dir(int(name)), restored=True)
+                mounted += 1
+        return mounted
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
         with self._staging() as staging:
@@ -261,8 +274,11 @@ class OverlaySnapshotter:
                 log.warning("snapshot %s (id %d) had no directory", key, sid)
             return sid, garbage
         sid, garbage = await self._run(remove)
-        if self.lazy is not None:
-            await self.lazy.unmount(str(sid))
+        if self.lazy is not None and str(sid) in self.lazy.layers:
+            try:
+                await self.lazy.unmount(str(sid))
+            except SnapshotError as exc:  # the next reconnect unmounts it
+                log.warning("snapshot id %d: FUSE manager: %s", sid, exc)
         await asyncio.to_thread(shutil.rmtree, garbage, True)
 
     async def walk(self, filters: list[str]) -> list[Info]:

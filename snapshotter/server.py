@@ -5,7 +5,8 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
+import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -15,10 +16,8 @@ from oci.registry import RegistryClient
 
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
+from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint
-from .lazy.chunk_cache import ChunkCache
-from .lazy.manager import LazyLayers
-from .lazy.profiles import ProfileRecorder
 from .lazy.remote import LayerSource, RemoteLayer, open_remote_layer
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
@@ -30,6 +29,8 @@ log = logging.getLogger("lazypull.snapshotter")
 # containerd's own limit for gRPC messages, so large label maps fail the same way.
 MAX_MESSAGE_SIZE = 16 << 20
 SHUTDOWN_GRACE_SECONDS = 5
+# An external FUSE manager (a second container) may start after this service.
+EXTERNAL_MANAGER_WAIT_SECONDS = 120.0
 
 
 def _prepare_socket(path: str) -> None:
@@ -38,57 +39,38 @@ def _prepare_socket(path: str) -> None:
         os.unlink(path)  # a socket left by a killed instance
 
 
-def _unmount_stale(mountpoint: str) -> None:
-    """A killed service leaves its FUSE mount behind, disconnected: clear it first."""
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1] == mountpoint for line in f)
-    if mounted:
-        log.info("unmounting the FUSE mount a previous instance left at %s", mountpoint)
-        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+def fuse_manager_argv(config: Config, config_path: str | None) -> list[str]:
+    """How to start the FUSE manager for this config: the same program, its own command."""
+    argv = [sys.executable, "-m", "cli.main", "fuse-manager", "--root", config.root,
+            "--log-level", config.log_level]
+    return argv + (["--config", config_path] if config_path else [])
 
 
-async def _lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
-    client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
-                            credentials=CredentialStore(config.docker_config or None))
-    # Whole chunks (4 MiB by default) must fit the memory tier: FUSE reads 128 KiB at a
-    # time, and each read of a chunk only on disk reads and re-hashes all of it.
-    cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes,
-                       memory_item_limit=min(16 << 20, config.cache_memory_bytes // 4))
-    _unmount_stale(config.fuse_mountpoint)
-    profiles = None
-    if config.profile_window_seconds > 0:
-        profiles = ProfileRecorder(config.profiles_dir, max_files=config.profile_max_files,
-                                   window_seconds=config.profile_window_seconds)
-    lazy = LazyLayers(config.fuse_mountpoint, cache, client,
-                      concurrency=config.fetch_concurrency, background=config.background_fetch,
-                      background_bytes_per_second=config.background_bytes_per_second,
-                      background_quiet_seconds=config.background_quiet_seconds,
-                      small_file_window_bytes=config.small_file_window_bytes,
-                      profiles=profiles)
-    await lazy.start()
-    return lazy, client
+async def _fuse_manager(config: Config, config_path: str | None) -> FuseManagerClient:
+    spawn = fuse_manager_argv(config, config_path) if config.fuse_manager == "spawn" else None
+    manager = FuseManagerClient(config.fuse_manager_address, config.fuse_mountpoint, spawn)
+    timeout = 30.0 if spawn else EXTERNAL_MANAGER_WAIT_SECONDS
+    await manager.connect(timeout)
+    return manager
 
 
-def _warm_set(config: Config, lazy: LazyLayers | None,
-              client: RegistryClient | None) -> WarmSet | None:
+def _warm_set(config: Config, lazy: FuseManagerClient | None,
+              registry: RegistryClient) -> WarmSet | None:
     """The warm set, if the config names one (no warm_set and no warm_set_dir: None)."""
     if not config.warm_set and not config.warm_set_dir:
         return None
-    registry = client or RegistryClient(hosts=HostsConfig(config.hosts_dir),
-                                        credentials=CredentialStore(config.docker_config or None))
     return WarmSet(parse_entries(config.warm_set, "warm_set"), registry=registry,
                    containerd_address=config.containerd_address, lazy=lazy,
                    directory=config.warm_set_dir, concurrency=config.warm_concurrency)
 
 
-async def serve(config: Config) -> None:
-    lazy = client = None
-    if config.lazy:
-        os.makedirs(config.root, mode=0o700, exist_ok=True)
-        lazy, client = await _lazy_layers(config)
+async def serve(config: Config, config_path: str | None = None) -> None:
+    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
+                            credentials=CredentialStore(config.docker_config or None))
+    lazy = await _fuse_manager(config, config_path) if config.lazy else None
 
     async def open_remote(source: LayerSource) -> RemoteLayer:
-        assert client is not None
         return await open_remote_layer(client, source)
 
     snapshotter = OverlaySnapshotter(config.root, lazy, open_remote if lazy else None,
@@ -96,9 +78,11 @@ async def serve(config: Config) -> None:
     removed = snapshotter.recover()
     if removed:
         log.info("recovered: removed %d leftover directories", len(removed))
-    restored = await snapshotter.restore_lazy_layers()
-    if restored:
-        log.info("serving %d lazy layers again", restored)
+    if lazy is not None:
+        restored = await snapshotter.restore_lazy_layers()
+        log.info("%d lazy layers served, %d of them mounted again",
+                 len(lazy.layers), restored)
+        lazy.on_reconnect = _resync(snapshotter)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
         ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -111,7 +95,8 @@ async def serve(config: Config) -> None:
     if config.metrics_address:
         host, port = metrics_host_port(config.metrics_address)
         endpoint = HttpEndpoint(host, port, ready=warm.ready if warm else lambda: (True, "ready"),
-                                routes=warm_routes(warm) if warm else None)
+                                routes=warm_routes(warm) if warm else None,
+                                more_metrics=lazy.metrics if lazy else None)
         await endpoint.start()
     await server.start()
     os.chmod(config.address, 0o660)
@@ -131,18 +116,23 @@ async def serve(config: Config) -> None:
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     if endpoint:
         await endpoint.stop()
-    if warm is not None and client is None:
-        await warm.registry.aclose()
-    if lazy is not None and client is not None:
-        await lazy.close()
-        await client.aclose()
+    if lazy is not None:
+        await lazy.close()  # the manager keeps serving the running containers
+    await client.aclose()
     await snapshotter.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(config.address)
 
 
-def run(config: Config) -> int:
+def _resync(snapshotter: OverlaySnapshotter) -> Callable[[], Awaitable[None]]:
+    async def resync() -> None:
+        mounted = await snapshotter.restore_lazy_layers()
+        log.info("FUSE manager back: %d lazy layers mounted again", mounted)
+    return resync
+
+
+def run(config: Config, config_path: str | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, config_path))
     return 0

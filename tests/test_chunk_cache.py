@@ -12,7 +12,7 @@ import pytest
 
 import estargz
 from snapshotter.lazy.chunk_cache import ChunkCache
-from snapshotter.metrics import REGISTRY
+from snapshotter.lazy.metrics import REGISTRY
 from tests.layers import big_payload
 
 KiB = 1024

@@ -33,7 +33,7 @@ from snapshotter.lazy.fetcher import (
     RequestSlots,
     TokenBucket,
 )
-from snapshotter.metrics import REGISTRY
+from snapshotter.lazy.metrics import REGISTRY
 from tests.fixtures.registry import Fault, RegistryServer
 from tests.layers import big_payload
 

@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,7 +230,14 @@ def test_corrupt_chunk_gives_eio_for_that_file_only(node, images, registry) -> N
         blob.write_bytes(original)
 
 
-def test_restart_serves_cached_chunks_without_refetching(node, images, snapshotter_factory):
+def _sha256_in(daemon, container: str, exec_id: str, path: str) -> str:
+    done = daemon.ctr("tasks", "exec", "--exec-id", exec_id, container, "/bin/busybox",
+                      "sha256sum", path)
+    return done.stdout.split()[0]
+
+
+def test_running_containers_keep_reading_across_a_service_kill(node, images,
+                                                                 snapshotter_factory):
     daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
     pull(node, images["lazy"])
     ref = f"{proxy.host}/{images['lazy']}"
@@ -239,18 +248,57 @@ def test_restart_serves_cached_chunks_without_refetching(node, images, snapshott
     # A container keeps running while the service is killed under it.
     daemon.ctr("run", "-d", "--snapshotter", "lazypull", ref, "running", "/bin/busybox",
                "sleep", "600")
+    manager = service.fuse_manager_pid
+    assert manager is not None
     service.kill9()
-    before = blob_bytes(proxy, layer_digests(images))
+    digests = layer_digests(images)
+    before = blob_bytes(proxy, digests)
+    # With the service down, the container reads a file none had read: fetched on demand
+    # by the FUSE manager, verified, whole.
+    big = hashlib.sha256(LAYERS[1]["data/big.bin"]).hexdigest()
+    assert _sha256_in(daemon, "running", "down", "/data/big.bin") == big
+    assert blob_bytes(proxy, digests) > before + BIG // 2
     again = snapshotter_factory(service.root, False, service.address, "--config",
                                 str(node["config"]))
     node["service"] = again
     from .test_snapshotter_containerd import reconnected
     reconnected(daemon)
+    assert again.fuse_manager_pid == manager  # the same mount, never interrupted
+    fetched = blob_bytes(proxy, digests)
+    # A new container starts from the same image without fetching what is cached.
     second = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r2", "/bin/sh", "-c",
+                        script + "; /bin/busybox sha256sum /data/big.bin")
+    assert second.stdout.split()[:3] == ["hello", "lazily", "4096"]
+    assert second.stdout.split()[3] == big
+    assert blob_bytes(proxy, digests) == fetched
+    assert _sha256_in(daemon, "running", "up", "/data/small/b.txt") == \
+        hashlib.sha256(b"b" * 200).hexdigest()
+    assert "running" in daemon.ctr("tasks", "ls").stdout
+
+
+def test_killed_fuse_manager_is_started_again_with_every_layer(node, images):
+    daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
+    pull(node, images["lazy"])
+    ref = f"{proxy.host}/{images['lazy']}"
+    script = "cat /etc/hello; head -c 4096 /data/other.bin | wc -c"
+    first = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "m1", "/bin/sh", "-c",
+                       script)
+    manager = service.fuse_manager_pid
+    assert manager is not None
+    os.kill(manager, signal.SIGKILL)  # by PID
+    digests = layer_digests(images)
+    fetched = blob_bytes(proxy, digests)
+    # The service notices, starts a new manager and serves its lazy layers again from
+    # their TOCs and the chunk cache on disk: no byte is fetched twice.
+    deadline = time.monotonic() + 30
+    while service.fuse_manager_pid in (None, manager) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert service.fuse_manager_pid not in (None, manager)
+    second = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "m2", "/bin/sh", "-c",
                         script)
     assert second.stdout == first.stdout
-    assert blob_bytes(proxy, layer_digests(images)) == before
-    assert "running" in daemon.ctr("tasks", "ls").stdout
+    assert blob_bytes(proxy, digests) == fetched
+    assert "lost the FUSE manager" in service.log
 
 
 def test_unreachable_lazy_layer_gives_unavailable_not_a_hang(

@@ -306,7 +306,7 @@ def test_failures_retry_and_readiness_follows_block_readiness() -> None:
             assert status == 200 and json.loads(body)["images"][0]["state"] == "failed"
             # The entry that blocks readiness leaves the set: ready.
             warm.config_specs = specs[:1]
-            warm._reconcile()
+            await warm._reconcile()
             assert warm.ready()[0]
         finally:
             await warm.close()

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from estargz import DigestMismatch
-from snapshotter.metrics import REGISTRY
+
+from .metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,11 @@ class ChunkCache:
                 self._holders.setdefault(digest, {})[owner] = order
                 owned.add(digest)
             self._shielded = None
+
+    def owners(self) -> list[str]:
+        """The owners that protect chunks now."""
+        with self._lock:
+            return list(self._owned)
 
     def release(self, owner: str) -> None:
         with self._lock:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from estargz import Chunk, FormatError, Layer, Node, decode_chunk
-from snapshotter.metrics import REGISTRY
 
 from .chunk_cache import ChunkCache
+from .metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 

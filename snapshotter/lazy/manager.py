@@ -74,9 +74,13 @@ def is_lazy_snapshot_dir(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, LAYER_FILE))
 
 
-def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
+def read_layer_record(directory: str) -> LayerRecord:
     with open(os.path.join(directory, LAYER_FILE)) as f:
-        record = LayerRecord(**json.load(f))
+        return LayerRecord(**json.load(f))
+
+
+def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
+    record = read_layer_record(directory)
     with open(os.path.join(directory, TOC_FILE), "rb") as f:
         toc = f.read()
     return record, estargz.load_toc(record.footer, toc, record.toc_digest)

@@ -1,14 +1,13 @@
-"""Metrics of lazy layers (fetch and cache metrics live with the fetcher and the cache)."""
+"""Metrics of lazy layers, kept in the FUSE manager process (fetch and cache metrics
+live with the fetcher and the cache). Their own registry: the snapshotter service
+exposes it beside its own, fetched from the manager."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..metrics import REGISTRY
+REGISTRY = CollectorRegistry(auto_describe=True)
 
 LAYERS_MOUNTED = Gauge("lazypull_lazy_layers_mounted", "Lazy layers served through FUSE",
                        registry=REGISTRY)
-FALLBACKS = Counter("lazypull_remote_snapshot_fallbacks_total",
-                    "Remote-snapshot requests served by an ordinary snapshot instead, by reason",
-                    ["reason"], registry=REGISTRY)
 PREFETCH_FAILURES = Counter("lazypull_prefetch_failures_total",
                             "Mounts refused because lazy layers could not be prefetched in time",
                             registry=REGISTRY)

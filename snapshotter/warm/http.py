@@ -24,7 +24,7 @@ def warm_routes(warm: WarmSet) -> Route:
         if path == "/warm":
             if method not in ("GET", "HEAD"):
                 return _json(405, {"error": "use GET"})
-            return _json(200, warm.status())
+            return _json(200, await warm.status())
         if path == "/warm/refresh":
             if method != "POST":
                 return _json(405, {"error": "use POST"})
@@ -39,7 +39,7 @@ def warm_routes(warm: WarmSet) -> Route:
                 entries = await warm.refresh(ref, timeout if wait else 0)
             except KeyError:
                 return _json(404, {"error": f"{ref} is not in the warm set"})
-            warm.status()  # counts bytes
+            await warm.status()  # counts bytes
             return _json(200 if wait else 202, {"images": [e.to_json() for e in entries]})
         return None
 

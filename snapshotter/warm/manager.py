@@ -34,8 +34,7 @@ from ..containerd_client import (
     PullPlan,
     PullProgress,
 )
-from ..lazy.chunk_cache import ChunkCache
-from ..lazy.manager import LazyLayers
+from ..fusemanager.client import FuseManagerClient
 from . import metrics as m
 from .spec import WarmSpec, merge, read_dir
 
@@ -52,24 +51,6 @@ def _iso(seconds: float | None) -> str | None:
     if seconds is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-@dataclass(frozen=True)
-class _Span:
-    size: int  # compressed bytes in the blob
-    digests: tuple[str, ...]
-    prefetch: bool  # in the layer's prioritized region
-
-
-def _spans_of(layer: Any) -> list[_Span]:
-    """The blob spans of an eStargz layer with the chunks each holds."""
-    spans: dict[int, tuple[int, list[str]]] = {}
-    for chunk in layer.payload_chunks():
-        _, digests = spans.setdefault(chunk.blob_offset, (chunk.blob_end, []))
-        digests.append(chunk.digest)
-    region = layer.prefetch_size
-    return [_Span(end - offset, tuple(digests), offset < region)
-            for offset, (end, digests) in sorted(spans.items())]
 
 
 @dataclass
@@ -147,8 +128,8 @@ class _PlannedPuller(Puller):
 
 class WarmSet:
     def __init__(self, specs: Iterable[WarmSpec], *, registry: RegistryClient,
-                 containerd_address: str, lazy: LazyLayers | None = None,
-                 cache: ChunkCache | None = None, directory: str = "",
+                 containerd_address: str, lazy: FuseManagerClient | None = None,
+                 directory: str = "",
                  snapshotter: str = "lazypull", concurrency: int = 2,
                  platform: Platform | None = None, dir_poll_seconds: float = 30.0,
                  started: float | None = None,
@@ -158,7 +139,6 @@ class WarmSet:
         self.registry = registry
         self.containerd_address = containerd_address
         self.lazy = lazy
-        self.cache = cache if cache is not None else (lazy.cache if lazy else None)
         self.snapshotter = snapshotter
         self.platform = platform or Platform.host()
         self.dir_poll_seconds = dir_poll_seconds
@@ -171,13 +151,16 @@ class WarmSet:
         self._clients: dict[str, ContainerdClient] = {}
         self._factory = containerd_factory or ContainerdClient
         self._watcher: asyncio.Task[None] | None = None
-        self._spans: dict[str, list[_Span]] = {}  # layer digest -> spans (lazy layers)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self._concurrency)
-        self._reconcile()
+        await self._reconcile()
+        if self.lazy is not None:  # what a previous instance protected for images gone
+            keep = [f"warm:{key}@" for key in self.entries]
+            with contextlib.suppress(Exception):
+                await self.lazy.release_others("warm:", keep)
         if self.directory:
             self._watcher = asyncio.create_task(self._watch_dir())
         log.info("warm set: %d image(s)", len(self.entries))
@@ -205,7 +188,7 @@ class WarmSet:
             self.errors = errors
         return merge(self.config_specs, from_dir)
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """Start entries that appeared, stop the ones that went, take changed settings."""
         wanted = {spec.key: spec for spec in self._specs()}
         for key in list(self.entries):
@@ -213,8 +196,8 @@ class WarmSet:
                 entry = self.entries.pop(key)
                 if entry.task is not None:
                     entry.task.cancel()
-                if self.cache is not None and entry.warm_digest:
-                    self.cache.release(entry.owner)
+                if entry.warm_digest:
+                    await self._release(entry.owner)
                 m.forget(entry.spec.namespace, entry.spec.ref)
                 log.info("warm set: %s left the warm set", key)
         for key, spec in wanted.items():
@@ -233,7 +216,7 @@ class WarmSet:
         while True:
             await asyncio.sleep(self.dir_poll_seconds)
             try:
-                self._reconcile()
+                await self._reconcile()
             except Exception:  # never let the watcher die
                 log.exception("warm set: reading %s failed", self.directory)
 
@@ -252,9 +235,9 @@ class WarmSet:
         more = f"; and {len(waiting) - 5} more" if len(waiting) > 5 else ""
         return False, "warm set not warm: " + "; ".join(parts) + more
 
-    def status(self) -> dict[str, Any]:
-        for entry in self.entries.values():
-            self._count_bytes(entry)
+    async def status(self) -> dict[str, Any]:
+        for entry in list(self.entries.values()):
+            await self._count_bytes(entry)
         ok, why = self.ready()
         return {"ready": ok, "reason": why, "errors": list(self.errors),
                 "boot_seconds": self.boot_seconds,
@@ -268,7 +251,7 @@ class WarmSet:
         """Refresh `ref` (every entry if None) now and wait for that attempt to end
         (at most `timeout` seconds). KeyError if no entry has that reference."""
         if ref is None:
-            self._reconcile()
+            await self._reconcile()
             entries = list(self.entries.values())
         else:
             entries = self.find(ref)
@@ -363,7 +346,7 @@ class WarmSet:
                     return self._failed(entry, f"containerd: {_why(exc)}")
                 if not missing:
                     entry.warm_layers = list(entry.layers)
-                    return self._warm(entry)
+                    return await self._warm(entry)
                 log.info("warm set: %s: %s; warming again", spec.ref, missing)
             elif entry.warm_digest:
                 log.info("warm set: %s moved from %s to %s", spec.ref, entry.warm_digest,
@@ -373,32 +356,42 @@ class WarmSet:
             try:
                 await containerd.version()  # says clearly when containerd is not there
                 await puller.pull(spec.ref)
-                if self.cache is not None:
-                    # Protected before they are fetched: a full cache would otherwise
-                    # evict them again before the check below sees them.
-                    self.cache.protect(self._protected_digests(entry, plan), new_owner)
+                # Protected before they are fetched: a full cache would otherwise
+                # evict them again before the check below sees them.
+                await self._protect(entry, plan, new_owner)
                 await self._fetch(entry, plan)
                 missing = await self._missing(entry, plan, containerd)
             except Exception as exc:
-                self._release_unless_current(entry, new_owner)
+                await self._release_unless_current(entry, new_owner)
                 return await self._refresh_failed(entry, containerd, _why(exc))
             if missing:
-                self._release_unless_current(entry, new_owner)
+                await self._release_unless_current(entry, new_owner)
                 return await self._refresh_failed(entry, containerd,
                                                   f"not warm after warming: {missing}")
-            old_owner = entry.owner if entry.warm_digest else None
             entry.warm_digest, entry.warm_layers = plan.top.digest, list(entry.layers)
-            mounted = self._mounted()
-            self._spans = {d: spans for d, spans in self._spans.items() if d in mounted}
-            if self.cache is not None:
-                self.cache.protect(self._protected_digests(entry, plan), entry.owner)
-                if old_owner is not None and old_owner != entry.owner:
-                    self.cache.release(old_owner)  # other owners keep shared chunks
-            return self._warm(entry)
+            if self.lazy is not None:
+                # The old digest's protection goes (other owners keep shared chunks),
+                # and so does any a previous instance of the service left for this entry.
+                with contextlib.suppress(Exception):
+                    await self.lazy.release_others(f"warm:{spec.key}@", [entry.owner])
+            return await self._warm(entry)
 
-    def _release_unless_current(self, entry: WarmImage, owner: str) -> None:
-        if self.cache is not None and owner != entry.owner:
-            self.cache.release(owner)
+    async def _protect(self, entry: WarmImage, plan: PullPlan, owner: str) -> None:
+        if self.lazy is None:
+            return
+        lazy = [d.digest for d in plan.layers if self.lazy.serves(d.digest)]
+        await self.lazy.protect(owner, lazy, entry.spec.policy == "full")
+
+    async def _release(self, owner: str) -> None:
+        if self.lazy is not None:
+            try:
+                await self.lazy.release(owner)
+            except Exception as exc:  # a later start releases what a failure left
+                log.warning("warm set: releasing %s: %s", owner, exc)
+
+    async def _release_unless_current(self, entry: WarmImage, owner: str) -> None:
+        if owner != entry.owner:
+            await self._release(owner)
 
     async def _refresh_failed(self, entry: WarmImage, containerd: ContainerdClient,
                               reason: str) -> bool:
@@ -408,7 +401,7 @@ class WarmSet:
             try:
                 image = await containerd.get_image(entry.name)
                 intact = image is not None and image.target.digest == entry.warm_digest \
-                    and not self._missing_chunks(entry, entry.warm_layers)
+                    and not await self._missing_chunks(entry, entry.warm_layers)
             except Exception:
                 intact = False
             if intact:
@@ -416,12 +409,12 @@ class WarmSet:
                 m.WARM_FAILURES.labels(entry.spec.namespace, entry.spec.ref).inc()
                 log.warning("warm set: %s: refresh failed (still warm): %s", entry.spec.ref,
                             reason)
-                self._warm(entry, success=False)
+                await self._warm(entry, success=False)
                 entry.reason = f"refresh failed: {reason}"
                 return False
         return self._failed(entry, reason)
 
-    def _warm(self, entry: WarmImage, success: bool = True) -> bool:
+    async def _warm(self, entry: WarmImage, success: bool = True) -> bool:
         entry.reason = entry.progress = ""
         if success:
             if entry.boot_seconds is None:
@@ -432,52 +425,26 @@ class WarmSet:
             m.WARM_LAST_SUCCESS.labels(entry.spec.namespace, entry.spec.ref).set(
                 entry.last_success)
         self._set_state(entry, WARM)
-        self._count_bytes(entry)
+        await self._count_bytes(entry)
         return True
 
     # -- layers and chunks ------------------------------------------------------------
 
-    def _mounted(self) -> dict[str, Any]:
-        """Mounted lazy layers by blob digest."""
-        if self.lazy is None:
-            return {}
-        return {mounted.record.digest: mounted for mounted in list(self.lazy.layers.values())}
+    def _lazy_layers(self, layers: list[tuple[str, int]]) -> list[str]:
+        """The digests of these layers that are served lazily."""
+        lazy = self.lazy
+        return [d for d, _ in layers if lazy is not None and lazy.serves(d)]
 
-    def _layer_spans(self, digest: str, mounted: dict[str, Any]) -> list[_Span] | None:
-        if digest not in mounted:
-            return None
-        spans = self._spans.get(digest)
-        if spans is None:
-            spans = self._spans[digest] = _spans_of(mounted[digest].fetcher.layer)
-        return spans
-
-    def _wanted(self, entry: WarmImage, spans: list[_Span]) -> list[_Span]:
-        return spans if entry.spec.policy == "full" else [s for s in spans if s.prefetch]
-
-    def _missing_chunks(self, entry: WarmImage, layers: list[tuple[str, int]]) -> str:
-        if self.cache is None:
-            return ""
-        mounted = self._mounted()
+    async def _missing_chunks(self, entry: WarmImage, layers: list[tuple[str, int]]) -> str:
+        assert self.lazy is not None or not self._lazy_layers(layers)
+        full = entry.spec.policy == "full"
         incomplete = ""
-        for digest, _ in layers:
-            spans = self._layer_spans(digest, mounted)
-            if spans is None:
-                continue
-            # Every chunk is looked at (no early return): on_disk also drops index
-            # entries whose files are gone, so the fetch that follows gets them again.
-            present = [self.cache.on_disk(d) for span in self._wanted(entry, spans)
-                       for d in span.digests]
-            if not all(present) and not incomplete:
+        for digest in self._lazy_layers(layers):
+            # Every layer is asked (no early return): asking also drops the cache's
+            # index entries whose files are gone, so the fetch that follows gets them.
+            if await self.lazy.chunks_missing(digest, full) and not incomplete:  # type: ignore[union-attr]
                 incomplete = f"chunks of layer {digest} are not cached"
         return incomplete
-
-    def _protected_digests(self, entry: WarmImage, plan: PullPlan) -> list[str]:
-        mounted = self._mounted()
-        out: list[str] = []
-        for layer in plan.layers:
-            for span in self._wanted(entry, self._layer_spans(layer.digest, mounted) or []):
-                out.extend(span.digests)
-        return out
 
     async def _missing(self, entry: WarmImage, plan: PullPlan,
                        containerd: ContainerdClient) -> str:
@@ -490,52 +457,46 @@ class WarmSet:
         if plan.top_chain_id and await containerd.stat_snapshot(
                 self.snapshotter, plan.top_chain_id) is None:
             return f"snapshot {plan.top_chain_id} is missing"
-        return self._missing_chunks(entry, [(d.digest, d.size) for d in plan.layers])
+        return await self._missing_chunks(entry, [(d.digest, d.size) for d in plan.layers])
 
     async def _fetch(self, entry: WarmImage, plan: PullPlan) -> None:
         """Fetch the lazy layers' chunks the policy wants into the cache."""
-        mounted = self._mounted()
-        lazy = [mounted[d.digest] for d in plan.layers if d.digest in mounted]
-        if not lazy:
+        lazy = self._lazy_layers([(d.digest, d.size) for d in plan.layers])
+        if not lazy or self.lazy is None:
             return
         full = entry.spec.policy == "full"
         done = 0
         entry.progress = f"{'fetching' if full else 'prefetching'}: 0/{len(lazy)} layers"
 
-        async def one(layer: Any) -> None:
+        async def one(digest: str) -> None:
             nonlocal done
-            if layer.prefetch is not None and not layer.prefetch.done():
-                # The prefetch the mount started; if it failed, the one below says why.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(layer.prefetch)
-            await layer.fetcher.prefetch()
-            if full:
-                await layer.fetcher.fetch_all()
+            await self.lazy.fetch(digest, full)  # type: ignore[union-attr]
             done += 1
             entry.progress = (f"{'fetching' if full else 'prefetching'}: "
                               f"{done}/{len(lazy)} layers")
 
-        await asyncio.gather(*(one(layer) for layer in lazy))
+        await asyncio.gather(*(one(digest) for digest in lazy))
         # Chunks that other requests (readers, background fetch) had in flight land soon.
         for _ in range(PREFETCH_SETTLE_ROUNDS):
-            if not self._missing_chunks(entry, entry.layers):
+            if not await self._missing_chunks(entry, entry.layers):
                 return
             await asyncio.sleep(0.1)
 
-    def _count_bytes(self, entry: WarmImage) -> None:
-        mounted = self._mounted()
+    async def _count_bytes(self, entry: WarmImage) -> None:
         cached = total = 0
         local = entry.state == WARM or bool(entry.warm_digest)
-        for digest, size in entry.layers:
-            spans = self._layer_spans(digest, mounted)
-            if spans is None:  # unpacked by containerd: all local once pulled
-                total += size
-                cached += size if local else 0
-                continue
-            for span in spans:
-                total += span.size
-                if self.cache is not None and all(d in self.cache for d in span.digests):
-                    cached += span.size
+        try:
+            for digest, size in entry.layers:
+                if self.lazy is None or not self.lazy.serves(digest):
+                    total += size  # unpacked by containerd: all local once pulled
+                    cached += size if local else 0
+                    continue
+                layer_cached, layer_total = await self.lazy.layer_bytes(digest)
+                cached += layer_cached
+                total += layer_total
+        except Exception as exc:  # the counts stay as they were
+            log.debug("warm set: counting bytes of %s: %s", entry.spec.ref, exc)
+            return
         entry.bytes_cached, entry.bytes_total = cached, total
         m.WARM_BYTES.labels(entry.spec.namespace, entry.spec.ref, "cached").set(cached)
         m.WARM_BYTES.labels(entry.spec.namespace, entry.spec.ref, "total").set(total)

@@ -341,6 +341,12 @@ func (svc *service) stop() error {
 		errs = append(errs, fmt.Errorf("the lazypull snapshotter (pid %d) left processes in its group behind; killed them", pid))
 	}
 
+	// The FUSE manager it started outlives it by design (running containers keep
+	// their lazy files); a suite case ends it too, and it must stop cleanly.
+	if err := stopFuseManager(svc.root, svc.cfg.stopTimeout); err != nil {
+		errs = append(errs, err)
+	}
+
 	// Nothing may stay mounted in its root once it has stopped.
 	if left, err := unmountUnder(svc.root); err != nil {
 		errs = append(errs, err)
@@ -349,6 +355,45 @@ func (svc *service) stop() error {
 			strings.Join(left, ", ")))
 	}
 	return joinErrors(errs...)
+}
+
+// stopFuseManager sends SIGTERM to the FUSE manager serving root (found by its pid
+// file and checked by its command line, as pids are reused) and waits for it to exit.
+func stopFuseManager(root string, timeout time.Duration) error {
+	data, err := os.ReadFile(filepath.Join(root, "fuse-manager.pid"))
+	if err != nil {
+		return nil // none was started, or it has already removed its pid file
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || !isFuseManager(pid) {
+		return nil
+	}
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return nil // gone meanwhile
+	}
+	deadline := time.Now().Add(timeout)
+	for isFuseManager(pid) {
+		if time.Now().After(deadline) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			return fmt.Errorf("the FUSE manager (pid %d) did not exit within %s of SIGTERM and was killed", pid, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+// isFuseManager: pid is alive (not a zombie) and runs `lazypull fuse-manager`.
+func isFuseManager(pid int) bool {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), "\x00fuse-manager\x00") {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	return len(fields) > 0 && fields[0] != "Z"
 }
 
 // release removes the service's socket directory (and its output) once it has stopped.

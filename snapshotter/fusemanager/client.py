@@ -1,0 +1,228 @@
+"""The snapshotter's side of the FUSE manager: calls over the socket, and a new
+connection (starting the manager again in spawn mode) when the old one drops."""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..errors import NotFound, SnapshotError, Unavailable
+from .protocol import (
+    MAX_LINE_BYTES,
+    NOT_FOUND,
+    PROTOCOL_VERSION,
+    UNAVAILABLE,
+    connected_socket,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_SECONDS = 30.0
+# A call made while the connection is down waits this long for the next one.
+RECONNECT_WAIT_SECONDS = 10.0
+RECONNECT_BACKOFF_MAX_SECONDS = 5.0
+
+
+def _error(kind: str, message: str) -> SnapshotError:
+    if kind == UNAVAILABLE:
+        return Unavailable(message)
+    if kind == NOT_FOUND:
+        return NotFound(message)
+    return SnapshotError(f"FUSE manager: {message}")
+
+
+class FuseManagerClient:
+    """Lazy layers served by the FUSE manager, as the snapshotter sees them.
+
+    `spawn_argv`: how to start the manager when nothing answers on its socket (None:
+    wait for one started by someone else). `on_reconnect` runs after each new
+    connection but the first, to bring the manager's layers in line with the
+    snapshots (a manager that restarted serves none)."""
+
+    def __init__(self, address: str, mountpoint: str, spawn_argv: list[str] | None = None):
+        self.address = address
+        self.mountpoint = mountpoint
+        self.spawn_argv = spawn_argv
+        self.on_reconnect: Callable[[], Awaitable[None]] | None = None
+        self.layers: dict[str, str] = {}  # name -> blob digest, as the manager serves them
+        self.pid: int | None = None  # of the manager
+        self.spawned: subprocess.Popen[bytes] | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnect: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def connect(self, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = connected_socket(self.address)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if self.spawn_argv is not None and (self.spawned is None
+                                                    or self.spawned.poll() is not None):
+                    self._spawn()
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"no FUSE manager answers on {self.address}: {exc}"
+                                      f"{self._spawn_failure()}") from None
+                await asyncio.sleep(0.05)
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock,
+                                                                  limit=MAX_LINE_BYTES)
+        self._reader = asyncio.create_task(self._read(reader))
+        hello = await self._call("hello", None, protocol=PROTOCOL_VERSION)
+        if hello["mountpoint"] != self.mountpoint:
+            raise SnapshotError(f"the FUSE manager on {self.address} mounts at "
+                                f"{hello['mountpoint']}, not {self.mountpoint}")
+        self.pid = hello["pid"]
+        self.layers = {layer["name"]: layer["digest"] for layer in hello["layers"]}
+        self._connected.set()
+        log.info("FUSE manager %d: serving %d lazy layers", self.pid, len(self.layers))
+
+    def _spawn(self) -> None:
+        assert self.spawn_argv is not None
+        log.info("starting the FUSE manager: %s", " ".join(self.spawn_argv))
+        # Its own session, so signals for the service (a terminal's ^C, a stop) pass it by.
+        self.spawned = subprocess.Popen(self.spawn_argv, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+    def _spawn_failure(self) -> str:
+        if self.spawned is not None and self.spawned.poll() is not None:
+            return f" (the manager started exited with status {self.spawned.returncode})"
+        return ""
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                answer = decode(line)
+                future = self._pending.pop(answer.get("id"), None)  # type: ignore[arg-type]
+                if future is None or future.done():
+                    continue
+                if "error" in answer:
+                    error = answer["error"]
+                    future.set_exception(_error(error.get("kind", ""), error.get("message", "")))
+                else:
+                    future.set_result(answer.get("result"))
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
+            log.warning("FUSE manager connection: %s", exc)
+        finally:
+            self._lost()
+
+    def _lost(self) -> None:
+        self._connected.clear()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(Unavailable("lost the connection to the FUSE manager"))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._closed and (self._reconnect is None or self._reconnect.done()):
+            log.warning("lost the FUSE manager (pid %s); connecting again", self.pid)
+            self._reconnect = asyncio.create_task(self._connect_again())
+
+    async def _connect_again(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self.connect()
+                if self.on_reconnect is not None:
+                    await self.on_reconnect()
+                return
+            except Exception as exc:
+                log.warning("FUSE manager: %s; trying again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX_SECONDS)
+
+    async def close(self) -> None:
+        """Close the connection; the manager keeps serving."""
+        self._closed = True
+        for task in (self._reconnect, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _call(self, op: str, answer_within: float | None, **args: Any) -> Any:
+        if self._writer is None:
+            raise Unavailable("not connected to the FUSE manager")
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self._writer.write(encode({"id": request_id, "op": op, "args": args}))
+            await self._writer.drain()
+            return await asyncio.wait_for(future, answer_within)
+        except ConnectionError as exc:
+            raise Unavailable(f"FUSE manager: {exc}") from None
+        except TimeoutError:
+            raise Unavailable(f"the FUSE manager did not answer {op} in "
+                              f"{answer_within:.0f}s") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def call(self, op: str, answer_within: float | None = None, **args: Any) -> Any:
+        if not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(), RECONNECT_WAIT_SECONDS)
+            except TimeoutError:
+                raise Unavailable("the FUSE manager is not reachable") from None
+        return await self._call(op, answer_within, **args)
+
+    # -- lazy layers ---------------------------------------------------------------------
+
+    def path_of(self, name: str) -> str:
+        return f"{self.mountpoint}/{name}"
+
+    async def mount(self, name: str, directory: str, restored: bool = False) -> str:
+        """Serve the lazy layer stored in `directory` (its toc and layer.json) as
+        MOUNT/<name>; returns that path."""
+        served = await self.call("mount", name=name, directory=directory, restored=restored)
+        self.layers[name] = served["digest"]
+        return str(served["path"])
+
+    async def unmount(self, name: str) -> None:
+        self.layers.pop(name, None)
+        await self.call("unmount", name=name)
+
+    async def wait_prefetched(self, names: list[str], timeout: float) -> None:
+        await self.call("wait_prefetched", timeout + RECONNECT_WAIT_SECONDS, names=names,
+                        timeout=timeout)
+
+    def serves(self, digest: str) -> bool:
+        return digest in self.layers.values()
+
+    async def fetch(self, digest: str, full: bool) -> None:
+        await self.call("fetch", digest=digest, full=full)
+
+    async def chunks_missing(self, digest: str, full: bool) -> bool:
+        return bool(await self.call("chunks_missing", digest=digest, full=full))
+
+    async def layer_bytes(self, digest: str) -> tuple[int, int]:
+        cached, total = await self.call("layer_bytes", digest=digest)
+        return int(cached), int(total)
+
+    async def protect(self, owner: str, digests: list[str], full: bool) -> None:
+        await self.call("protect", owner=owner, digests=digests, full=full)
+
+    async def release(self, owner: str) -> None:
+        await self.call("release", owner=owner)
+
+    async def release_others(self, prefix: str, keep: list[str]) -> list[str]:
+        return list(await self.call("release_others", prefix=prefix, keep=keep))
+
+    async def metrics(self) -> str:
+        return str(await self.call("metrics", 10.0))

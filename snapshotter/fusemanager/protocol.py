@@ -1,0 +1,87 @@
+"""The wire protocol between the snapshotter and the FUSE manager.
+
+One JSON object per line over a unix stream socket. Requests carry an id, the
+operation and its arguments; answers carry the same id and either `result` or
+`error` ({"kind", "message"}). Requests on one connection may be answered out of
+order, so a long wait (a prefetch) does not hold up the others.
+"""
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+PROTOCOL_VERSION = 1
+# Metrics text and layer lists are the largest messages.
+MAX_LINE_BYTES = 64 << 20
+# sun_path holds 108 bytes; longer paths are reached through the directory's fd.
+_SUN_PATH_MAX = 100
+
+
+class ManagerError(Exception):
+    """An operation the FUSE manager refused or failed; `kind` says how."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# Kinds of error on the wire.
+UNAVAILABLE = "unavailable"
+NOT_FOUND = "not_found"
+INVALID = "invalid"
+INTERNAL = "internal"
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise ManagerError(INVALID, f"malformed message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ManagerError(INVALID, "malformed message: not an object")
+    return message
+
+
+@contextlib.contextmanager
+def short_path(path: str) -> Iterator[str]:
+    """A path to `path` that fits in a unix socket address."""
+    if len(path) < _SUN_PATH_MAX:
+        yield path
+        return
+    directory = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{os.path.basename(path)}"
+    finally:
+        os.close(directory)
+
+
+def bound_socket(path: str) -> socket.socket:
+    """A listening unix socket at `path`, replacing one a killed process left."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with short_path(path) as address:
+        sock.bind(address)
+    os.chmod(path, 0o600)  # the manager mounts and fetches: root only
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def connected_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with short_path(path) as address:
+            sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

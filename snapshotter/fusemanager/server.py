@@ -1,0 +1,174 @@
+"""Run the FUSE manager until SIGTERM or SIGINT.
+
+One manager serves one service root: a lock file keeps a second one out. It keeps
+running when the snapshotter stops; stopping the manager itself unmounts the lazy
+layers, which the containers still running on them then lose.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+from typing import Any
+
+from oci.docker_config import CredentialStore
+from oci.hosts import HostsConfig
+from oci.registry import RegistryClient
+
+from ..config import Config
+from ..lazy.chunk_cache import ChunkCache
+from ..lazy.manager import LazyLayers
+from ..lazy.profiles import ProfileRecorder
+from .protocol import (
+    INTERNAL,
+    MAX_LINE_BYTES,
+    ManagerError,
+    bound_socket,
+    decode,
+    encode,
+)
+from .service import FuseManagerService
+
+log = logging.getLogger("lazypull.fuse-manager")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def _lock(root: str) -> int:
+    fd = os.open(os.path.join(root, "fuse-manager.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"a FUSE manager already serves {root}") from None
+    return fd
+
+
+def _unmount_stale(mountpoint: str) -> None:
+    """A killed manager leaves its FUSE mount behind, disconnected: clear it first."""
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == mountpoint for line in f)
+    if mounted:
+        log.info("unmounting the FUSE mount a previous manager left at %s", mountpoint)
+        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+
+
+def lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
+    client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
+                            credentials=CredentialStore(config.docker_config or None))
+    # Whole chunks (4 MiB by default) must fit the memory tier: FUSE reads 128 KiB at a
+    # time, and each read of a chunk only on disk reads and re-hashes all of it.
+    cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes,
+                       memory_item_limit=min(16 << 20, config.cache_memory_bytes // 4))
+    profiles = None
+    if config.profile_window_seconds > 0:
+        profiles = ProfileRecorder(config.profiles_dir, max_files=config.profile_max_files,
+                                   window_seconds=config.profile_window_seconds)
+    lazy = LazyLayers(config.fuse_mountpoint, cache, client,
+                      concurrency=config.fetch_concurrency, background=config.background_fetch,
+                      background_bytes_per_second=config.background_bytes_per_second,
+                      background_quiet_seconds=config.background_quiet_seconds,
+                      small_file_window_bytes=config.small_file_window_bytes,
+                      profiles=profiles)
+    return lazy, client
+
+
+class _Connection:
+    """One snapshotter's connection: requests run concurrently, answers go out whole."""
+
+    def __init__(self, service: FuseManagerService, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.service = service
+        self.reader, self.writer = reader, writer
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        try:
+            while line := await self.reader.readline():
+                task = asyncio.create_task(self._answer(line))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.warning("dropping a connection: %s", exc)
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.writer.close()
+
+    async def _answer(self, line: bytes) -> None:
+        answer: dict[str, Any] = {"id": None}
+        try:
+            request = decode(line)
+            answer["id"] = request.get("id")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ManagerError("invalid", "args must be an object")
+            answer["result"] = await self.service.handle(str(request.get("op")), args)
+        except ManagerError as exc:
+            answer["error"] = {"kind": exc.kind, "message": str(exc)}
+        except Exception as exc:  # a bug answers the request; it must not end the loop
+            log.exception("%s failed", line[:200])
+            answer["error"] = {"kind": INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
+        with contextlib.suppress(ConnectionError):
+            self.writer.write(encode(answer))
+            await self.writer.drain()
+
+
+async def serve(config: Config) -> None:
+    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    lock = _lock(config.root)
+    _unmount_stale(config.fuse_mountpoint)
+    lazy, client = lazy_layers(config)
+    await lazy.start()
+    service = FuseManagerService(lazy)
+
+    connections: set[asyncio.Task[None]] = set()
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await _Connection(service, reader, writer).run()
+        finally:
+            connections.discard(task)
+
+    server = await asyncio.start_unix_server(
+        connected, sock=bound_socket(config.fuse_manager_address), limit=MAX_LINE_BYTES)
+    with open(config.fuse_manager_pidfile, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    log.info("FUSE manager %d: lazy layers under %s, requests on %s", os.getpid(),
+             config.fuse_mountpoint, config.fuse_manager_address)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("FUSE manager shutting down: unmounting %d lazy layers", len(lazy.layers))
+    server.close()
+    for task in list(connections):
+        task.cancel()
+    await asyncio.gather(*connections, return_exceptions=True)
+    await lazy.close()
+    await client.aclose()
+    for path in (config.fuse_manager_address, config.fuse_manager_pidfile):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    os.close(lock)
+
+
+def run(config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,142 @@
+"""The FUSE manager's operations: what the snapshotter may ask of the lazy layers.
+
+Layers are named by the snapshotter (its snapshot ids) and found on disk in the
+snapshot's directory (`toc` and `layer.json`), so a mount request carries a path,
+not the TOC. Warm-set questions name a layer by its blob digest.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from ..errors import Unavailable
+from ..lazy.layer_chunks import Span, bytes_cached, chunks_missing, spans_of, wanted_digests
+from ..lazy.manager import LazyLayers, load_layer_files
+from ..lazy.metrics import REGISTRY
+from .protocol import INVALID, NOT_FOUND, PROTOCOL_VERSION, UNAVAILABLE, ManagerError
+
+log = logging.getLogger(__name__)
+Handler = Callable[..., Awaitable[Any]]
+
+
+class FuseManagerService:
+    def __init__(self, lazy: LazyLayers):
+        self.lazy = lazy
+        self._spans: dict[str, list[Span]] = {}  # layer digest -> spans
+        self.handlers: dict[str, Handler] = {
+            "hello": self.hello, "mount": self.mount, "unmount": self.unmount,
+            "wait_prefetched": self.wait_prefetched, "fetch": self.fetch,
+            "chunks_missing": self.chunks_missing, "layer_bytes": self.layer_bytes,
+            "protect": self.protect, "release": self.release, "release_others": self.release_others,
+            "metrics": self.metrics,
+        }
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise ManagerError(INVALID, f"unknown operation {op!r}")
+        try:
+            return await handler(**args)
+        except TypeError as exc:
+            raise ManagerError(INVALID, f"{op}: {exc}") from None
+        except Unavailable as exc:
+            raise ManagerError(UNAVAILABLE, str(exc)) from None
+
+    # -- layers ------------------------------------------------------------------------
+
+    async def hello(self, protocol: int) -> dict[str, Any]:
+        if protocol != PROTOCOL_VERSION:
+            raise ManagerError(INVALID, f"this FUSE manager speaks protocol {PROTOCOL_VERSION}"
+                                        f", not {protocol}: restart it with this version")
+        return {"protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                "mountpoint": self.lazy.mountpoint, "layers": self._layers()}
+
+    def _layers(self) -> list[dict[str, str]]:
+        return [{"name": name, "digest": mounted.record.digest}
+                for name, mounted in self.lazy.layers.items()]
+
+    async def mount(self, name: str, directory: str, restored: bool = False
+                    ) -> dict[str, str]:
+        """Serve the layer stored in `directory` as MOUNT/<name>; a no-op if it is."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ManagerError(INVALID, f"bad layer name {name!r}")
+        if name not in self.lazy.layers:
+            try:
+                record, layer = await asyncio.to_thread(load_layer_files, directory)
+            except FileNotFoundError as exc:
+                raise ManagerError(NOT_FOUND, f"layer {name}: {exc}") from None
+            except Exception as exc:
+                raise ManagerError(INVALID, f"layer {name} in {directory}: {exc}") from None
+            if name not in self.lazy.layers:  # not mounted by another request meanwhile
+                self.lazy.mount(name, record, layer, restored=restored)
+        return {"path": self.lazy.path_of(name),
+                "digest": self.lazy.layers[name].record.digest}
+
+    async def unmount(self, name: str) -> None:
+        await self.lazy.unmount(name)
+
+    async def wait_prefetched(self, names: list[str], timeout: float) -> None:
+        await self.lazy.wait_prefetched(names, timeout)
+
+    # -- the warm set's questions, by layer digest ---------------------------------------
+
+    def _mounted(self, digest: str) -> Any:
+        for mounted in list(self.lazy.layers.values()):
+            if mounted.record.digest == digest:
+                return mounted
+        raise ManagerError(NOT_FOUND, f"no lazy layer {digest} is mounted")
+
+    def _spans_of(self, digest: str) -> list[Span]:
+        spans = self._spans.get(digest)
+        if spans is None:
+            spans = self._spans[digest] = spans_of(self._mounted(digest).fetcher.layer)
+            served = {m.record.digest for m in self.lazy.layers.values()}
+            self._spans = {d: s for d, s in self._spans.items() if d in served}
+        return spans
+
+    async def fetch(self, digest: str, full: bool) -> None:
+        """Fetch the chunks a policy wants: the prefetch region, or the whole layer."""
+        mounted = self._mounted(digest)
+        if mounted.prefetch is not None and not mounted.prefetch.done():
+            # The prefetch the mount started; if it failed, the one below says why.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(mounted.prefetch)
+        await mounted.fetcher.prefetch()
+        if full:
+            await mounted.fetcher.fetch_all()
+
+    async def chunks_missing(self, digest: str, full: bool) -> bool:
+        spans = self._spans_of(digest)
+        return await asyncio.to_thread(chunks_missing, spans, full, self.lazy.cache)
+
+    async def layer_bytes(self, digest: str) -> list[int]:
+        return list(bytes_cached(self._spans_of(digest), self.lazy.cache))
+
+    async def protect(self, owner: str, digests: list[str], full: bool) -> None:
+        """Protect the wanted chunks of these layers (the mounted ones) for `owner`."""
+        chunks: list[str] = []
+        for digest in digests:
+            with contextlib.suppress(ManagerError):
+                chunks.extend(wanted_digests(self._spans_of(digest), full))
+        self.lazy.cache.protect(chunks, owner)
+
+    async def release(self, owner: str) -> None:
+        self.lazy.cache.release(owner)
+
+    async def release_others(self, prefix: str, keep: list[str]) -> list[str]:
+        """Release every owner that starts with `prefix` but with none of `keep`: a
+        restarted warm set drops what its predecessor protected for images or digests
+        it no longer has."""
+        dropped = [o for o in self.lazy.cache.owners()
+                   if o.startswith(prefix) and not any(o.startswith(k) for k in keep)]
+        for owner in dropped:
+            self.lazy.cache.release(owner)
+        return dropped
+
+    async def metrics(self) -> str:
+        return generate_latest(REGISTRY).decode()
