@@ -106,7 +106,7 @@ class _Connection:
         try:
             request = decode(line)
             answer["id"] = request.get("id")
-            args = request.get("args") or {}
+            args = request.get("args", {})
             if not isinstance(args, dict):
                 raise ManagerError("invalid", "args must be an object")
             answer["result"] = await self.service.handle(str(request.get("op")), args)
