@@ -236,15 +236,23 @@ def _sha256_in(daemon, container: str, exec_id: str, path: str) -> str:
     return done.stdout.split()[0]
 
 
+READ_A_LITTLE = "cat /etc/hello; head -c 4096 /data/other.bin | wc -c"
+
+
+def _pull_and_read_a_little(node, images, container: str) -> str:
+    """Pull the lazy image, run a container that reads a little; its reference."""
+    pull(node, images["lazy"])
+    ref = f"{node['proxy'].host}/{images['lazy']}"
+    first = node["daemon"].ctr("run", "--rm", "--snapshotter", "lazypull", ref, container,
+                               "/bin/sh", "-c", READ_A_LITTLE)
+    assert first.stdout == "hello lazily\n4096\n"
+    return ref
+
+
 def test_running_containers_keep_reading_across_a_service_kill(node, images,
                                                                  snapshotter_factory):
     daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
-    pull(node, images["lazy"])
-    ref = f"{proxy.host}/{images['lazy']}"
-    script = "cat /etc/hello; head -c 4096 /data/other.bin | wc -c"
-    first = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r1", "/bin/sh", "-c",
-                       script)
-    assert first.stdout == "hello lazily\n4096\n"
+    ref = _pull_and_read_a_little(node, images, "r1")
     # A container keeps running while the service is killed under it.
     daemon.ctr("run", "-d", "--snapshotter", "lazypull", ref, "running", "/bin/busybox",
                "sleep", "600")
@@ -267,7 +275,7 @@ def test_running_containers_keep_reading_across_a_service_kill(node, images,
     fetched = blob_bytes(proxy, digests)
     # A new container starts from the same image without fetching what is cached.
     second = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "r2", "/bin/sh", "-c",
-                        script + "; /bin/busybox sha256sum /data/big.bin")
+                        READ_A_LITTLE + "; /bin/busybox sha256sum /data/big.bin")
     assert second.stdout.split()[:3] == ["hello", "lazily", "4096"]
     assert second.stdout.split()[3] == big
     assert blob_bytes(proxy, digests) == fetched
@@ -278,11 +286,7 @@ def test_running_containers_keep_reading_across_a_service_kill(node, images,
 
 def test_killed_fuse_manager_is_started_again_with_every_layer(node, images):
     daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
-    pull(node, images["lazy"])
-    ref = f"{proxy.host}/{images['lazy']}"
-    script = "cat /etc/hello; head -c 4096 /data/other.bin | wc -c"
-    first = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "m1", "/bin/sh", "-c",
-                       script)
+    ref = _pull_and_read_a_little(node, images, "m1")
     manager = service.fuse_manager_pid
     assert manager is not None
     os.kill(manager, signal.SIGKILL)  # by PID
@@ -295,8 +299,8 @@ def test_killed_fuse_manager_is_started_again_with_every_layer(node, images):
         time.sleep(0.1)
     assert service.fuse_manager_pid not in (None, manager)
     second = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", ref, "m2", "/bin/sh", "-c",
-                        script)
-    assert second.stdout == first.stdout
+                        READ_A_LITTLE)
+    assert second.stdout == "hello lazily\n4096\n"
     assert blob_bytes(proxy, digests) == fetched
     assert "lost the FUSE manager" in service.log
 
