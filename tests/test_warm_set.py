@@ -210,6 +210,37 @@ def test_warm_set_at_boot_and_moving_tag(warm_node, images, registry,
         assert again[ref]["bytes_cached"] == before[ref]["bytes_cached"]
 
 
+def test_containerd_that_started_first_is_waited_for(snapshotter_factory, images,
+                                                     tmp_path_factory) -> None:
+    """As on a booting node: containerd dialled the service's socket before it existed
+    and waits out a reconnect backoff; the first warm attempt waits for containerd to
+    reach the service instead of failing and backing off."""
+    ctrd_base = tmp_path_factory.mktemp("ctrd")
+    address = str(tmp_path_factory.mktemp("sock") / "s.sock")
+    daemon = start_containerd(ctrd_base, proxy_config(address))
+    try:
+        daemon.ctr("snapshots", "--snapshotter", "lazypull", "ls", check=False)  # dials
+        config = tmp_path_factory.mktemp("cfg") / "config.toml"
+        config.write_text(f'background_fetch = false\n'
+                          f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
+                          f'containerd_address = "{ctrd_base / "c.sock"}"\n'
+                          f'[[warm_set]]\nref = "{images["a"]}"\n')
+        service = snapshotter_factory(None, True, address, "--config", str(config))
+        _wait_ready(service.metrics_port)
+        [image] = _warm(service.metrics_port, "status")["images"]
+        assert image["state"] == "warm" and image["failures"] == 0, image
+        assert "refresh_failures_total" not in _failures(service.metrics_port)
+    finally:
+        stop_containerd(daemon)
+
+
+def _failures(port: int) -> str:
+    """The refresh-failure samples with a value other than zero."""
+    return "\n".join(line for line in _http(port, "/metrics")[1].splitlines()
+                     if line.startswith("lazypull_warm_refresh_failures_total{")
+                     and not line.endswith(" 0.0"))
+
+
 # -- configuration, without components ---------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from ..containerd_client import (
     Puller,
     PullPlan,
     PullProgress,
+    Unavailable,
 )
 from ..fusemanager.client import FuseManagerClient
 from . import metrics as m
@@ -45,6 +46,9 @@ BACKOFF_MIN_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
 JITTER = 0.1  # refresh intervals are spread by +-10%
 PREFETCH_SETTLE_ROUNDS = 20  # chunks another request is fetching: wait this many times
+# At boot containerd may still be waiting out its reconnect backoff to this service.
+REACH_TIMEOUT_SECONDS = 30.0
+REACH_POLL_SECONDS = 0.1
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -151,6 +155,7 @@ class WarmSet:
         self._clients: dict[str, ContainerdClient] = {}
         self._factory = containerd_factory or ContainerdClient
         self._watcher: asyncio.Task[None] | None = None
+        self._reached = False  # containerd has reached this snapshotter once
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -355,6 +360,7 @@ class WarmSet:
             new_owner = f"warm:{spec.key}@{plan.top.digest}"
             try:
                 await containerd.version()  # says clearly when containerd is not there
+                await self._until_containerd_reaches_us(containerd)
                 await puller.pull(spec.ref)
                 # Protected before they are fetched: a full cache would otherwise
                 # evict them again before the check below sees them.
@@ -375,6 +381,23 @@ class WarmSet:
                 with contextlib.suppress(Exception):
                     await self.lazy.release_others(f"warm:{spec.key}@", [entry.owner])
             return await self._warm(entry)
+
+    async def _until_containerd_reaches_us(self, containerd: ContainerdClient) -> None:
+        """Wait until containerd's connection to this snapshotter works. A containerd
+        that started first dialled a socket that did not exist yet and retries only
+        after its backoff; a pull before then fails for no lasting reason."""
+        if self._reached:
+            return
+        deadline = time.monotonic() + REACH_TIMEOUT_SECONDS
+        while True:
+            try:
+                await containerd.stat_snapshot(self.snapshotter, "lazypull-warm-set-probe")
+                self._reached = True
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    return  # the pull says what is wrong
+                await asyncio.sleep(REACH_POLL_SECONDS)
 
     async def _protect(self, entry: WarmImage, plan: PullPlan, owner: str) -> None:
         if self.lazy is None:
