@@ -46,7 +46,8 @@ BACKOFF_MIN_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
 JITTER = 0.1  # refresh intervals are spread by +-10%
 PREFETCH_SETTLE_ROUNDS = 20  # chunks another request is fetching: wait this many times
-# At boot containerd may still be waiting out its reconnect backoff to this service.
+# For this long after start, a pull that containerd could not pass on to this service
+# (its reconnect backoff) is tried again every REACH_POLL_SECONDS.
 REACH_TIMEOUT_SECONDS = 30.0
 REACH_POLL_SECONDS = 0.1
 
@@ -155,7 +156,6 @@ class WarmSet:
         self._clients: dict[str, ContainerdClient] = {}
         self._factory = containerd_factory or ContainerdClient
         self._watcher: asyncio.Task[None] | None = None
-        self._reached = False  # containerd has reached this snapshotter once
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -360,8 +360,7 @@ class WarmSet:
             new_owner = f"warm:{spec.key}@{plan.top.digest}"
             try:
                 await containerd.version()  # says clearly when containerd is not there
-                await self._until_containerd_reaches_us(containerd)
-                await puller.pull(spec.ref)
+                await self._pull(puller, spec.ref)
                 # Protected before they are fetched: a full cache would otherwise
                 # evict them again before the check below sees them.
                 await self._protect(entry, plan, new_owner)
@@ -382,21 +381,17 @@ class WarmSet:
                     await self.lazy.release_others(f"warm:{spec.key}@", [entry.owner])
             return await self._warm(entry)
 
-    async def _until_containerd_reaches_us(self, containerd: ContainerdClient) -> None:
-        """Wait until containerd's connection to this snapshotter works. A containerd
-        that started first dialled a socket that did not exist yet and retries only
-        after its backoff; a pull before then fails for no lasting reason."""
-        if self._reached:
-            return
-        deadline = time.monotonic() + REACH_TIMEOUT_SECONDS
+    async def _pull(self, puller: Puller, ref: str) -> None:
+        """Pull; while the service is young, retry at once when containerd cannot reach
+        it yet. A containerd that started first dialled a socket that did not exist and
+        redials only after its backoff: such a failure says nothing lasting."""
         while True:
             try:
-                await containerd.stat_snapshot(self.snapshotter, "lazypull-warm-set-probe")
-                self._reached = True
+                await puller.pull(ref)
                 return
             except Unavailable:
-                if time.monotonic() > deadline:
-                    return  # the pull says what is wrong
+                if time.monotonic() - self.started > REACH_TIMEOUT_SECONDS:
+                    raise
                 await asyncio.sleep(REACH_POLL_SECONDS)
 
     async def _protect(self, entry: WarmImage, plan: PullPlan, owner: str) -> None:
