@@ -15,23 +15,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import AlreadyExists, InvalidArgument, NotFound, SnapshotError
+from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
-from .lazy.manager import is_lazy_snapshot_dir, read_layer_record, write_layer_files
-from .lazy.remote import LayerSource, NotLazy, RemoteLayer, layer_source
+from .lazy.manager import is_lazy_snapshot_dir, read_layer_record
+from .lazy.remote import LayerSource, NotLazy, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .metrics import FALLBACKS
 from .usage import disk_usage
-
-OpenRemote = Callable[[LayerSource], Awaitable[RemoteLayer]]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,9 +61,8 @@ def _overlay_index_supported() -> bool:
 
 class OverlaySnapshotter:
     def __init__(self, root: str, lazy: FuseManagerClient | None = None,
-                 open_remote: OpenRemote | None = None, prefetch_timeout: float = 60.0):
+                 prefetch_timeout: float = 60.0):
         self.lazy = lazy
-        self.open_remote = open_remote
         self.prefetch_timeout = prefetch_timeout
         self.root = os.path.abspath(root)
         self.snapshots_dir = os.path.join(self.root, "snapshots")
@@ -72,6 +70,7 @@ class OverlaySnapshotter:
         self.meta = MetaStore(os.path.join(self.root, "metadata.db"))
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
         self._index_off = _overlay_index_supported()
+        self._lazy_names: dict[int, str] = {}  # lazy snapshot id -> its FUSE directory
 
     async def close(self) -> None:
         await self._run(self.meta.close)
@@ -128,7 +127,7 @@ class OverlaySnapshotter:
         return self.mounts_for(snap)
 
     async def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        source = layer_source(labels) if self.lazy and self.open_remote else None
+        source = layer_source(labels) if self.lazy else None
         if source is not None:
             await self._mount_remote(key, source, parent, labels)
         await self._wait_for_lazy_chain(parent)
@@ -144,42 +143,55 @@ class OverlaySnapshotter:
                             labels: dict[str, str]) -> None:
         """Commit the wanted snapshot as a lazy layer and answer ALREADY_EXISTS, the
         remote-snapshot handshake; return quietly when the layer cannot be lazy, so the
-        caller makes an ordinary snapshot and containerd unpacks the layer itself."""
-        assert self.lazy is not None and self.open_remote is not None
+        caller makes an ordinary snapshot and containerd unpacks the layer itself.
+
+        The layer is served before its snapshot is committed: the FUSE manager fetches,
+        verifies and parses the TOC and says how large the layer is, and a layer it
+        refuses leaves nothing behind."""
+        assert self.lazy is not None
         if await self._run(self.meta.exists, source.target):
             raise AlreadyExists(f"target snapshot {source.target}: already exists")
+        staging = await asyncio.to_thread(tempfile.mkdtemp, prefix="new-",
+                                          dir=self.snapshots_dir)
+        name = f"l{secrets.token_hex(8)}"  # its directory in the FUSE mount
         try:
-            remote = await self.open_remote(source)
+            size = await self.lazy.mount_remote(name, staging, source)
         except NotLazy as exc:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
             FALLBACKS.labels(reason="not lazy").inc()
             log.info("%s: unpacking %s the ordinary way: %s", key, source.layer_digest, exc)
             return
-        snap = await self._run(self._create_lazy, source.target, parent, labels, remote)
-        try:
-            await self.lazy.mount(str(snap.id), self._dir(snap.id))
-        except SnapshotError as exc:
-            # Not served, so not kept: containerd unpacks the layer into a new one.
-            FALLBACKS.labels(reason="fuse manager").inc()
+        except (SnapshotError, OSError) as exc:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            FALLBACKS.labels(reason="not served").inc()
             log.warning("%s: cannot serve %s lazily, unpacking it the ordinary way: %s",
                         key, source.layer_digest, exc)
-            with contextlib.suppress(NotFound):
-                await self.remove(source.target)
             return
+        try:
+            snap = await self._run(self._commit_lazy, staging, name, source.target, parent,
+                                   labels, size)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            with contextlib.suppress(SnapshotError):
+                await self.lazy.unmount(name)
+            raise
+        self._lazy_names[snap.id] = name
         log.info("%s: layer %s of %s mounted lazily as %s", key, source.layer_digest,
                  source.reference, source.target)
         raise AlreadyExists(f"target snapshot {source.target}: already exists (lazy layer)")
 
-    def _create_lazy(self, name: str, parent: str, labels: dict[str, str],
-                     remote: RemoteLayer) -> Snapshot:
+    def _commit_lazy(self, staging: str, name: str, target: str, parent: str,
+                     labels: dict[str, str], size: int) -> Snapshot:
         assert self.lazy is not None
-        with self._staging() as staging:
-            write_layer_files(staging.path, remote)
-            size = sum(node.size for _, node in remote.layer.walk() if node.kind == "reg")
-            with self.meta.transaction():
-                snap = self.meta.create_committed(name, parent, labels, size)
-                os.symlink(self.lazy.path_of(str(snap.id)), os.path.join(staging.path, "fs"))
-                staging.place(self._dir(snap.id))
-            return snap
+        with self.meta.transaction():
+            snap = self.meta.create_committed(target, parent, labels, size)
+            os.symlink(self.lazy.path_of(name), os.path.join(staging, "fs"))
+            os.rename(staging, self._dir(snap.id))
+        return snap
+
+    def _lazy_name(self, sid: int) -> str | None:
+        """The directory in the FUSE mount that serves snapshot `sid`, if it is lazy."""
+        return self._lazy_names.get(sid)
 
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
         await self._wait_for_lazy_ids(snap.parent_ids)
@@ -187,7 +199,7 @@ class OverlaySnapshotter:
     async def _wait_for_lazy_chain(self, parent: str) -> None:
         """Before a snapshot is made over `parent`: wait for the prefetch of the lazy
         layers below, so a refusal (UNAVAILABLE) leaves no half-made snapshot."""
-        if self.lazy is None or not self.lazy.layers or not parent:
+        if self.lazy is None or not self._lazy_names or not parent:
             return
         try:
             below = await self._run(self.meta.snapshot, parent)
@@ -198,7 +210,7 @@ class OverlaySnapshotter:
     async def _wait_for_lazy_ids(self, ids: list[int]) -> None:
         if self.lazy is None:
             return
-        names = [str(sid) for sid in ids if str(sid) in self.lazy.layers]
+        names = [n for n in map(self._lazy_name, ids) if n is not None and n in self.lazy.layers]
         await self.lazy.wait_prefetched(names, self.prefetch_timeout)
 
     async def restore_lazy_layers(self) -> int:
@@ -207,20 +219,22 @@ class OverlaySnapshotter:
         the ones no snapshot names. Returns how many were mounted anew."""
         if self.lazy is None:
             return 0
-        wanted: dict[str, str] = {}
+        wanted: dict[str, tuple[int, str]] = {}  # FUSE name -> (snapshot id, blob digest)
         for sid in sorted(await self._run(self.meta.ids)):
             directory = self._dir(sid)
             if is_lazy_snapshot_dir(directory):
                 record = await asyncio.to_thread(read_layer_record, directory)
-                wanted[str(sid)] = record.digest
+                name = os.path.basename(os.readlink(os.path.join(directory, "fs")))
+                wanted[name] = (sid, record.digest)
+        self._lazy_names = {sid: name for name, (sid, _) in wanted.items()}
         for name, digest in list(self.lazy.layers.items()):
-            if wanted.get(name) != digest:
+            if name not in wanted or wanted[name][1] != digest:
                 log.info("lazy layer %s (%s) has no snapshot: unmounting it", name, digest)
                 await self.lazy.unmount(name)
         mounted = 0
-        for name in wanted:
+        for name, (sid, _) in wanted.items():
             if name not in self.lazy.layers:
-                await self.lazy.mount(name, self._dir(int(name)), restored=True)
+                await self.lazy.mount(name, self._dir(sid), restored=True)
                 mounted += 1
         return mounted
 
@@ -274,9 +288,10 @@ class OverlaySnapshotter:
                 log.warning("snapshot %s (id %d) had no directory", key, sid)
             return sid, garbage
         sid, garbage = await self._run(remove)
-        if self.lazy is not None and str(sid) in self.lazy.layers:
+        name = self._lazy_names.pop(sid, None)
+        if self.lazy is not None and name is not None:
             try:
-                await self.lazy.unmount(str(sid))
+                await self.lazy.unmount(name)
             except SnapshotError as exc:  # the next reconnect unmounts it
                 log.warning("snapshot id %d: FUSE manager: %s", sid, exc)
         await asyncio.to_thread(shutil.rmtree, garbage, True)

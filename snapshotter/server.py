@@ -18,7 +18,6 @@ from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint
-from .lazy.remote import LayerSource, RemoteLayer, open_remote_layer
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
 from .warm.http import warm_routes
@@ -70,11 +69,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
                             credentials=CredentialStore(config.docker_config or None))
     lazy = await _fuse_manager(config, config_path) if config.lazy else None
 
-    async def open_remote(source: LayerSource) -> RemoteLayer:
-        return await open_remote_layer(client, source)
-
-    snapshotter = OverlaySnapshotter(config.root, lazy, open_remote if lazy else None,
-                                     config.prefetch_timeout_seconds)
+    snapshotter = OverlaySnapshotter(config.root, lazy, config.prefetch_timeout_seconds)
     removed = snapshotter.recover()
     if removed:
         log.info("recovered: removed %d leftover directories", len(removed))

@@ -108,6 +108,10 @@ def test_bad_requests_get_errors_and_the_manager_keeps_answering(manager, tmp_pa
     for line, kind, words in cases:
         error = talk.send_raw(line)["error"]
         assert error["kind"] == kind and words in error["message"], (line, error)
+    for source in ({}, {"target": "t", "reference": "Not A Reference", "layer_digest": "d"}):
+        error = talk.call("mount_remote", name="9", directory=str(tmp_path), source=source)
+        assert error["error"]["kind"] == "invalid", error
+        assert "bad layer source" in error["error"]["message"]
     missing = talk.call("mount", name="7", directory=str(tmp_path / "nothing"))
     assert missing["error"]["kind"] == "not_found"
     garbage = tmp_path / "garbage"

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import NotFound, SnapshotError, Unavailable
+from ..lazy.remote import LayerSource, NotLazy
 from .protocol import (
     MAX_LINE_BYTES,
     NOT_FOUND,
+    NOT_LAZY,
     PROTOCOL_VERSION,
     UNAVAILABLE,
     connected_socket,
@@ -28,7 +30,9 @@ RECONNECT_WAIT_SECONDS = 10.0
 RECONNECT_BACKOFF_MAX_SECONDS = 5.0
 
 
-def _error(kind: str, message: str) -> SnapshotError:
+def _error(kind: str, message: str) -> Exception:
+    if kind == NOT_LAZY:
+        return NotLazy(message)
     if kind == UNAVAILABLE:
         return Unavailable(message)
     if kind == NOT_FOUND:
@@ -187,12 +191,22 @@ class FuseManagerClient:
     def path_of(self, name: str) -> str:
         return f"{self.mountpoint}/{name}"
 
-    async def mount(self, name: str, directory: str, restored: bool = False) -> str:
+    async def mount(self, name: str, directory: str, restored: bool = False) -> int:
         """Serve the lazy layer stored in `directory` (its toc and layer.json) as
-        MOUNT/<name>; returns that path."""
+        MOUNT/<name>; returns the bytes of its regular files."""
         served = await self.call("mount", name=name, directory=directory, restored=restored)
         self.layers[name] = served["digest"]
-        return str(served["path"])
+        return int(served["size"])
+
+    async def mount_remote(self, name: str, directory: str, source: LayerSource) -> int:
+        """Have the manager fetch and verify the remote layer's TOC, store it in
+        `directory` and serve the layer as MOUNT/<name>; returns the bytes of its
+        regular files. NotLazy when the layer cannot be served lazily."""
+        served = await self.call("mount_remote", name=name, directory=directory, source={
+            "target": source.target, "reference": str(source.reference),
+            "layer_digest": source.layer_digest, "manifest_digest": source.manifest_digest})
+        self.layers[name] = served["digest"]
+        return int(served["size"])
 
     async def unmount(self, name: str) -> None:
         self.layers.pop(name, None)

@@ -33,6 +33,7 @@ UNAVAILABLE = "unavailable"
 NOT_FOUND = "not_found"
 INVALID = "invalid"
 INTERNAL = "internal"
+NOT_LAZY = "not_lazy"  # the layer cannot be served lazily (the message says why)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -14,14 +14,29 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from oci.reference import Reference, ReferenceError
+
 from ..errors import Unavailable
 from ..lazy.layer_chunks import Span, bytes_cached, chunks_missing, spans_of, wanted_digests
-from ..lazy.manager import LazyLayers, load_layer_files
+from ..lazy.manager import LayerRecord, LazyLayers, load_layer_files, write_layer_files
 from ..lazy.metrics import REGISTRY
-from .protocol import INVALID, NOT_FOUND, PROTOCOL_VERSION, UNAVAILABLE, ManagerError
+from ..lazy.remote import LayerSource, NotLazy, open_remote_layer
+from .protocol import (
+    INVALID,
+    NOT_FOUND,
+    NOT_LAZY,
+    PROTOCOL_VERSION,
+    UNAVAILABLE,
+    ManagerError,
+)
 
 log = logging.getLogger(__name__)
 Handler = Callable[..., Awaitable[Any]]
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise ManagerError(INVALID, f"bad layer name {name!r}")
 
 
 class FuseManagerService:
@@ -29,7 +44,8 @@ class FuseManagerService:
         self.lazy = lazy
         self._spans: dict[str, list[Span]] = {}  # layer digest -> spans
         self.handlers: dict[str, Handler] = {
-            "hello": self.hello, "mount": self.mount, "unmount": self.unmount,
+            "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
+            "unmount": self.unmount,
             "wait_prefetched": self.wait_prefetched, "fetch": self.fetch,
             "chunks_missing": self.chunks_missing, "layer_bytes": self.layer_bytes,
             "protect": self.protect, "release": self.release, "release_others": self.release_others,
@@ -61,10 +77,10 @@ class FuseManagerService:
                 for name, mounted in self.lazy.layers.items()]
 
     async def mount(self, name: str, directory: str, restored: bool = False
-                    ) -> dict[str, str]:
-        """Serve the layer stored in `directory` as MOUNT/<name>; a no-op if it is."""
-        if not name or "/" in name or name in (".", ".."):
-            raise ManagerError(INVALID, f"bad layer name {name!r}")
+                    ) -> dict[str, Any]:
+        """Serve the layer stored in `directory` as MOUNT/<name> (a no-op if it is);
+        returns the path, the blob digest and the bytes of its regular files."""
+        _check_name(name)
         if name not in self.lazy.layers:
             try:
                 record, layer = await asyncio.to_thread(load_layer_files, directory)
@@ -74,8 +90,34 @@ class FuseManagerService:
                 raise ManagerError(INVALID, f"layer {name} in {directory}: {exc}") from None
             if name not in self.lazy.layers:  # not mounted by another request meanwhile
                 self.lazy.mount(name, record, layer, restored=restored)
-        return {"path": self.lazy.path_of(name),
-                "digest": self.lazy.layers[name].record.digest}
+        return self._served(name)
+
+    async def mount_remote(self, name: str, directory: str, source: dict[str, Any]
+                           ) -> dict[str, Any]:
+        """Fetch and verify a remote layer's TOC, store it in `directory` (toc and
+        layer.json, for later mounts) and serve the layer as MOUNT/<name>. The TOC comes
+        over the connections the layer's chunks will use, already warmed up."""
+        _check_name(name)
+        try:
+            wanted = LayerSource(str(source["target"]), Reference.parse(source["reference"]),
+                                 str(source["layer_digest"]), source.get("manifest_digest"))
+        except (KeyError, TypeError, ReferenceError) as exc:
+            raise ManagerError(INVALID, f"bad layer source: {exc}") from None
+        try:
+            remote = await open_remote_layer(self.lazy.client, wanted)
+        except NotLazy as exc:
+            raise ManagerError(NOT_LAZY, str(exc)) from None
+        assert remote.layer is not None
+        await asyncio.to_thread(write_layer_files, directory, remote)
+        if name not in self.lazy.layers:
+            self.lazy.mount(name, LayerRecord.of(remote), remote.layer)
+        return self._served(name)
+
+    def _served(self, name: str) -> dict[str, Any]:
+        mounted = self.lazy.layers[name]
+        size = sum(node.size for _, node in mounted.fetcher.layer.walk() if node.kind == "reg")
+        return {"path": self.lazy.path_of(name), "digest": mounted.record.digest,
+                "size": size}
 
     async def unmount(self, name: str) -> None:
         await self.lazy.unmount(name)
