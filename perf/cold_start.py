@@ -871,6 +871,28 @@ def print_report(setup: Setup, summary: dict, throughput: dict | None, repeat: i
 # -- entry point -------------------------------------------------------------------------
 
 
+def add_shaped_link_arguments(parser: argparse.ArgumentParser, default_json: Path) -> None:
+    """The options every shaped-link benchmark takes: the link, the prefetch source,
+    the service's config, where things are kept."""
+    parser.add_argument("--rate", default="100mbit", help="tbf rate (default: 100mbit)")
+    parser.add_argument("--delay-ms", type=float, default=20.0,
+                        help="one-way delay in ms (default: 20)")
+    parser.add_argument("--prefetch-source", choices=("auto", "profile", "strace"),
+                        default="auto", help="where the prefetched files come from "
+                        "(default: auto = profile if `lazypull profile export` exists)")
+    parser.add_argument("--service-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a line added to the snapshotter service's TOML config, e.g. "
+                             "'background_fetch = false' (repeatable; default: none, so "
+                             "the service's defaults apart from hosts_dir)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"built images and .debs (default: {DEFAULT_CACHE})")
+    parser.add_argument("--tmpdir", type=Path, default=None,
+                        help="where registries and nodes keep their state (default: the "
+                             "system temp dir)")
+    parser.add_argument("--json", type=Path, default=default_json,
+                        help=f"JSON results (default: {default_json})")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m perf cold-start",
@@ -883,28 +905,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, of {', '.join(TIMED)} (default: all); "
                              "local-cold/-warm come with full-overlayfs")
-    parser.add_argument("--rate", default="100mbit", help="tbf rate (default: 100mbit)")
-    parser.add_argument("--delay-ms", type=float, default=20.0,
-                        help="one-way delay in ms (default: 20)")
-    parser.add_argument("--prefetch-source", choices=("auto", "profile", "strace"),
-                        default="auto", help="where the prefetched files come from "
-                        "(default: auto = profile if `lazypull profile export` exists)")
     parser.add_argument("--bigfile-mib", type=int, default=256,
                         help="size of the file for the read-throughput test; 0 skips it "
                              "(default: 256)")
     parser.add_argument("--warm-reads", type=int, default=5,
                         help="warm reads per path (default: 5)")
-    parser.add_argument("--service-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a line added to the snapshotter service's TOML config, e.g. "
-                             "'background_fetch = false' (repeatable; default: none, so "
-                             "the service's defaults apart from hosts_dir)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help=f"built images and .debs (default: {DEFAULT_CACHE})")
-    parser.add_argument("--tmpdir", type=Path, default=None,
-                        help="where registries and nodes keep their state (default: the "
-                             "system temp dir)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                        help=f"JSON results (default: {DEFAULT_JSON})")
+    add_shaped_link_arguments(parser, DEFAULT_JSON)
     args = parser.parse_args(argv)
     args.image_names = [n.strip() for n in args.images.split(",") if n.strip()]
     unknown = [n for n in args.image_names if n not in SPECS]

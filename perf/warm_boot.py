@@ -57,6 +57,7 @@ from perf.cold_start import (
     _delta,
     _f,
     _table,
+    add_shaped_link_arguments,
     drop_caches,
     environment,
     fetch_metrics,
@@ -71,7 +72,7 @@ from perf.cold_start import (
     schedule,
     shaped_registry,
 )
-from perf.workspace_images import DEFAULT_CACHE, SPECS, WorkspaceImage
+from perf.workspace_images import SPECS, WorkspaceImage
 from tests.fixtures.containerd import start_containerd
 from tests.fixtures.snapshotter import SnapshotterProcess, free_tcp_port
 
@@ -407,24 +408,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (default: 3)")
     parser.add_argument("--image", choices=sorted(SPECS), default=DEFAULT_IMAGE,
                         help=f"workspace image (default: {DEFAULT_IMAGE}, the largest)")
-    parser.add_argument("--rate", default="100mbit", help="tbf rate (default: 100mbit)")
-    parser.add_argument("--delay-ms", type=float, default=20.0,
-                        help="one-way delay in ms (default: 20)")
-    parser.add_argument("--prefetch-source", choices=("auto", "profile", "strace"),
-                        default="auto", help="where the prefetched files come from "
-                        "(default: auto = profile if `lazypull profile export` exists)")
-    parser.add_argument("--service-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a line added to the service's TOML config, e.g. "
-                             "'background_fetch = false' (repeatable)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help=f"built images and .debs (default: {DEFAULT_CACHE})")
-    parser.add_argument("--tmpdir", type=Path, default=None,
-                        help="where registries and nodes keep their state (default: the "
-                             "system temp dir)")
     parser.add_argument("--logs", type=Path, default=None, metavar="DIR",
                         help="keep each sample's service and containerd logs in DIR")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                        help=f"JSON results (default: {DEFAULT_JSON})")
+    add_shaped_link_arguments(parser, DEFAULT_JSON)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.delay_ms < 0:
         parser.error("--repeat must be positive and --delay-ms not negative")

@@ -90,6 +90,17 @@ def _image_digests(daemon) -> dict[str, str]:
     return {line.split()[0]: line.split()[2] for line in out}
 
 
+def warm_config(tmp_path_factory, ctrd_base: Path, tables: str, extra: str = "") -> Path:
+    """A service config for one containerd (in ctrd_base), background fetch off, with
+    these [[warm_set]] tables and extra lines."""
+    config = tmp_path_factory.mktemp("cfg") / "config.toml"
+    config.write_text(
+        "background_fetch = false\n"
+        f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
+        f'containerd_address = "{ctrd_base / "c.sock"}"\n' + extra + tables)
+    return config
+
+
 @pytest.fixture
 def warm_node(snapshotter_factory, images, tmp_path_factory):
     ctrd_base = tmp_path_factory.mktemp("ctrd")
@@ -220,11 +231,7 @@ def test_containerd_that_started_first_is_waited_for(snapshotter_factory, images
     daemon = start_containerd(ctrd_base, proxy_config(address))
     try:
         daemon.ctr("snapshots", "--snapshotter", "lazypull", "ls", check=False)  # dials
-        config = tmp_path_factory.mktemp("cfg") / "config.toml"
-        config.write_text(f'background_fetch = false\n'
-                          f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
-                          f'containerd_address = "{ctrd_base / "c.sock"}"\n'
-                          f'[[warm_set]]\nref = "{images["a"]}"\n')
+        config = warm_config(tmp_path_factory, ctrd_base, f'[[warm_set]]\nref = "{images["a"]}"\n')
         service = snapshotter_factory(None, True, address, "--config", str(config))
         _wait_ready(service.metrics_port)
         [image] = _warm(service.metrics_port, "status")["images"]
@@ -388,12 +395,7 @@ def test_registry_down_at_boot_then_zero_traffic_and_rewarm(
     faults = _down(proxy)
     ref = f"{proxy.host}/{runnable['repo']}"
     ctrd_base = tmp_path_factory.mktemp("ctrd")
-    config = tmp_path_factory.mktemp("cfg") / "config.toml"
-    config.write_text(
-        "background_fetch = false\n"
-        f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
-        f'containerd_address = "{ctrd_base / "c.sock"}"\n'
-        f'[[warm_set]]\nref = "{ref}"\n')
+    config = warm_config(tmp_path_factory, ctrd_base, f'[[warm_set]]\nref = "{ref}"\n')
     service = snapshotter_factory(None, True, None, "--config", str(config))
     daemon = start_containerd(ctrd_base, proxy_config(service.address))
     try:

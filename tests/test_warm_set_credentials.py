@@ -30,7 +30,7 @@ from .fixtures.registry import PASSWORD, USER
 from .fixtures.snapshotter import REPO_ROOT
 from .images import File, build_layout_image, skopeo
 from .test_snapshotter_containerd import proxy_config
-from .test_warm_set import _http, _warm
+from .test_warm_set import _http, _warm, warm_config
 
 SECRET_KEY = ".dockerconfigjson"
 # As long as PASSWORD, so the Secret's file keeps its size when the password changes.
@@ -164,13 +164,9 @@ def test_warm_set_follows_a_rotated_pull_secret(snapshotter_factory, private_ima
     volume = tmp_path_factory.mktemp("secret") / "pull-secrets"
     publish_secret(volume, {SECRET_KEY: _dockerconfigjson(host, WRONG_PASSWORD)})
     ctrd_base = tmp_path_factory.mktemp("ctrd")
-    config = tmp_path_factory.mktemp("cfg") / "config.toml"
-    config.write_text(
-        "background_fetch = false\n"
-        f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n'
-        f'containerd_address = "{ctrd_base / "c.sock"}"\n'
-        f'docker_config = "{volume / SECRET_KEY}"\n'
-        f'[[warm_set]]\nref = "{ref}"\nrefresh_seconds = {REFRESH_SECONDS}\n')
+    config = warm_config(tmp_path_factory, ctrd_base,
+                         f'[[warm_set]]\nref = "{ref}"\nrefresh_seconds = {REFRESH_SECONDS}\n',
+                         f'docker_config = "{volume / SECRET_KEY}"\n')
     service = snapshotter_factory(None, True, None, "--config", str(config))
     daemon = start_containerd(ctrd_base, proxy_config(service.address))
     try:
