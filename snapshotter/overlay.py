@@ -71,6 +71,7 @@ class OverlaySnapshotter:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
         self._index_off = _overlay_index_supported()
         self._lazy_names: dict[int, str] = {}  # lazy snapshot id -> its FUSE directory
+        self._mounting: set[str] = set()  # FUSE directories of lazy layers being committed
 
     async def close(self) -> None:
         await self._run(self.meta.close)
@@ -154,6 +155,15 @@ class OverlaySnapshotter:
         staging = await asyncio.to_thread(tempfile.mkdtemp, prefix="new-",
                                           dir=self.snapshots_dir)
         name = f"l{secrets.token_hex(8)}"  # its directory in the FUSE mount
+        self._mounting.add(name)  # served before it has a snapshot: not a leftover
+        try:
+            await self._serve_and_commit(key, source, parent, labels, staging, name)
+        finally:
+            self._mounting.discard(name)
+
+    async def _serve_and_commit(self, key: str, source: LayerSource, parent: str,
+                                labels: dict[str, str], staging: str, name: str) -> None:
+        assert self.lazy is not None
         try:
             size = await self.lazy.mount_remote(name, staging, source)
         except NotLazy as exc:
@@ -226,8 +236,10 @@ class OverlaySnapshotter:
                 record = await asyncio.to_thread(read_layer_record, directory)
                 name = os.path.basename(os.readlink(os.path.join(directory, "fs")))
                 wanted[name] = (sid, record.digest)
-        self._lazy_names = {sid: name for name, (sid, _) in wanted.items()}
+        self._lazy_names.update({sid: name for name, (sid, _) in wanted.items()})
         for name, digest in list(self.lazy.layers.items()):
+            if name in self._mounting:
+                continue  # a Prepare is committing it
             if name not in wanted or wanted[name][1] != digest:
                 log.info("lazy layer %s (%s) has no snapshot: unmounting it", name, digest)
                 await self.lazy.unmount(name)
