@@ -83,8 +83,6 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
     ])
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    _prepare_socket(config.address)
-    server.add_insecure_port(f"unix:{config.address}")
     endpoint = None
     warm = _warm_set(config, lazy, client)
     if config.metrics_address:
@@ -93,6 +91,10 @@ async def serve(config: Config, config_path: str | None = None) -> None:
                                 routes=warm_routes(warm) if warm else None,
                                 more_metrics=lazy.metrics if lazy else None)
         await endpoint.start()
+    # The socket accepts connections from here on: whoever waits for it finds the
+    # probes up already.
+    _prepare_socket(config.address)
+    server.add_insecure_port(f"unix:{config.address}")
     await server.start()
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
