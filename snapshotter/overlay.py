@@ -199,10 +199,6 @@ class OverlaySnapshotter:
             os.rename(staging, self._dir(snap.id))
         return snap
 
-    def _lazy_name(self, sid: int) -> str | None:
-        """The directory in the FUSE mount that serves snapshot `sid`, if it is lazy."""
-        return self._lazy_names.get(sid)
-
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
         await self._wait_for_lazy_ids(snap.parent_ids)
 
@@ -220,7 +216,7 @@ class OverlaySnapshotter:
     async def _wait_for_lazy_ids(self, ids: list[int]) -> None:
         if self.lazy is None:
             return
-        names = [n for n in map(self._lazy_name, ids) if n is not None and n in self.lazy.layers]
+        names = [n for n in map(self._lazy_names.get, ids) if n in self.lazy.layers]
         await self.lazy.wait_prefetched(names, self.prefetch_timeout)
 
     async def restore_lazy_layers(self) -> int:

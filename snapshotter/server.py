@@ -53,11 +53,12 @@ async def _fuse_manager(config: Config, config_path: str | None) -> FuseManagerC
     return manager
 
 
-def _warm_set(config: Config, lazy: FuseManagerClient | None,
-              registry: RegistryClient) -> WarmSet | None:
+def _warm_set(config: Config, lazy: FuseManagerClient | None) -> WarmSet | None:
     """The warm set, if the config names one (no warm_set and no warm_set_dir: None)."""
     if not config.warm_set and not config.warm_set_dir:
         return None
+    registry = RegistryClient(hosts=HostsConfig(config.hosts_dir),
+                              credentials=CredentialStore(config.docker_config or None))
     return WarmSet(parse_entries(config.warm_set, "warm_set"), registry=registry,
                    containerd_address=config.containerd_address, lazy=lazy,
                    directory=config.warm_set_dir, concurrency=config.warm_concurrency)
@@ -65,8 +66,6 @@ def _warm_set(config: Config, lazy: FuseManagerClient | None,
 
 async def serve(config: Config, config_path: str | None = None) -> None:
     os.makedirs(config.root, mode=0o700, exist_ok=True)
-    client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
-                            credentials=CredentialStore(config.docker_config or None))
     lazy = await _fuse_manager(config, config_path) if config.lazy else None
 
     snapshotter = OverlaySnapshotter(config.root, lazy, config.prefetch_timeout_seconds)
@@ -84,7 +83,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     ])
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     endpoint = None
-    warm = _warm_set(config, lazy, client)
+    warm = _warm_set(config, lazy)
     if config.metrics_address:
         host, port = metrics_host_port(config.metrics_address)
         endpoint = HttpEndpoint(host, port, ready=warm.ready if warm else lambda: (True, "ready"),
@@ -115,7 +114,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         await endpoint.stop()
     if lazy is not None:
         await lazy.close()  # the manager keeps serving the running containers
-    await client.aclose()
+    if warm is not None:
+        await warm.registry.aclose()
     await snapshotter.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(config.address)

@@ -24,6 +24,7 @@ from ..lazy.manager import LazyLayers
 from ..lazy.profiles import ProfileRecorder
 from .protocol import (
     INTERNAL,
+    INVALID,
     MAX_LINE_BYTES,
     ManagerError,
     bound_socket,
@@ -108,7 +109,7 @@ class _Connection:
             answer["id"] = request.get("id")
             args = request.get("args", {})
             if not isinstance(args, dict):
-                raise ManagerError("invalid", "args must be an object")
+                raise ManagerError(INVALID, "args must be an object")
             answer["result"] = await self.service.handle(str(request.get("op")), args)
         except ManagerError as exc:
             answer["error"] = {"kind": exc.kind, "message": str(exc)}

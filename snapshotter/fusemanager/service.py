@@ -1,8 +1,10 @@
 """The FUSE manager's operations: what the snapshotter may ask of the lazy layers.
 
-Layers are named by the snapshotter (its snapshot ids) and found on disk in the
-snapshot's directory (`toc` and `layer.json`), so a mount request carries a path,
-not the TOC. Warm-set questions name a layer by its blob digest.
+Layers are named by the snapshotter (their directories in the FUSE mount). A new
+layer is opened from the registry and its TOC stored in the directory the request
+names (`toc` and `layer.json`); a layer served again after a restart is loaded from
+that directory, so no request carries a TOC. Warm-set questions name a layer by its
+blob digest.
 """
 
 import asyncio
@@ -107,7 +109,6 @@ class FuseManagerService:
             remote = await open_remote_layer(self.lazy.client, wanted)
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
-        assert remote.layer is not None
         await asyncio.to_thread(write_layer_files, directory, remote)
         if name not in self.lazy.layers:
             self.lazy.mount(name, LayerRecord.of(remote), remote.layer)

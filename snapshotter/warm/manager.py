@@ -397,7 +397,7 @@ class WarmSet:
     async def _protect(self, entry: WarmImage, plan: PullPlan, owner: str) -> None:
         if self.lazy is None:
             return
-        lazy = [d.digest for d in plan.layers if self.lazy.serves(d.digest)]
+        lazy = self._lazy_layers(d.digest for d in plan.layers)
         await self.lazy.protect(owner, lazy, entry.spec.policy == "full")
 
     async def _release(self, owner: str) -> None:
@@ -448,19 +448,20 @@ class WarmSet:
 
     # -- layers and chunks ------------------------------------------------------------
 
-    def _lazy_layers(self, layers: list[tuple[str, int]]) -> list[str]:
-        """The digests of these layers that are served lazily."""
+    def _lazy_layers(self, digests: Iterable[str]) -> list[str]:
+        """The layer digests among these that are served lazily."""
         lazy = self.lazy
-        return [d for d, _ in layers if lazy is not None and lazy.serves(d)]
+        return [d for d in digests if lazy is not None and lazy.serves(d)]
 
     async def _missing_chunks(self, entry: WarmImage, layers: list[tuple[str, int]]) -> str:
-        assert self.lazy is not None or not self._lazy_layers(layers)
+        if self.lazy is None:
+            return ""
         full = entry.spec.policy == "full"
         incomplete = ""
-        for digest in self._lazy_layers(layers):
+        for digest in self._lazy_layers(d for d, _ in layers):
             # Every layer is asked (no early return): asking also drops the cache's
             # index entries whose files are gone, so the fetch that follows gets them.
-            if await self.lazy.chunks_missing(digest, full) and not incomplete:  # type: ignore[union-attr]
+            if await self.lazy.chunks_missing(digest, full) and not incomplete:
                 incomplete = f"chunks of layer {digest} are not cached"
         return incomplete
 
@@ -479,7 +480,7 @@ class WarmSet:
 
     async def _fetch(self, entry: WarmImage, plan: PullPlan) -> None:
         """Fetch the lazy layers' chunks the policy wants into the cache."""
-        lazy = self._lazy_layers([(d.digest, d.size) for d in plan.layers])
+        lazy = self._lazy_layers(d.digest for d in plan.layers)
         if not lazy or self.lazy is None:
             return
         full = entry.spec.policy == "full"
