@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from estargz import BlobReader, BuildOptions, Compression, FileSource, FormatError, build
+from estargz import TOC, BlobReader, BuildOptions, Compression, FileSource, FormatError, build
 from estargz.verify import verify_blob
 
 
@@ -109,5 +109,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _toc(args: argparse.Namespace) -> int:
     with FileSource.open(args.blob) as source:
         reader = BlobReader.open(source, args.toc_digest)
-    sys.stdout.buffer.write(reader.layer.toc.to_json_bytes() + b"\n")
+        with reader.layer:
+            toc = TOC(entries=list(reader.toc_entries()))
+    sys.stdout.buffer.write(toc.to_json_bytes() + b"\n")
     return 0

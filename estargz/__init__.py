@@ -6,9 +6,16 @@ sources it is handed and keeps no I/O policy of its own.
 
 from .errors import DigestMismatch, FooterError, FormatError, TarError, TOCError, VerificationError
 from .footer import Compression, Footer, parse_footer
-from .layer import Chunk, Layer, Node
+from .layer import Chunk, Layer, Node, Span
 from .reader import BlobReader, BlobSource, FileSource, decode_chunk, load_toc
-from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOCEntry, parse_toc
+from .toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOCEntry,
+    iter_toc_entries,
+    parse_toc,
+)
 from .writer import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
@@ -36,12 +43,14 @@ __all__ = [
     "FormatError",
     "Layer",
     "Node",
+    "Span",
     "TOCEntry",
     "TOCError",
     "TarError",
     "VerificationError",
     "build",
     "decode_chunk",
+    "iter_toc_entries",
     "load_toc",
     "parse_footer",
     "parse_toc",

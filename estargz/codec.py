@@ -8,6 +8,8 @@ import struct
 import sys
 import threading
 import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import zstandard
 
@@ -108,3 +110,42 @@ def decompress_all(compression: Compression, data: bytes, limit: int) -> bytes:
     except (zlib.error, zstandard.ZstdError) as exc:
         raise FormatError(f"corrupt compressed data: {exc}") from None
     return bytes(out)
+
+
+def inflate_stream(compression: Compression, read: Callable[[int], bytes], limit: int,
+                   piece: int = 1 << 20) -> Iterator[bytes]:
+    """Decompress every member of the stream `read(n)` returns, in pieces of at most
+    `piece` bytes, refusing output beyond `limit` bytes."""
+    produced = 0
+    pending = b""
+    try:
+        while True:
+            if not pending:
+                pending = read(piece)
+                if not pending:
+                    return
+            if compression is Compression.GZIP:
+                inflater: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                inflater = zstandard.ZstdDecompressor().decompressobj()
+            while True:
+                if compression is Compression.GZIP:
+                    out = inflater.decompress(pending, piece)
+                    pending = inflater.unconsumed_tail
+                else:  # no output bound: feed small pieces (see _ZSTD_FEED)
+                    out = inflater.decompress(pending[:_ZSTD_FEED])
+                    pending = pending[_ZSTD_FEED:]
+                produced += len(out)
+                if produced > limit:
+                    raise FormatError(f"decompresses to more than {limit} bytes")
+                if out:
+                    yield out
+                if inflater.eof:
+                    pending = inflater.unused_data + pending
+                    break
+                if not pending:
+                    pending = read(piece)
+                    if not pending:
+                        raise FormatError("compressed member is truncated")
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise FormatError(f"corrupt compressed data: {exc}") from None

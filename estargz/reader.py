@@ -7,18 +7,24 @@ The parsing steps are plain functions over bytes (`parse_footer`, `load_toc`,
 
 import hashlib
 import io
+import itertools
 import os
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
-from .codec import decompress_all, decompress_span
-from .digests import sha256_digest
+from .codec import decompress_span, inflate_stream
 from .errors import DigestMismatch, FormatError, TOCError
 from .footer import MAX_FOOTER_SIZE, Compression, Footer, parse_footer
 from .layer import Chunk, Layer, Node
-from .toc import DEFAULT_MAX_TOC_SIZE, TOC_TAR_NAME, parse_toc
+from .toc import DEFAULT_MAX_TOC_SIZE, TOC_TAR_NAME, TOCEntry, iter_toc_entries
 
 _BLOCK = 512
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class BlobSource(Protocol):
@@ -67,12 +73,20 @@ class FileSource:
         self.close()
 
 
-def toc_json_from_member(compression: Compression, data: bytes, limit: int) -> bytes:
-    """The TOC JSON held in the compressed TOC bytes that the footer points at."""
+def _toc_json_pieces(compression: Compression, read: Callable[[int], bytes],
+                     limit: int) -> Iterator[bytes]:
+    """The TOC JSON held in the compressed TOC bytes that the footer points at, in
+    pieces: for gzip it is the content of the tar entry the member holds."""
     if compression is Compression.ZSTD:
-        return decompress_all(compression, data, limit)
-    stream = decompress_all(compression, data, limit + 4 * _BLOCK)
-    header = stream[:_BLOCK]
+        yield from inflate_stream(compression, read, limit)
+        return
+    pieces = inflate_stream(compression, read, limit + 4 * _BLOCK)
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= _BLOCK:
+            break
+    header, rest = head[:_BLOCK], head[_BLOCK:]
     if len(header) < _BLOCK:
         raise TOCError("TOC member is too short to hold a tar header")
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -84,33 +98,89 @@ def toc_json_from_member(compression: Compression, data: bytes, limit: int) -> b
         raise TOCError("TOC tar header has a malformed size") from None
     if size > limit:
         raise TOCError(f"TOC of {size} bytes exceeds the limit of {limit}")
-    if _BLOCK + size > len(stream):
+    left = size
+    for piece in itertools.chain([rest], pieces):
+        if piece[:left]:
+            yield piece[:left]
+        left -= min(left, len(piece))
+        if not left:
+            break
+    if left:
         raise TOCError("TOC member is truncated")
-    return stream[_BLOCK : _BLOCK + size]
+    for _ in pieces:  # the rest of the member must still decompress
+        pass
 
 
-def load_toc(
-    footer: Footer,
-    toc_bytes: bytes,
-    expected_digest: str | None,
-    max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
-) -> Layer:
-    """Verify and index the TOC. `expected_digest` is the layer's toc.digest
-    annotation; pass None only to inspect a blob that nothing vouches for."""
-    if footer.toc_length > max_toc_size:
-        raise TOCError(f"compressed TOC of {footer.toc_length} bytes exceeds the limit")
-    if footer.toc_uncompressed_size is not None and footer.toc_uncompressed_size > max_toc_size:
-        raise TOCError(f"TOC of {footer.toc_uncompressed_size} bytes exceeds the limit")
+def toc_json_from_member(compression: Compression, data: bytes, limit: int) -> bytes:
+    """The TOC JSON held in the compressed TOC bytes, in memory (small TOCs only)."""
+    return b"".join(_toc_json_pieces(compression, io.BytesIO(data).read, limit))
+
+
+def spool_toc_json(footer: Footer, toc: bytes | Readable, limit: int, out: BinaryIO) -> str:
+    """Decompress the TOC (the bytes at the footer's toc_offset, or a file holding
+    them) into `out`; returns the digest of the JSON."""
+    read = io.BytesIO(toc).read if isinstance(toc, bytes | bytearray) else toc.read
+    hasher = hashlib.sha256()
     try:
-        toc_json = toc_json_from_member(footer.compression, toc_bytes, max_toc_size)
+        for piece in _toc_json_pieces(footer.compression, read, limit):
+            hasher.update(piece)
+            out.write(piece)
     except TOCError:
         raise
     except FormatError as exc:
         raise TOCError(f"cannot decompress the TOC: {exc}") from None
-    digest = sha256_digest(toc_json)
-    if expected_digest is not None and digest != expected_digest:
-        raise DigestMismatch(f"TOC digest is {digest}, expected {expected_digest}")
-    return Layer(parse_toc(toc_json), footer, digest)
+    return "sha256:" + hasher.hexdigest()
+
+
+def load_toc(
+    footer: Footer,
+    toc: bytes | Readable,
+    expected_digest: str | None,
+    max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+    *,
+    index_path: str | None = None,
+) -> Layer:
+    """Verify and index the TOC (the compressed bytes the footer points at, or a file
+    holding them). `expected_digest` is the layer's toc.digest annotation; pass None
+    only to inspect a blob that nothing vouches for. The JSON is spooled to a
+    temporary file, checked against the digest and only then parsed, as a stream,
+    into the layer's index (at `index_path` to keep it, else a temporary one)."""
+    if footer.toc_length > max_toc_size:
+        raise TOCError(f"compressed TOC of {footer.toc_length} bytes exceeds the limit")
+    if footer.toc_uncompressed_size is not None and footer.toc_uncompressed_size > max_toc_size:
+        raise TOCError(f"TOC of {footer.toc_uncompressed_size} bytes exceeds the limit")
+    spool_dir = os.path.dirname(index_path) if index_path else None
+    with tempfile.TemporaryFile(dir=spool_dir) as spooled:
+        digest = spool_toc_json(footer, toc, max_toc_size, spooled)
+        if expected_digest is not None and digest != expected_digest:
+            raise DigestMismatch(f"TOC digest is {digest}, expected {expected_digest}")
+        spooled.seek(0)
+        return Layer.build(iter_toc_entries(spooled), footer, digest, index_path=index_path)
+
+
+def iter_blob_toc(source: "BlobSource", footer: Footer,
+                  max_toc_size: int = DEFAULT_MAX_TOC_SIZE) -> Iterator[TOCEntry]:
+    """The entries of a blob's TOC, read again from the blob as a stream (for a
+    full check, which walks them in order beside the tar stream)."""
+    with tempfile.TemporaryFile() as spooled:
+        spool_toc_json(footer, _SourceReader(source, footer.toc_offset, footer.toc_length),
+                       max_toc_size, spooled)
+        spooled.seek(0)
+        yield from iter_toc_entries(spooled)
+
+
+class _SourceReader:
+    """`read(n)` over `length` bytes of a BlobSource from `offset`."""
+
+    def __init__(self, source: "BlobSource", offset: int, length: int):
+        self._source, self._offset, self._left = source, offset, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size < 0 else min(size, self._left)
+        data = self._source.read_at(self._offset, size) if size else b""
+        self._offset += len(data)
+        self._left -= len(data)
+        return data
 
 
 def decode_chunk(compression: Compression, chunk: Chunk, compressed: bytes) -> bytes:
@@ -144,8 +214,15 @@ class BlobReader:
         footer = parse_footer(source.read_at(size - tail_len, tail_len), size)
         if footer.toc_length > max_toc_size:
             raise TOCError(f"compressed TOC of {footer.toc_length} bytes exceeds the limit")
-        toc_bytes = source.read_at(footer.toc_offset, footer.toc_length)
-        return cls(source, load_toc(footer, toc_bytes, toc_digest, max_toc_size))
+        toc = _SourceReader(source, footer.toc_offset, footer.toc_length)
+        return cls(source, load_toc(footer, toc, toc_digest, max_toc_size))
+
+    def toc_entries(self) -> Iterator[TOCEntry]:
+        """The TOC's entries in TOC order, read again from the blob."""
+        return iter_blob_toc(self.source, self.layer.footer)
+
+    def close(self) -> None:
+        self.layer.close()
 
     @property
     def compression(self) -> Compression:

@@ -5,10 +5,14 @@ with its omit-when-empty rules, so TOCs we write look like theirs.
 """
 
 import base64
+import codecs
+import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 from .digests import is_sha256_digest
 from .errors import TOCError
@@ -19,8 +23,13 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
 
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
-# A TOC bigger than this is refused before it is decompressed or parsed.
-DEFAULT_MAX_TOC_SIZE = 64 << 20
+# A TOC bigger than this is refused before or while it is decompressed. TOCs are
+# parsed as a stream into an on-disk index, so this bounds disk and time, not memory:
+# 10^6 files make a TOC of about 300 MB.
+DEFAULT_MAX_TOC_SIZE = 1 << 30
+# One entry's JSON (a file with many xattrs can be large) may be at most this long.
+MAX_ENTRY_TEXT = 64 << 20
+DEFAULT_MAX_ENTRIES = 10_000_000
 _MAX_INT = (1 << 63) - 1
 
 
@@ -200,20 +209,130 @@ class TOC:
         return json.dumps(doc, indent="\t", ensure_ascii=False).encode("utf-8")
 
 
-def parse_toc(data: bytes, *, max_entries: int = 10_000_000) -> TOC:
-    """Parse and structurally validate TOC JSON; semantic checks live in `layer`."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise TOCError(f"TOC is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
+def parse_toc(data: bytes, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> TOC:
+    """Parse and structurally validate TOC JSON held in memory; semantic checks live
+    in `layer`. Large TOCs are read with `iter_toc_entries` instead."""
+    return TOC(entries=list(iter_toc_entries(io.BytesIO(data), max_entries=max_entries)))
+
+
+def iter_toc_entries(stream: BinaryIO, *, max_entries: int = DEFAULT_MAX_ENTRIES
+                     ) -> Iterator[TOCEntry]:
+    """The validated entries of the TOC JSON read from `stream`, one at a time: memory
+    stays bounded by the largest entry, whatever the TOC's size. A TOC whose version
+    turns out to be wrong (it may follow the entries) raises after them."""
+    cursor = _JSONCursor(stream)
+    if not cursor.take("{"):
+        cursor.value()  # raises if the text is not JSON at all
         raise TOCError("TOC JSON is not an object")
-    version = doc.get("version")
-    if version != 1:
-        raise TOCError(f"unsupported TOC version {version!r}")
-    raw_entries = doc.get("entries")
-    if not isinstance(raw_entries, list):
+    version: object = None
+    seen: set[str] = set()
+    count = 0
+    while not cursor.take("}"):
+        if seen:
+            cursor.expect(",", "TOC JSON: expected ',' between members")
+        key = cursor.value()
+        if not isinstance(key, str):
+            raise TOCError("TOC is not valid JSON: object keys must be strings")
+        if key in seen:
+            raise TOCError(f"TOC JSON has the member {key!r} twice")
+        seen.add(key)
+        cursor.expect(":", "TOC JSON: expected ':' after a member name")
+        if key != "entries":
+            value = cursor.value()
+            if key == "version":
+                version = value
+            continue
+        cursor.expect("[", "TOC has no entries list")
+        while not cursor.take("]"):
+            if count:
+                cursor.expect(",", "TOC JSON: expected ',' between entries")
+            if count >= max_entries:
+                raise TOCError(f"TOC has more than {max_entries} entries")
+            yield _entry_from_json(count, cursor.value())
+            count += 1
+    cursor.expect_end()
+    if "entries" not in seen:
         raise TOCError("TOC has no entries list")
-    if len(raw_entries) > max_entries:
-        raise TOCError(f"TOC has {len(raw_entries)} entries, more than {max_entries}")
-    return TOC(entries=[_entry_from_json(i, raw) for i, raw in enumerate(raw_entries)])
+    if version != 1 or isinstance(version, bool):
+        raise TOCError(f"unsupported TOC version {version!r}")
+
+
+class _JSONCursor:
+    """Walks JSON text decoded from a byte stream, decoding one value at a time with
+    the standard decoder and reading more only when a value is cut off."""
+
+    _READ = 1 << 20
+    _WHITESPACE = " \t\n\r"
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._json = json.JSONDecoder()
+        self._text = ""
+        self._pos = 0
+        self._eof = False
+
+    def _fill(self) -> bool:
+        """Read more text; False at the end of the stream."""
+        if self._eof:
+            return False
+        data = self._stream.read(self._READ)
+        try:
+            more = self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError:
+            raise TOCError("TOC is not valid JSON: it is not UTF-8") from None
+        self._eof = not data
+        if self._pos > len(self._text) // 2:  # drop what has been consumed
+            self._text, self._pos = self._text[self._pos:], 0
+        self._text += more
+        return True
+
+    def _skip_whitespace(self) -> str:
+        """The next character that is not white space, "" at the end."""
+        while True:
+            text, pos = self._text, self._pos
+            while pos < len(text) and text[pos] in self._WHITESPACE:
+                pos += 1
+            self._pos = pos
+            if pos < len(text):
+                return text[pos]
+            if not self._fill():
+                return ""
+
+    def take(self, char: str) -> bool:
+        if self._skip_whitespace() == char:
+            self._pos += 1
+            return True
+        return False
+
+    def expect(self, char: str, problem: str) -> None:
+        if not self.take(char):
+            raise TOCError(problem if self._skip_whitespace()
+                           else "TOC is not valid JSON: it ends early")
+
+    def expect_end(self) -> None:
+        if self._skip_whitespace():
+            raise TOCError("TOC is not valid JSON: extra data after the object")
+
+    def value(self) -> object:
+        if not self._skip_whitespace():
+            raise TOCError("TOC is not valid JSON: it ends early")
+        while True:
+            try:
+                value, end = self._json.raw_decode(self._text, self._pos)
+            except json.JSONDecodeError as exc:
+                if self._grow():
+                    continue
+                raise TOCError(f"TOC is not valid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise TOCError("TOC is not valid JSON: nested too deeply") from None
+            # A number (or anything) that ends where the text ends may go on.
+            if end == len(self._text) and self._grow():
+                continue
+            self._pos = end
+            return value
+
+    def _grow(self) -> bool:
+        if len(self._text) - self._pos > MAX_ENTRY_TEXT:
+            raise TOCError(f"a TOC value is longer than {MAX_ENTRY_TEXT} characters")
+        return self._fill()

@@ -125,7 +125,7 @@ class _Checker:
         self.layer: Layer = reader.layer
         footer = self.layer.footer
         self.compression = footer.compression
-        entries = self.layer.toc.entries
+        self.entries = entries = list(reader.toc_entries())
         chunk_starts = {e.offset for e in entries if e.has_payload}
         bounds = sorted({0, *chunk_starts, footer.payload_end})
         if self.compression is Compression.GZIP:
@@ -140,7 +140,7 @@ class _Checker:
         self.group_names: dict[int, str] = {}
 
     def run(self) -> None:
-        entries = self.layer.toc.entries
+        entries = self.entries
         index = 0
         try:
             with tarfile.open(
@@ -170,7 +170,7 @@ class _Checker:
                 )
 
     def _check_entry(self, archive: tarfile.TarFile, member: tarfile.TarInfo, index: int) -> int:
-        entries = self.layer.toc.entries
+        entries = self.entries
         entry = entries[index]
         if entry.type == "chunk":
             raise VerificationError(f"TOC chunk entry {entry.name!r} has no regular file")
@@ -226,18 +226,18 @@ def verify_blob(
 ) -> VerifyReport:
     """Check the whole blob; raises a `FormatError` subclass naming the first problem."""
     reader = BlobReader.open(source, toc_digest, max_toc_size)
-    checker = _Checker(reader)
-    checker.run()
-    layer = reader.layer
-    return VerifyReport(
-        compression=layer.footer.compression,
-        blob_size=source.size,
-        toc_digest=layer.toc_digest,
-        diff_id="sha256:" + checker.stream.hash.hexdigest(),
-        uncompressed_size=checker.stream.position,
-        entries=len(layer.toc.entries),
-        regular_files=checker.files,
-        chunks=checker.chunks,
-        members=checker.members,
-        prefetch_size=layer.prefetch_size,
-    )
+    with reader.layer as layer:
+        checker = _Checker(reader)
+        checker.run()
+        return VerifyReport(
+            compression=layer.footer.compression,
+            blob_size=source.size,
+            toc_digest=layer.toc_digest,
+            diff_id="sha256:" + checker.stream.hash.hexdigest(),
+            uncompressed_size=checker.stream.position,
+            entries=len(checker.entries),
+            regular_files=checker.files,
+            chunks=checker.chunks,
+            members=checker.members,
+            prefetch_size=layer.prefetch_size,
+        )

@@ -8,6 +8,7 @@ workers.
 """
 
 import hashlib
+import io
 import os
 import tarfile
 from collections import deque
@@ -31,7 +32,7 @@ from .toc import (
     TOCEntry,
     clean_name,
     format_modtime,
-    parse_toc,
+    iter_toc_entries,
 )
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -317,7 +318,7 @@ class _Builder:
         footer = Footer(compression=self.compression, toc_offset=payload_end, toc_length=0,
                         payload_end=payload_end, footer_size=0)
         try:
-            Layer(parse_toc(toc_json), footer, "")
+            Layer.build(iter_toc_entries(io.BytesIO(toc_json)), footer, "").close()
         except TOCError as exc:
             raise TarError(f"the tar cannot be a layer: {exc}") from None
 

@@ -439,9 +439,10 @@ def layer_of(path: str) -> int:
 def prefetched_files(registry, layer: dict) -> list[str]:
     """Regular files before the prefetch landmark of a converted layer, in blob order."""
     with FileSource.open(str(registry.blob_data_path(layer["digest"]))) as source:
-        tree = BlobReader.open(source, layer["toc_digest"]).layer
+        reader = BlobReader.open(source, layer["toc_digest"])
+        tree, entries = reader.layer, list(reader.toc_entries())
     files = []
-    for entry in tree.toc.entries:
+    for entry in entries:
         if entry.name in (".prefetch.landmark", ".no.prefetch.landmark"):
             assert entry.name == ".prefetch.landmark" or not files
             return files

@@ -186,7 +186,9 @@ def blob(registry, tmp_path_factory) -> Blob:
 def small_files_in_toc_order(blob: Blob) -> list[str]:
     """The non-prioritized small files in the order the TOC (and the blob) holds them."""
     wanted = set(SMALL_FILES) - set(PRIORITIZED)
-    return [e.name for e in blob.layer.toc.entries if e.type == "reg" and e.name in wanted]
+    with estargz.FileSource.open(str(blob.path)) as source:
+        entries = estargz.reader.iter_blob_toc(source, blob.layer.footer)
+        return [e.name for e in entries if e.type == "reg" and e.name in wanted]
 
 
 # -- reading ------------------------------------------------------------------------------

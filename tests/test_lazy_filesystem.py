@@ -628,33 +628,38 @@ def test_removed_layers_stay_usable_until_the_kernel_forgets_them(layers: LazyMo
     tar_bytes = full_coverage_tar()
     blob = layers.blob(tar_bytes)
 
-    def inode_count() -> int:
-        return layers.on_loop(lambda: layers.fs.inode_count)  # type: ignore[no-any-return]
+    def references() -> int:
+        return layers.on_loop(lambda: layers.fs.kernel_references)  # type: ignore[no-any-return]
 
-    def settled_count() -> int:
+    def retained() -> list[str]:
+        return layers.on_loop(layers.fs.retained_layer_names)  # type: ignore[no-any-return]
+
+    def settled_references() -> int:
         drop_kernel_dentries_and_inodes()  # the kernel sends FORGET for what it drops
-        count, deadline = inode_count(), time.monotonic() + 10
+        count, deadline = references(), time.monotonic() + 10
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            if inode_count() == count:
+            if references() == count:
                 return count
-            count = inode_count()
+            count = references()
         return count
 
-    baseline = settled_count()
+    baseline = settled_references()
     root = layers.add("forgettable", blob.layer, blob.read)
     for path, _ in walk(root):  # readdirplus and lookups both make the kernel hold inodes
         os.lstat(root / path)
     distinct = {id(want) for want in expected_tree(tar_bytes).values()}  # hard links share
-    assert inode_count() == baseline + len(distinct)
+    assert references() >= baseline + len(distinct)
     file_fd = os.open(root / "usr/bin/tool", os.O_RDONLY)  # its dentry came from readdirplus
     try:
         layers.remove("forgettable")
         assert not root.exists()
+        assert retained() == ["forgettable"]
         assert os.pread(file_fd, 1000, 250_000) == big_payload(300_000)[250_000:251_000]
     finally:
         os.close(file_fd)
-    assert settled_count() == baseline
+    assert settled_references() == baseline
+    assert retained() == []  # every inode forgotten: the layer is gone for good
 
     # Reached by lookups alone (nothing listed), then held open across removal.
     root = layers.add("forgettable", blob.layer, blob.read)
@@ -663,7 +668,7 @@ def test_removed_layers_stay_usable_until_the_kernel_forgets_them(layers: LazyMo
     try:
         layers.remove("forgettable")
         assert not root.exists()
-        assert settled_count() > baseline
+        assert settled_references() > baseline and retained() == ["forgettable"]
         # The kernel still holds these inodes, so they must still answer.
         assert os.pread(file_fd, 1000, 250_000) == big_payload(300_000)[250_000:251_000]
         assert os.fstat(file_fd).st_size == 300_000
@@ -671,7 +676,8 @@ def test_removed_layers_stay_usable_until_the_kernel_forgets_them(layers: LazyMo
     finally:
         os.close(file_fd)
         os.close(dir_fd)
-    assert settled_count() == baseline
+    assert settled_references() == baseline
+    assert retained() == []
 
 
 def test_kernel_caches_entries_and_attributes(layers: LazyMount) -> None:

@@ -113,9 +113,9 @@ def test_reader_tree_matches_the_input(compression: Compression) -> None:
         if info.isdev():
             assert (node.dev_major, node.dev_minor) == (info.devmajor, info.devminor)
     tool, link = reader.lookup("usr/bin/tool"), reader.lookup("usr/bin/tool-link")
-    assert tool is link and tool.nlink == 2
+    assert tool == link and tool.nlink == 2
     assert len(tool.chunks) == -(-tool.size // CHUNK)
-    assert reader.lookup("deep/long-hardlink") is reader.lookup(LONG_NAME)
+    assert reader.lookup("deep/long-hardlink") == reader.lookup(LONG_NAME)
     assert reader.lookup("dev/pipe").kind == "fifo"
     assert reader.lookup("var/.wh.cache").is_whiteout
     assert reader.lookup("opt").is_opaque_dir and not reader.lookup("etc").is_opaque_dir
@@ -220,7 +220,7 @@ def test_verifier_accepts_what_the_writer_wrote(compression: Compression) -> Non
     assert report.diff_id == result.diff_id
     assert report.uncompressed_size == result.uncompressed_size
     assert report.prefetch_size == result.prefetch_size
-    assert report.chunks == sum(1 for e in open_reader(blob, result.toc_digest).layer.toc.entries
+    assert report.chunks == sum(1 for e in open_reader(blob, result.toc_digest).toc_entries()
                                 if e.has_payload)
 
 

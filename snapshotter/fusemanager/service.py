@@ -16,11 +16,18 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from estargz import Layer
 from oci.reference import Reference, ReferenceError
 
 from ..errors import Unavailable
-from ..lazy.layer_chunks import Span, bytes_cached, chunks_missing, spans_of, wanted_digests
-from ..lazy.manager import LayerRecord, LazyLayers, load_layer_files, write_layer_files
+from ..lazy.layer_chunks import bytes_cached, chunks_missing, wanted_digests
+from ..lazy.manager import (
+    INDEX_FILE,
+    LayerRecord,
+    LazyLayers,
+    load_layer_files,
+    write_layer_files,
+)
 from ..lazy.metrics import REGISTRY
 from ..lazy.remote import LayerSource, NotLazy, open_remote_layer
 from .protocol import (
@@ -44,7 +51,6 @@ def _check_name(name: str) -> None:
 class FuseManagerService:
     def __init__(self, lazy: LazyLayers):
         self.lazy = lazy
-        self._spans: dict[str, list[Span]] = {}  # layer digest -> spans
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount,
@@ -106,7 +112,8 @@ class FuseManagerService:
         except (KeyError, TypeError, ReferenceError) as exc:
             raise ManagerError(INVALID, f"bad layer source: {exc}") from None
         try:
-            remote = await open_remote_layer(self.lazy.client, wanted)
+            remote = await open_remote_layer(self.lazy.client, wanted,
+                                             index_path=os.path.join(directory, INDEX_FILE))
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
         await asyncio.to_thread(write_layer_files, directory, remote)
@@ -116,9 +123,8 @@ class FuseManagerService:
 
     def _served(self, name: str) -> dict[str, Any]:
         mounted = self.lazy.layers[name]
-        size = sum(node.size for _, node in mounted.fetcher.layer.walk() if node.kind == "reg")
         return {"path": self.lazy.path_of(name), "digest": mounted.record.digest,
-                "size": size}
+                "size": mounted.fetcher.layer.regular_bytes}
 
     async def unmount(self, name: str) -> None:
         await self.lazy.unmount(name)
@@ -134,13 +140,8 @@ class FuseManagerService:
                 return mounted
         raise ManagerError(NOT_FOUND, f"no lazy layer {digest} is mounted")
 
-    def _spans_of(self, digest: str) -> list[Span]:
-        spans = self._spans.get(digest)
-        if spans is None:
-            spans = self._spans[digest] = spans_of(self._mounted(digest).fetcher.layer)
-            served = {m.record.digest for m in self.lazy.layers.values()}
-            self._spans = {d: s for d, s in self._spans.items() if d in served}
-        return spans
+    def _layer(self, digest: str) -> Layer:
+        return self._mounted(digest).fetcher.layer
 
     async def fetch(self, digest: str, full: bool) -> None:
         """Fetch the chunks a policy wants: the prefetch region, or the whole layer."""
@@ -154,18 +155,18 @@ class FuseManagerService:
             await mounted.fetcher.fetch_all()
 
     async def chunks_missing(self, digest: str, full: bool) -> bool:
-        spans = self._spans_of(digest)
-        return await asyncio.to_thread(chunks_missing, spans, full, self.lazy.cache)
+        return await asyncio.to_thread(chunks_missing, self._layer(digest), full,
+                                       self.lazy.cache)
 
     async def layer_bytes(self, digest: str) -> list[int]:
-        return list(bytes_cached(self._spans_of(digest), self.lazy.cache))
+        return list(await asyncio.to_thread(bytes_cached, self._layer(digest), self.lazy.cache))
 
     async def protect(self, owner: str, digests: list[str], full: bool) -> None:
         """Protect the wanted chunks of these layers (the mounted ones) for `owner`."""
         chunks: list[str] = []
         for digest in digests:
             with contextlib.suppress(ManagerError):
-                chunks.extend(wanted_digests(self._spans_of(digest), full))
+                chunks.extend(await asyncio.to_thread(wanted_digests, self._layer(digest), full))
         self.lazy.cache.protect(chunks, owner)
 
     async def release(self, owner: str) -> None:

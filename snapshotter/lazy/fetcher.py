@@ -26,7 +26,6 @@ no on-demand or prefetch request waits for one, and hold at most one slot.
 """
 
 import asyncio
-import bisect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 
-from estargz import Chunk, FormatError, Layer, Node, decode_chunk
+from estargz import Chunk, FormatError, Layer, Node, Span, decode_chunk
 
 from .chunk_cache import ChunkCache
 from .metrics import REGISTRY
@@ -86,18 +85,6 @@ class FetchStats:
     def count(self, kind: str, requests: int = 0, nbytes: int = 0) -> None:
         setattr(self, f"{kind}_requests", getattr(self, f"{kind}_requests") + requests)
         setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
-
-
-@dataclass(frozen=True)
-class _Span:
-    offset: int
-    end: int
-    chunks: tuple[Chunk, ...]
-    small: bool  # holds a chunk of a file of at most small_file_bytes
-
-    @property
-    def size(self) -> int:
-        return self.end - self.offset
 
 
 class RequestSlots:
@@ -198,33 +185,9 @@ class LayerFetcher:
         self._slots = RequestSlots(concurrency)
         self._bucket = TokenBucket(background_bytes_per_second) \
             if background_bytes_per_second else None
-        self._spans = self._spans_of(layer)
-        self._span_offsets = [span.offset for span in self._spans]
-        self._span_index = {span.offset: i for i, span in enumerate(self._spans)}
-        self._digests = frozenset(c.digest for span in self._spans for c in span.chunks)
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._refused: set[str] = set()  # chunks that failed verification twice
         self._tasks: set[asyncio.Task[int]] = set()
-
-    def _spans_of(self, layer: Layer) -> list[_Span]:
-        seen: set[int] = set()
-        chunks: list[tuple[Chunk, int]] = []
-        for _, node in layer.walk():
-            if node.kind == "reg" and id(node) not in seen:  # hard links: one node
-                seen.add(id(node))
-                chunks.extend((chunk, node.size) for chunk in node.chunks)
-        chunks.sort(key=lambda item: (item[0].blob_offset, item[0].inner_offset))
-        spans: list[_Span] = []
-        members: list[Chunk] = []
-        small = False
-        for index, (chunk, file_size) in enumerate(chunks):
-            members.append(chunk)
-            small = small or file_size <= self.small_file_bytes
-            following = chunks[index + 1][0] if index + 1 < len(chunks) else None
-            if following is None or following.blob_offset != chunk.blob_offset:
-                spans.append(_Span(chunk.blob_offset, chunk.blob_end, tuple(members), small))
-                members, small = [], False
-        return spans
 
     # -- reading ----------------------------------------------------------------------
 
@@ -252,7 +215,7 @@ class LayerFetcher:
 
     def is_complete(self) -> bool:
         """Whether every chunk of the layer is in the cache."""
-        return all(digest in self.cache for digest in self._digests)
+        return all(digest in self.cache for digest in self.layer.chunk_digests())
 
     async def _gather(self, chunks: Iterable[Chunk]) -> dict[str, bytes]:
         wanted = {chunk.digest: chunk for chunk in chunks}  # equal digests: equal bytes
@@ -295,36 +258,36 @@ class LayerFetcher:
         the caller looked (the caller reads it from the cache then)."""
         if check_cache and chunk.digest in self.cache:
             return None
-        index = self._span_index.get(chunk.blob_offset)
+        index = self.layer.span_index(chunk.blob_offset)
         if index is None:  # not a chunk of a reachable file: fetch just its span
-            run = [_Span(chunk.blob_offset, chunk.blob_end, (chunk,), False)]
+            run = [Span(chunk.blob_offset, chunk.blob_end, (chunk,), chunk.size)]
         else:
-            span = self._spans[index]
-            if span.small:
+            span = self.layer.span(index)
+            if span.smallest_file <= self.small_file_bytes:
                 budget = self.window_bytes
             elif kind == DEMAND:
                 budget = min(self.max_request_bytes, span.size + self.demand_readahead_bytes)
             else:
                 budget = self.max_request_bytes
-            run = self._run_from(index, budget, len(self._spans))
+            run = self._run_from(index, budget, self.layer.span_count)
         futures = self._register(run, must=chunk.digest)
         self._start(run, futures, kind)
         return futures[chunk.digest]
 
-    def _needed(self, span: _Span, as_neighbour: bool = False) -> bool:
+    def _needed(self, span: Span, as_neighbour: bool = False) -> bool:
         # A chunk that failed verification is fetched again only when asked for itself,
         # not as every neighbour's passenger.
         return any(c.digest not in self._inflight and c.digest not in self.cache
                    and not (as_neighbour and c.digest in self._refused)
                    for c in span.chunks)
 
-    def _run_from(self, index: int, budget: int, stop: int) -> list[_Span]:
+    def _run_from(self, index: int, budget: int, stop: int) -> list[Span]:
         """Span `index` and the adjacent needed spans after it (before `stop`) that fit
         in `budget` bytes together."""
-        run = [self._spans[index]]
+        run = [self.layer.span(index)]
         total = run[0].size
         for following in range(index + 1, stop):
-            span = self._spans[following]
+            span = self.layer.span(following)
             if span.offset != run[-1].end or total + span.size > budget \
                     or not self._needed(span, as_neighbour=True):
                 break
@@ -332,7 +295,7 @@ class LayerFetcher:
             total += span.size
         return run
 
-    def _register(self, run: list[_Span], must: str | None = None
+    def _register(self, run: list[Span], must: str | None = None
                   ) -> dict[str, asyncio.Future[bytes]]:
         """Futures for the chunks of `run` that nobody has or fetches yet."""
         loop = asyncio.get_running_loop()
@@ -349,7 +312,7 @@ class LayerFetcher:
                 self._inflight[digest] = futures[digest] = future
         return futures
 
-    def _start(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+    def _start(self, run: list[Span], futures: dict[str, asyncio.Future[bytes]],
                kind: str) -> asyncio.Task[int]:
         task = asyncio.create_task(self._request(run, futures, kind))
         self._tasks.add(task)
@@ -358,7 +321,7 @@ class LayerFetcher:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def _request(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+    async def _request(self, run: list[Span], futures: dict[str, asyncio.Future[bytes]],
                        kind: str) -> int:
         try:
             async with self._slots.slot(background=kind == BACKGROUND):
@@ -367,7 +330,7 @@ class LayerFetcher:
             # Cancelled while waiting for a slot: the futures must not hang.
             self._fail(futures, ChunkFetchError("the fetch was cancelled"))
 
-    async def _transfer(self, run: list[_Span], futures: dict[str, asyncio.Future[bytes]],
+    async def _transfer(self, run: list[Span], futures: dict[str, asyncio.Future[bytes]],
                         kind: str) -> int:
         """Fetch `run`, verify, cache and hand out its chunks; fetch failed ones again
         once. Returns the bytes fetched. Every future is done when this returns."""
@@ -409,7 +372,7 @@ class LayerFetcher:
         FETCH_BYTES.labels(kind).inc(len(data))
         return data
 
-    async def _settle(self, spans: list[_Span], data: bytes,
+    async def _settle(self, spans: list[Span], data: bytes,
                       futures: dict[str, asyncio.Future[bytes]]) -> dict[str, str]:
         """Verify and cache the chunks of `futures` found in `data` (the bytes of
         `spans`), resolve their futures; returns digest -> reason for those that failed."""
@@ -424,7 +387,7 @@ class LayerFetcher:
                 future.set_result(chunk_bytes)
         return failed
 
-    def _verify_and_store(self, spans: list[_Span], data: bytes, digests: set[str]
+    def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str]
                           ) -> tuple[dict[str, bytes], dict[str, str]]:
         """In a worker thread: decompressing and hashing is the slow part."""
         base = spans[0].offset
@@ -462,11 +425,11 @@ class LayerFetcher:
         """Fetch the prioritized files' region [0, prefetch_end) in large requests and
         cache its chunks. Returns the bytes fetched; raises the first failure after
         every request has ended."""
-        stop = bisect.bisect_left(self._span_offsets, self.layer.prefetch_size)
+        stop = self.layer.spans_before(self.layer.prefetch_size)
         tasks, futures = [], {}
         index = 0
         while index < stop:  # plan and register everything before the first await
-            if not self._needed(self._spans[index]):
+            if not self._needed(self.layer.span(index)):
                 index += 1
                 continue
             run = self._run_from(index, self.max_request_bytes, stop)
@@ -487,7 +450,7 @@ class LayerFetcher:
         fetched = 0
         index = 0
         futures: dict[str, asyncio.Future[bytes]] = {}
-        while index < len(self._spans):
+        while index < self.layer.span_count:
             task = asyncio.create_task(self._background_step(index))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -514,11 +477,12 @@ class LayerFetcher:
         async with self._slots.slot(background=True):
             # Planned once the slot is ours, so chunks that reads fetched meanwhile are
             # skipped and no reader waits for a request that is still queued.
-            while index < len(self._spans) and not self._needed(self._spans[index]):
+            spans = self.layer.span_count
+            while index < spans and not self._needed(self.layer.span(index)):
                 index += 1
-            if index == len(self._spans):
+            if index == spans:
                 return index, 0, {}
-            run = self._run_from(index, self.max_request_bytes, len(self._spans))
+            run = self._run_from(index, self.max_request_bytes, spans)
             futures = self._register(run)
             nbytes = await self._transfer(run, futures, BACKGROUND)
             return index + len(run), nbytes, futures
@@ -536,12 +500,12 @@ class LayerFetcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _holds(span: _Span, digests: dict[str, str]) -> bool:
+def _holds(span: Span, digests: dict[str, str]) -> bool:
     return any(chunk.digest in digests for chunk in span.chunks)
 
 
-def _adjacent_groups(spans: list[_Span]) -> list[list[_Span]]:
-    groups: list[list[_Span]] = []
+def _adjacent_groups(spans: list[Span]) -> list[list[Span]]:
+    groups: list[list[Span]] = []
     for span in spans:
         if groups and groups[-1][-1].end == span.offset:
             groups[-1].append(span)

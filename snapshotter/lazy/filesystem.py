@@ -7,6 +7,10 @@ NAME, a character device 0/0, and a directory that holds `.wh..wh..opq` carries
 metadata come from the TOC; file bytes come from the layer's read callback, so a
 layer is usable before any of its payload has been fetched.
 
+Memory stays small whatever the layers hold: the tree is read from each layer's
+index on demand, an inode number is derived from the layer and the node (so no table
+of inodes is kept), and only recently used inodes and directory listings are cached.
+
 pyfuse3 keeps its session in module globals: one LazyFilesystem can be mounted
 per process, which is all the node service needs.
 """
@@ -18,6 +22,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,6 +73,12 @@ _TYPE_BITS = {
     "fifo": stat.S_IFIFO,
 }
 _DOTS = (b".", b"..")
+# Inode numbers: the layer's serial in the high bits, then the node's id and whether
+# it is presented as a whiteout. The mount's root is 1; every layer's serial is >= 1.
+_SERIAL_SHIFT = 40
+_NODE_MASK = (1 << _SERIAL_SHIFT) - 1
+_INODE_CACHE = 16384  # inodes with their attributes, most recently used
+_VIEW_CACHE = 64  # directory listings, most recently used
 
 _mounted: "LazyFilesystem | None" = None  # pyfuse3's session is process-wide
 
@@ -103,48 +114,56 @@ def present_directory(directory: Node, is_layer_root: bool) -> DirView:
     return DirView(entries, sorted(entries), subdirs, opaque)
 
 
+def _hidden_name(name: str, in_layer_root: bool) -> bool:
+    """Names the presented tree never shows under their own name."""
+    return name.startswith(WHITEOUT_PREFIX) or (in_layer_root and name in _LANDMARKS)
+
+
 class _LayerTree:
-    """One mounted layer: its inodes (numbered on first sight, stable while it is
-    mounted) and the directory views built so far."""
+    """One mounted layer, and how many references to its inodes the kernel holds."""
 
     def __init__(self, name: str, layer: Layer, read: ReadFn, serial: int):
         self.name = name
         self.layer = layer
         self.read = read
         self.observe: ObserveFn | None = None
-        self.serial = serial  # position in the root listing; never reused
+        self.serial = serial  # position in the root listing and inode numbers; never reused
         self.removed = False
-        self.inodes: dict[tuple[Node, bool], _Inode] = {}
-        self.views: dict[Node, DirView] = {}
-        entries = layer.toc.entries
-        self.blocks = -(-sum(e.size for e in entries if e.type == "reg") // _BLOCK_SIZE)
-        self.files = sum(1 for e in entries if e.type != "chunk")
+        self.lookups = 0  # the kernel's references to inodes of this layer
+        self.blocks = -(-layer.regular_bytes // _BLOCK_SIZE)
+        self.files = layer.entry_count
 
-    def view(self, directory: Node) -> DirView:
-        view = self.views.get(directory)
-        if view is None:
-            view = present_directory(directory, directory is self.layer.root)
-            self.views[directory] = view
-        return view
+    def ino(self, node: Node, whiteout: bool) -> int:
+        return (self.serial << _SERIAL_SHIFT) | (node.id << 1) | int(whiteout)
+
+    def find(self, directory: Node, name: bytes) -> tuple[Node, bool] | None:
+        """The entry `name` of `directory` as presented: (node, shown as a whiteout)."""
+        text = os.fsdecode(name)
+        if _hidden_name(text, directory == self.layer.root):
+            return None
+        child = self.layer.child(directory, text)
+        if child is not None:
+            return child, False
+        if text in ("", ".", ".."):
+            return None
+        marker = self.layer.child(directory, WHITEOUT_PREFIX + text)
+        return (marker, True) if marker is not None else None
 
     def parent_of(self, directory: Node) -> Node | None:
         """The parent directory, or None for the layer's root."""
-        if directory is self.layer.root:
-            return None
-        return self.layer.lookup(directory.path.rpartition("/")[0])
+        return self.layer.parent(directory)
 
 
 class _Inode:
-    """A node as the kernel knows it: its number, lookup count and cached replies."""
+    """A node as the kernel knows it: its number and cached replies."""
 
-    __slots__ = ("_attributes", "_xattrs", "ino", "lookups", "node", "tree", "whiteout")
+    __slots__ = ("_attributes", "_xattrs", "ino", "node", "tree", "whiteout")
 
     def __init__(self, ino: int, tree: _LayerTree, node: Node, whiteout: bool):
         self.ino = ino
         self.tree = tree
         self.node = node
         self.whiteout = whiteout
-        self.lookups = 0
         self._attributes: pyfuse3.EntryAttributes | None = None
         self._xattrs: dict[bytes, bytes] | None = None
 
@@ -164,7 +183,7 @@ class _Inode:
                 for name, value in self.node.xattrs.items()
                 if not name.startswith(_HIDDEN_XATTR_PREFIX)
             }
-            if self.is_dir and self.tree.view(self.node).opaque:
+            if self.is_dir and self.node.is_opaque_dir:
                 self._xattrs[OPAQUE_XATTR] = b"y"
         return self._xattrs
 
@@ -180,7 +199,7 @@ class _Inode:
         permissions = 0o777 if node.kind == "symlink" else node.mode & 0o7777
         attrs.st_mode = _TYPE_BITS[node.kind] | permissions
         if node.kind == "dir":
-            attrs.st_nlink = 2 + self.tree.view(node).subdirs
+            attrs.st_nlink = 2 + self.tree.layer.subdir_count(node)
         else:
             attrs.st_nlink = max(node.nlink, 1)
         if node.kind in ("char", "block"):
@@ -255,9 +274,10 @@ class LazyFilesystem(pyfuse3.Operations):
         super().__init__()
         self.mountpoint = os.path.abspath(mountpoint)
         self._max_tasks = max_tasks  # concurrent FUSE requests, e.g. reads waiting on fetches
-        self._trees: dict[str, _LayerTree] = {}
-        self._inodes: dict[int, _Inode] = {}
-        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._trees: dict[str, _LayerTree] = {}  # mounted, by name
+        self._serials: dict[int, _LayerTree] = {}  # mounted, or removed but still held
+        self._inodes: OrderedDict[int, _Inode] = OrderedDict()
+        self._views: OrderedDict[tuple[int, int], DirView] = OrderedDict()
         self._next_serial = 1
         self._mount_time_ns = 0
         self._main: asyncio.Task[None] | None = None
@@ -272,8 +292,8 @@ class LazyFilesystem(pyfuse3.Operations):
             raise ValueError(f"a layer named {name!r} is already mounted")
         tree = _LayerTree(name, layer, read, self._next_serial)
         self._next_serial += 1
-        self._inode_of(tree, layer.root, False)  # the layer's root gets its number now
         self._trees[name] = tree
+        self._serials[tree.serial] = tree
         return os.path.join(self.mountpoint, name)
 
     async def remove_layer(self, name: str) -> None:
@@ -281,9 +301,8 @@ class LazyFilesystem(pyfuse3.Operations):
         MOUNT/name. Inodes it still holds stay answerable until it forgets them."""
         tree = self._trees.pop(name)
         tree.removed = True
-        for inode in list(tree.inodes.values()):
-            if inode.lookups <= 0:
-                self._drop(inode)
+        if tree.lookups <= 0:
+            self._drop(tree)
         if self.serving:
             # The kernel may keep MOUNT/name for CACHE_TIMEOUT: make it look again.
             task = asyncio.get_running_loop().create_task(self._invalidate_root_entry(name))
@@ -299,9 +318,13 @@ class LazyFilesystem(pyfuse3.Operations):
         return list(self._trees)
 
     @property
-    def inode_count(self) -> int:
-        """Inodes kept answerable for the kernel (for metrics and tests)."""
-        return len(self._inodes)
+    def kernel_references(self) -> int:
+        """References to lazy inodes the kernel holds (for metrics and tests)."""
+        return sum(tree.lookups for tree in self._serials.values())
+
+    def retained_layer_names(self) -> list[str]:
+        """Removed layers kept answerable because the kernel still holds inodes."""
+        return [tree.name for tree in self._serials.values() if tree.removed]
 
     async def _invalidate_root_entry(self, name: str) -> None:
         try:
@@ -373,23 +396,49 @@ class LazyFilesystem(pyfuse3.Operations):
     # -- inode table -------------------------------------------------------
 
     def _inode_of(self, tree: _LayerTree, node: Node, whiteout: bool) -> _Inode:
-        inode = tree.inodes.get((node, whiteout))
+        ino = tree.ino(node, whiteout)
+        inode = self._inodes.get(ino)
         if inode is None:
-            inode = _Inode(self._next_ino, tree, node, whiteout)
-            self._next_ino += 1
-            tree.inodes[(node, whiteout)] = inode
-            self._inodes[inode.ino] = inode
+            inode = self._remember(_Inode(ino, tree, node, whiteout))
         return inode
 
-    def _drop(self, inode: _Inode) -> None:
-        self._inodes.pop(inode.ino, None)
-        inode.tree.inodes.pop((inode.node, inode.whiteout), None)
+    def _remember(self, inode: _Inode) -> _Inode:
+        self._inodes[inode.ino] = inode
+        if len(self._inodes) > _INODE_CACHE:
+            self._inodes.popitem(last=False)
+        return inode
+
+    def _drop(self, tree: _LayerTree) -> None:
+        """Forget a removed layer the kernel no longer holds."""
+        self._serials.pop(tree.serial, None)
+        for ino in [ino for ino, inode in self._inodes.items() if inode.tree is tree]:
+            del self._inodes[ino]
+        for key in [key for key in self._views if key[0] == tree.serial]:
+            del self._views[key]
 
     def _known(self, ino: int) -> _Inode:
         inode = self._inodes.get(ino)
-        if inode is None:
+        if inode is not None:
+            self._inodes.move_to_end(ino)
+            return inode
+        tree = self._serials.get(ino >> _SERIAL_SHIFT)
+        node = tree.layer.node((ino & _NODE_MASK) >> 1) if tree is not None else None
+        if tree is None or node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        return inode
+        return self._remember(_Inode(ino, tree, node, bool(ino & 1)))
+
+    def _view(self, directory: _Inode) -> DirView:
+        key = (directory.tree.serial, directory.node.id)
+        view = self._views.get(key)
+        if view is None:
+            view = present_directory(directory.node,
+                                     directory.node == directory.tree.layer.root)
+            self._views[key] = view
+            if len(self._views) > _VIEW_CACHE:
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end(key)
+        return view
 
     def _directory(self, ino: int) -> _Inode:
         inode = self._known(ino)
@@ -422,7 +471,7 @@ class LazyFilesystem(pyfuse3.Operations):
             tree = self._trees.get(os.fsdecode(name))
             if tree is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: layers come and go
-            inode = tree.inodes[(tree.layer.root, False)]
+            inode = self._inode_of(tree, tree.layer.root, False)
         else:
             parent = self._directory(parent_inode)
             if name == b".":
@@ -433,23 +482,23 @@ class LazyFilesystem(pyfuse3.Operations):
                     return self._root_attributes()
                 inode = self._inode_of(parent.tree, grandparent, False)
             else:
-                found = parent.tree.view(parent.node).entries.get(name)
+                found = parent.tree.find(parent.node, name)
                 if found is None:
                     return _negative_entry()
                 inode = self._inode_of(parent.tree, *found)
-        inode.lookups += 1
+        inode.tree.lookups += 1
         return inode.attributes()
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            inode = self._inodes.get(ino)
-            if inode is None:
+            tree = self._serials.get(ino >> _SERIAL_SHIFT)
+            if tree is None:
                 continue
-            inode.lookups -= count
-            # Numbers stay stable while a layer is mounted; a removed layer's
-            # inodes go as soon as the kernel lets go of them.
-            if inode.lookups <= 0 and inode.tree.removed:
-                self._drop(inode)
+            tree.lookups -= count
+            # Numbers stay stable while a layer is mounted; a removed layer goes as
+            # soon as the kernel lets go of all its inodes.
+            if tree.lookups <= 0 and tree.removed:
+                self._drop(tree)
 
     @_replies_eio_on_bugs
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -546,7 +595,7 @@ class LazyFilesystem(pyfuse3.Operations):
             return
         directory = self._directory(fh)
         tree = directory.tree
-        view = tree.view(directory.node)
+        view = self._view(directory)
         for position in range(start_id, 2 + len(view.names)):
             child: _Inode | None = None
             if position == 0:
@@ -560,7 +609,7 @@ class LazyFilesystem(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
                 return
             if child is not None:  # readdirplus counts as a lookup, but not for dots
-                child.lookups += 1
+                tree.lookups += 1
 
     def _list_root(self, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         root = self._root_attributes()
@@ -573,11 +622,11 @@ class LazyFilesystem(pyfuse3.Operations):
             position = tree.serial + 1
             if position < start_id:
                 continue
-            inode = tree.inodes[(tree.layer.root, False)]
+            inode = self._inode_of(tree, tree.layer.root, False)
             name = os.fsencode(tree.name)
             if not pyfuse3.readdir_reply(token, name, inode.attributes(), position + 1):
                 return
-            inode.lookups += 1
+            tree.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
         pass  # opendir() keeps no state

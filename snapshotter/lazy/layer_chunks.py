@@ -1,54 +1,51 @@
 """A lazy layer's chunks as its blob holds them: which are wanted for a policy, which
-are cached, and how many blob bytes are local. The warm set asks these questions."""
+are cached, and how many blob bytes are local. The warm set asks these questions.
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+Each answer walks the layer's spans from its index, so none holds the whole list of a
+layer's chunks in memory.
+"""
 
-from estargz import Layer
+from collections.abc import Iterator
+
+from estargz import Layer, Span
 
 from .chunk_cache import ChunkCache
 
-
-@dataclass(frozen=True)
-class Span:
-    size: int  # compressed bytes in the blob
-    digests: tuple[str, ...]
-    prefetch: bool  # in the layer's prioritized region
+_BLOCK = 512  # spans read from the index at once
 
 
-def spans_of(layer: Layer) -> list[Span]:
-    """The blob spans of an eStargz layer with the chunks each holds."""
-    spans: dict[int, tuple[int, list[str]]] = {}
-    for chunk in layer.payload_chunks():
-        _, digests = spans.setdefault(chunk.blob_offset, (chunk.blob_end, []))
-        digests.append(chunk.digest)
-    region = layer.prefetch_size
-    return [Span(end - offset, tuple(digests), offset < region)
-            for offset, (end, digests) in sorted(spans.items())]
+def _spans(layer: Layer) -> Iterator[Span]:
+    for start in range(0, layer.span_count, _BLOCK):
+        yield from layer.spans(start, start + _BLOCK)
 
 
-def wanted(spans: Iterable[Span], full: bool) -> list[Span]:
+def wanted(layer: Layer, full: bool) -> Iterator[Span]:
     """The spans a policy keeps local: all of them, or the prefetch region's."""
-    return list(spans) if full else [s for s in spans if s.prefetch]
+    region = layer.prefetch_size
+    for span in _spans(layer):
+        if not full and span.offset >= region:
+            return
+        yield span
 
 
-def wanted_digests(spans: Iterable[Span], full: bool) -> list[str]:
-    return [d for span in wanted(spans, full) for d in span.digests]
+def wanted_digests(layer: Layer, full: bool) -> list[str]:
+    return [chunk.digest for span in wanted(layer, full) for chunk in span.chunks]
 
 
-def chunks_missing(spans: Iterable[Span], full: bool, cache: ChunkCache) -> bool:
+def chunks_missing(layer: Layer, full: bool, cache: ChunkCache) -> bool:
     """True if a wanted chunk is not on disk. Every chunk is looked at (no early
     return): on_disk also drops index entries whose files are gone, so the fetch that
     follows gets them again."""
-    present = [cache.on_disk(d) for d in wanted_digests(spans, full)]
+    present = [cache.on_disk(chunk.digest) for span in wanted(layer, full)
+               for chunk in span.chunks]
     return not all(present)
 
 
-def bytes_cached(spans: Iterable[Span], cache: ChunkCache) -> tuple[int, int]:
+def bytes_cached(layer: Layer, cache: ChunkCache) -> tuple[int, int]:
     """(blob bytes whose chunks are all cached, blob bytes of the layer)."""
     cached = total = 0
-    for span in spans:
+    for span in _spans(layer):
         total += span.size
-        if all(d in cache for d in span.digests):
+        if all(chunk.digest in cache for chunk in span.chunks):
             cached += span.size
     return cached, total

@@ -2,9 +2,10 @@
 their prefetch and background fetch.
 
 A lazy layer is stored with its snapshot, in ROOT/snapshots/<id>/: `toc` (the
-TOC as the blob holds it), `layer.json` (where the blob is and how to verify it)
-and `fs`, a symlink to the layer's directory in the FUSE mount. So a restart
-remounts every layer from local state, without the registry.
+TOC as the blob holds it), `layer.json` (where the blob is and how to verify it),
+`index.db` (the tree built from the TOC, reopened as it is after a restart) and
+`fs`, a symlink to the layer's directory in the FUSE mount. So a restart remounts
+every layer from local state, without the registry.
 """
 
 import asyncio
@@ -30,6 +31,7 @@ from .remote import RemoteLayer
 log = logging.getLogger(__name__)
 LAYER_FILE = "layer.json"
 TOC_FILE = "toc"
+INDEX_FILE = "index.db"  # the layer's tree, built from the TOC
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,16 @@ def read_layer_record(directory: str) -> LayerRecord:
 
 
 def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
+    """The layer stored in `directory`: its kept index, or one built again from the
+    TOC (after a crash during a build, or by an older version)."""
     record = read_layer_record(directory)
+    index_path = os.path.join(directory, INDEX_FILE)
+    layer = estargz.Layer.open_index(index_path, record.footer, record.toc_digest)
+    if layer is not None:
+        return record, layer
     with open(os.path.join(directory, TOC_FILE), "rb") as f:
-        toc = f.read()
-    return record, estargz.load_toc(record.footer, toc, record.toc_digest)
+        return record, estargz.load_toc(record.footer, f, record.toc_digest,
+                                        index_path=index_path)
 
 
 class _MountedLayer:

@@ -96,8 +96,10 @@ async def find_descriptor(client: RegistryClient, source: LayerSource) -> Descri
 
 
 async def open_remote_layer(client: RegistryClient, source: LayerSource,
-                            max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE) -> RemoteLayer:
-    """Fetch and verify the layer's TOC; raise NotLazy when it cannot be served lazily."""
+                            max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
+                            index_path: str | None = None) -> RemoteLayer:
+    """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
+    index); raise NotLazy when it cannot be served lazily."""
     descriptor = await find_descriptor(client, source)
     ref, digest, size = source.reference, descriptor.digest, descriptor.size
     toc_digest = descriptor.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
@@ -114,7 +116,7 @@ async def open_remote_layer(client: RegistryClient, source: LayerSource,
             raise NotLazy(f"layer {digest}: TOC of {footer.toc_length} bytes is too large")
         toc_bytes = await client.fetch_range(ref, digest, footer.toc_offset, footer.toc_length)
         layer = await asyncio.to_thread(estargz.load_toc, footer, toc_bytes, toc_digest,
-                                        max_toc_size)
+                                        max_toc_size, index_path=index_path)
     except estargz.FooterError:
         raise NotLazy(f"layer {digest} is not eStargz or zstd:chunked") from None
     except estargz.FormatError as exc:
