@@ -160,6 +160,9 @@ INSERT INTO spans (idx, offset, end_offset, smallest_file)
     FROM chunks c JOIN nodes n ON n.id = c.node GROUP BY c.blob_offset;
 CREATE UNIQUE INDEX spans_by_offset ON spans (offset);
 """
+# What an entry says of its node, in the order `_Builder._columns` gives them.
+_ENTRY_COLUMNS = ("mode", "uid", "gid", "user_name", "group_name", "mtime", "xattrs", "size",
+                  "digest", "link_target", "dev_major", "dev_minor")
 _NODE_COLUMNS = ("id, path, kind, mode, uid, gid, user_name, group_name, mtime, size, "
                  "link_target, dev_major, dev_minor, xattrs, digest, nlink, implicit")
 _CHUNK_COLUMNS = "file_offset, size, blob_offset, blob_end, inner_offset, digest"
@@ -470,6 +473,7 @@ class _Builder:
         self.group_names: dict[int, str] = {}
         self.meta: dict[str, Any] = {}
         self.pending_chunks: list[tuple[Any, ...]] = []
+        self.pending_nodes: list[tuple[Any, ...]] = []
         self.pending_offsets: list[tuple[int]] = []  # where members with payload start
         db.execute("INSERT INTO nodes (id, path, kind, mode, nlink, implicit) "
                    "VALUES (?, '', 'dir', ?, 1, 1)", (_ROOT_ID, _IMPLICIT_DIR_MODE))
@@ -503,7 +507,7 @@ class _Builder:
                 current = node
                 covered = self._add_chunk(node, entry, 0, where)
         self._check_covered(current, covered)
-        self._flush_chunks()
+        self._flush()
         self._finish(count)
 
     def _check_covered(self, current: tuple[int, str, int] | None, covered: int) -> None:
@@ -541,6 +545,7 @@ class _Builder:
 
     def _find(self, parent: int, name: str) -> tuple[int, str, int] | None:
         """(id, kind, nlink) of the entry `name` of directory `parent`."""
+        self._flush()
         return self.db.execute(
             "SELECT n.id, n.kind, n.nlink FROM dirents d JOIN nodes n ON n.id = d.node "
             "WHERE d.parent = ? AND d.name = ?", (parent, name)).fetchone()
@@ -617,6 +622,16 @@ class _Builder:
         self.db.execute("INSERT OR REPLACE INTO dirents VALUES (?, ?, ?)",
                         (parent, name, node_id))
 
+    def _flush(self) -> None:
+        """Write the batched nodes and chunks: before any query that may need them."""
+        if self.pending_nodes:
+            names = ", ".join(["id", "path", "kind", *_ENTRY_COLUMNS])
+            marks = ", ".join("?" * (3 + len(_ENTRY_COLUMNS)))
+            self.db.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})",
+                                self.pending_nodes)
+            self.pending_nodes = []
+        self._flush_chunks()
+
     def _columns(self, entry: TOCEntry) -> dict[str, Any]:
         columns: dict[str, Any] = {
             "mode": entry.mode, "uid": entry.uid, "gid": entry.gid,
@@ -644,6 +659,23 @@ class _Builder:
             return _ROOT_ID, path, 0
         parent = self._parent_dir(path, where)
         name = path.rsplit("/", 1)[-1]
+        if entry.type != "hardlink":
+            # The common case, a name not seen before: one statement claims the name
+            # (the primary key refuses a repeated one) and the node is inserted later
+            # in a batch.
+            node_id = self.next_id
+            try:
+                self.db.execute("INSERT INTO dirents VALUES (?, ?, ?)", (parent, name, node_id))
+            except sqlite3.IntegrityError:
+                pass  # the name exists: replace or update it below
+            else:
+                self.next_id += 1
+                columns = self._columns(entry)
+                self.pending_nodes.append((node_id, path, entry.type, *columns.values()))
+                if len(self.pending_nodes) >= 4096:
+                    self._flush()
+                return self._added(parent, name, path, node_id, entry)
+        self._flush()
         existing = self._find(parent, name)
         if entry.type == "hardlink":
             target = self._resolve(clean_name(entry.link_name))
@@ -661,6 +693,10 @@ class _Builder:
             return existing[0], path, 0
         node_id = self._new_node(path, entry.type, **self._columns(entry))
         self._replace(parent, name, path, existing, node_id, where)
+        return self._added(parent, name, path, node_id, entry)
+
+    def _added(self, parent: int, name: str, path: str, node_id: int, entry: TOCEntry
+               ) -> tuple[int, str, int]:
         if entry.type == "dir":
             self._remember_dir(path, node_id)
         if parent == _ROOT_ID and entry.type == "reg":

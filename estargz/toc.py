@@ -6,13 +6,15 @@ with its omit-when-empty rules, so TOCs we write look like theirs.
 
 import base64
 import codecs
+import functools
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .digests import is_sha256_digest
 from .errors import TOCError
@@ -59,6 +61,7 @@ def format_modtime(mtime: float) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=4096)  # a layer's files share few distinct times
 def parse_modtime(text: str) -> int:
     if not text:
         return 0
@@ -153,35 +156,56 @@ def _check_text(where: str, what: str, text: str) -> None:
         raise TOCError(f"{where}: {what} {text!r} is not valid UTF-8") from None
 
 
+def _where(index: int, name: str) -> str:
+    return f"TOC entry #{index} ({name!r})"
+
+
 def _entry_from_json(index: int, raw: object) -> TOCEntry:
-    where = f"TOC entry #{index}"
     if not isinstance(raw, dict):
-        raise TOCError(f"{where} is not an object")
+        raise TOCError(f"TOC entry #{index} is not an object")
     name, kind = raw.get("name"), raw.get("type")
     if not isinstance(name, str) or not name:
-        raise TOCError(f"{where} has no name")
-    where = f"TOC entry #{index} ({name!r})"
-    _check_text(where, "name", name)
+        raise TOCError(f"TOC entry #{index} has no name")
+    # Error messages are built only on failure: this runs for every entry of a TOC.
+    _check_text(f"TOC entry #{index}", "name", name)
     if not isinstance(kind, str) or kind not in ENTRY_TYPES:
-        raise TOCError(f"{where} has unknown type {kind!r}")
-    entry = TOCEntry(name=name, type=kind)
-    for key, attr in _INT_FIELDS.items():
-        value = raw.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
-            raise TOCError(f"{where}: {key} must be a non-negative integer, not {value!r}")
-        setattr(entry, attr, value)
-    for key, attr in _STR_FIELDS.items():
-        value = raw.get(key, "")
-        if not isinstance(value, str):
-            raise TOCError(f"{where}: {key} must be a string")
-        _check_text(where, key, value)
-        setattr(entry, attr, value)
-    parse_modtime(entry.modtime)
-    for key in ("digest", "chunkDigest"):
-        value = raw.get(key, "")
+        raise TOCError(f"{_where(index, name)} has unknown type {kind!r}")
+    fields: dict[str, Any] = {}
+    xattrs: object = None
+    # Only the members an entry has are looked at: most entries have a few.
+    for key, value in raw.items():
+        attr = _INT_FIELDS.get(key)
+        if attr is not None:
+            if value.__class__ is not int or not 0 <= value <= _MAX_INT:
+                raise TOCError(f"{_where(index, name)}: {key} must be a non-negative "
+                               f"integer, not {value!r}")
+            fields[attr] = value
+            continue
+        attr = _STR_FIELDS.get(key)
+        if attr is not None:
+            if not isinstance(value, str):
+                raise TOCError(f"{_where(index, name)}: {key} must be a string")
+            if not value.isascii():
+                _check_text(_where(index, name), key, value)
+            fields[attr] = value
+        elif key == "xattrs":
+            xattrs = value
+    entry = TOCEntry(name=name, type=kind, **fields)
+    if entry.modtime:
+        parse_modtime(entry.modtime)
+    for key, value in (("digest", entry.digest), ("chunkDigest", entry.chunk_digest)):
         if value and not is_sha256_digest(value):
-            raise TOCError(f"{where}: {key} {value!r} is not a sha256 digest")
-    xattrs = raw.get("xattrs") or {}
+            raise TOCError(f"{_where(index, name)}: {key} {value!r} is not a sha256 digest")
+    if xattrs:
+        _add_xattrs(entry, _where(index, name), xattrs)
+    if entry.has_payload and not entry.chunk_digest:
+        raise TOCError(f"{_where(index, name)} holds data but has no chunkDigest")
+    if kind in ("symlink", "hardlink") and not entry.link_name:
+        raise TOCError(f"{_where(index, name)} is a {kind} without linkName")
+    return entry
+
+
+def _add_xattrs(entry: TOCEntry, where: str, xattrs: object) -> None:
     if not isinstance(xattrs, dict):
         raise TOCError(f"{where}: xattrs must be an object")
     for key, value in xattrs.items():
@@ -192,11 +216,6 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
             entry.xattrs[key] = base64.b64decode(value, validate=True)
         except ValueError:  # binascii.Error, or text that is not even ASCII
             raise TOCError(f"{where}: xattr {key!r} is not valid base64") from None
-    if entry.has_payload and not entry.chunk_digest:
-        raise TOCError(f"{where} holds data but has no chunkDigest")
-    if kind in ("symlink", "hardlink") and not entry.link_name:
-        raise TOCError(f"{where} is a {kind} without linkName")
-    return entry
 
 
 @dataclass
@@ -257,12 +276,14 @@ def iter_toc_entries(stream: BinaryIO, *, max_entries: int = DEFAULT_MAX_ENTRIES
         raise TOCError(f"unsupported TOC version {version!r}")
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
 class _JSONCursor:
     """Walks JSON text decoded from a byte stream, decoding one value at a time with
     the standard decoder and reading more only when a value is cut off."""
 
     _READ = 1 << 20
-    _WHITESPACE = " \t\n\r"
 
     def __init__(self, stream: BinaryIO):
         self._stream = stream
@@ -290,12 +311,10 @@ class _JSONCursor:
     def _skip_whitespace(self) -> str:
         """The next character that is not white space, "" at the end."""
         while True:
-            text, pos = self._text, self._pos
-            while pos < len(text) and text[pos] in self._WHITESPACE:
-                pos += 1
+            pos = _WHITESPACE.match(self._text, self._pos).end()  # type: ignore[union-attr]
             self._pos = pos
-            if pos < len(text):
-                return text[pos]
+            if pos < len(self._text):
+                return self._text[pos]
             if not self._fill():
                 return ""
 
