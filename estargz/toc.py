@@ -348,6 +348,8 @@ class _JSONCursor:
             # A number (or anything) that ends where the text ends may go on.
             if end == len(self._text) and self._grow():
                 continue
+            if end - self._pos > MAX_ENTRY_TEXT:
+                raise TOCError(f"a TOC value is longer than {MAX_ENTRY_TEXT} characters")
             self._pos = end
             return value
 
