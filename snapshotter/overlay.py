@@ -214,8 +214,10 @@ class OverlaySnapshotter:
         await self._wait_for_lazy_ids([below.id, *below.parent_ids])
 
     async def _wait_for_lazy_ids(self, ids: list[int]) -> None:
-        if self.lazy is None:
+        if self.lazy is None or not any(i in self._lazy_names for i in ids):
             return
+        # A FUSE manager that came back serves the layers again only after a resync.
+        await self.lazy.wait_in_line(self.prefetch_timeout)
         names = [n for n in map(self._lazy_names.get, ids) if n in self.lazy.layers]
         await self.lazy.wait_prefetched(names, self.prefetch_timeout)
 

@@ -62,6 +62,9 @@ class FuseManagerClient:
         self._reader: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        # Connected, and the manager's layers brought in line with the snapshots: a
+        # manager that came back serves nothing until `on_reconnect` has run.
+        self._in_line = asyncio.Event()
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------
@@ -90,6 +93,8 @@ class FuseManagerClient:
         self.pid = hello["pid"]
         self.layers = {layer["name"]: layer["digest"] for layer in hello["layers"]}
         self._connected.set()
+        if self.on_reconnect is None:  # the first connection: the service restores first
+            self._in_line.set()
         log.info("FUSE manager %d: serving %d lazy layers", self.pid, len(self.layers))
 
     def _spawn(self) -> None:
@@ -123,6 +128,7 @@ class FuseManagerClient:
 
     def _lost(self) -> None:
         self._connected.clear()
+        self._in_line.clear()
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
@@ -141,11 +147,21 @@ class FuseManagerClient:
                 await self.connect()
                 if self.on_reconnect is not None:
                     await self.on_reconnect()
+                self._in_line.set()
                 return
             except Exception as exc:
                 log.warning("FUSE manager: %s; trying again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_BACKOFF_MAX_SECONDS)
+
+    async def wait_in_line(self, timeout: float) -> None:
+        """Wait until the manager serves every lazy layer again after it was lost;
+        UNAVAILABLE if that takes longer than `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._in_line.wait(), timeout)
+        except TimeoutError:
+            raise Unavailable(f"the FUSE manager has not served the lazy layers again "
+                              f"within {timeout:.0f}s") from None
 
     async def close(self) -> None:
         """Close the connection; the manager keeps serving."""
