@@ -289,6 +289,8 @@ def test_killed_fuse_manager_is_started_again_with_every_layer(node, images):
     ref = _pull_and_read_a_little(node, images, "m1")
     manager = service.fuse_manager_pid
     assert manager is not None
+    indexes = _layer_indexes(service)
+    assert len(indexes) >= len(layer_digests(images))  # every lazy layer keeps its index
     os.kill(manager, signal.SIGKILL)  # by PID
     digests = layer_digests(images)
     fetched = blob_bytes(proxy, digests)
@@ -303,6 +305,13 @@ def test_killed_fuse_manager_is_started_again_with_every_layer(node, images):
     assert second.stdout == "hello lazily\n4096\n"
     assert blob_bytes(proxy, digests) == fetched
     assert "lost the FUSE manager" in service.log
+    assert _layer_indexes(service) == indexes  # reopened as they were, not built again
+
+
+def _layer_indexes(service) -> dict[Path, int]:
+    """Each lazy snapshot's layer index and its inode number."""
+    return {path: path.stat().st_ino
+            for path in Path(service.root).glob("snapshots/*/index.db")}
 
 
 def test_unreachable_lazy_layer_gives_unavailable_not_a_hang(
