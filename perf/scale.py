@@ -1055,17 +1055,22 @@ def machine_problem() -> str | None:
     return f"missing tools: {', '.join(missing)} (apt-get install them)" if missing else None
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict:
-    """Every chosen scenario against one registry; the JSON document."""
+def run(args: argparse.Namespace, workdir: Path, registry: RegistryServer | None = None) -> dict:
+    """Every chosen scenario against one registry (`registry`, or one started here and
+    stopped at the end); the JSON document."""
     started = time.monotonic()
+    load_before = os.getloadavg()  # other work on the machine shows up in the figures
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    registry = start_registry(run_dir / "registry")
+    own_registry = registry is None
+    if registry is None:
+        registry = start_registry(run_dir / "registry")
     try:
         hosts_dir = run_dir / "hosts"
         write_hosts(hosts_dir, registry.host)
         service_config = run_dir / "service.toml"
         service_config.write_text(f'hosts_dir = "{hosts_dir}"\n'
                                   + "".join(f"{line}\n" for line in args.service_option))
+        service_config_text = service_config.read_text()
         ctx = Context(args, run_dir, registry, hosts_dir, service_config)
         results = {}
         for name in args.scenarios:
@@ -1073,7 +1078,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             results[name] = run_scenario(ctx, name)
             results[name]["scenario_seconds"] = round(time.monotonic() - t, 1)
     finally:
-        registry.stop()
+        if own_registry:
+            registry.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
     sizes = args.sizes
     data = {
@@ -1086,7 +1092,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                            f"file, {sizes['layers']} layers, {sizes['images']} images",
             "scenarios": args.scenarios,
             "samples": args.samples, "seed": args.seed,
-            "service_config": service_config.read_text() if service_config.exists() else "",
+            "service_config": service_config_text,
             "node": "fresh containerd + snapshotter service (own root) per scenario, "
                     "perf/cold_start.py start_node; service log level info",
             "rss": "VmRSS / VmHWM of /proc/PID/status: the service process and its FUSE "
@@ -1101,6 +1107,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                          "max_toc_size=limit) under GNU time (peak RSS: %M; the "
                          "process's own getrusage figure beside it)",
             "whole_run_seconds": round(time.monotonic() - started, 1),
+            "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         },
         "results": results,
     }
