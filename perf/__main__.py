@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "snapshotter": Benchmark("perf.snapshotter_bench", "lazypull snapshotter vs native overlayfs"),
     "cold-start": Benchmark("perf.cold_start", "pull + run to READY, 100 Mbit/20 ms: lazy vs full"),
     "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
+    "scale": Benchmark("perf.scale", "memory and latency with huge layers and many images"),
 }
 DEFAULT = "convert"
 
