@@ -1,27 +1,28 @@
-"""Snapshotter errors, one class per gRPC status code containerd maps back to errdefs."""
+"""Snapshotter errors, one class per gRPC status code containerd maps back to errdefs.
 
-import grpc
+Codes are named, not grpc.StatusCode members: the FUSE manager raises these too and
+has no other use for grpc, which would cost it 20 MB of memory to import."""
 
 
 class SnapshotError(Exception):
-    code = grpc.StatusCode.UNKNOWN
+    code = "UNKNOWN"
 
 
 class NotFound(SnapshotError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class AlreadyExists(SnapshotError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(SnapshotError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class InvalidArgument(SnapshotError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class Unavailable(SnapshotError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"

@@ -26,7 +26,7 @@ from typing import TypeVar
 from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
-from .lazy.manager import is_lazy_snapshot_dir, read_layer_record
+from .lazy.layer_files import is_lazy_snapshot_dir, read_layer_record
 from .lazy.remote import LayerSource, NotLazy, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .metrics import FALLBACKS

@@ -7,22 +7,19 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
-
-from oci.docker_config import CredentialStore
-from oci.hosts import HostsConfig
-from oci.registry import RegistryClient
 
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
-from .http_endpoint import HttpEndpoint
+from .http_endpoint import HttpEndpoint, Route
 from .overlay import OverlaySnapshotter
 from .service import SnapshotsService
-from .warm.http import warm_routes
-from .warm.manager import WarmSet
-from .warm.spec import parse_entries
+
+if TYPE_CHECKING:
+    from .warm.manager import WarmSet
 
 log = logging.getLogger("lazypull.snapshotter")
 # containerd's own limit for gRPC messages, so large label maps fail the same way.
@@ -53,10 +50,25 @@ async def _fuse_manager(config: Config, config_path: str | None) -> FuseManagerC
     return manager
 
 
-def _warm_set(config: Config, lazy: FuseManagerClient | None) -> WarmSet | None:
+def _warm_routes(warm: "WarmSet") -> Route:
+    from .warm.http import warm_routes
+
+    return warm_routes(warm)
+
+
+def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None":
     """The warm set, if the config names one (no warm_set and no warm_set_dir: None)."""
     if not config.warm_set and not config.warm_set_dir:
         return None
+    # Here, not at the top: a service without a warm set talks to no registry and
+    # need not carry an HTTP client in memory.
+    from oci.docker_config import CredentialStore
+    from oci.hosts import HostsConfig
+    from oci.registry import RegistryClient
+
+    from .warm.manager import WarmSet
+    from .warm.spec import parse_entries
+
     registry = RegistryClient(hosts=HostsConfig(config.hosts_dir),
                               credentials=CredentialStore(config.docker_config or None))
     return WarmSet(parse_entries(config.warm_set, "warm_set"), registry=registry,
@@ -87,7 +99,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     if config.metrics_address:
         host, port = metrics_host_port(config.metrics_address)
         endpoint = HttpEndpoint(host, port, ready=warm.ready if warm else lambda: (True, "ready"),
-                                routes=warm_routes(warm) if warm else None,
+                                routes=_warm_routes(warm) if warm else None,
                                 more_metrics=lazy.metrics if lazy else None)
         await endpoint.start()
     # The socket accepts connections from here on: whoever waits for it finds the

@@ -53,8 +53,8 @@ def _observed(method: Callable) -> Callable:
 
     async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, SnapshotError):
-            RPC_ERRORS.labels(name, exc.code.name).inc()
-            await context.abort(exc.code, str(exc))
+            RPC_ERRORS.labels(name, exc.code).inc()
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
         log.exception("%s failed", name)
         RPC_ERRORS.labels(name, "INTERNAL").inc()
         await context.abort(grpc.StatusCode.INTERNAL, f"{name}: {exc}")

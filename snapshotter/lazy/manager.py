@@ -1,22 +1,13 @@
 """The lazy layers of a running service: one FUSE tree, a fetcher per layer, and
-their prefetch and background fetch.
-
-A lazy layer is stored with its snapshot, in ROOT/snapshots/<id>/: `toc` (the
-TOC as the blob holds it), `layer.json` (where the blob is and how to verify it),
-`index.db` (the tree built from the TOC, reopened as it is after a restart) and
-`fs`, a symlink to the layer's directory in the FUSE mount. So a restart remounts
-every layer from local state, without the registry.
-"""
+their prefetch and background fetch. How each layer is stored on disk is in
+layer_files.py."""
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass
 
 import estargz
-from estargz.footer import Compression, Footer
 from oci.reference import Reference
 from oci.registry import RegistryClient
 
@@ -24,74 +15,11 @@ from ..errors import Unavailable
 from .chunk_cache import ChunkCache
 from .fetcher import LayerFetcher
 from .filesystem import LazyFilesystem
+from .layer_files import LayerRecord
 from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
-from .remote import RemoteLayer
 
 log = logging.getLogger(__name__)
-LAYER_FILE = "layer.json"
-TOC_FILE = "toc"
-INDEX_FILE = "index.db"  # the layer's tree, built from the TOC
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What a restart needs to serve a lazy layer again."""
-
-    reference: str
-    digest: str
-    size: int
-    media_type: str
-    toc_digest: str
-    compression: str
-    toc_offset: int
-    toc_length: int
-    payload_end: int
-    footer_size: int
-    toc_uncompressed_size: int | None
-    manifest_digest: str | None = None  # of the image's platform manifest, when labelled
-
-    @classmethod
-    def of(cls, remote: RemoteLayer) -> "LayerRecord":
-        f = remote.footer
-        return cls(str(remote.source.reference), remote.descriptor.digest,
-                   remote.descriptor.size, remote.descriptor.media_type, remote.toc_digest,
-                   str(f.compression), f.toc_offset, f.toc_length, f.payload_end, f.footer_size,
-                   f.toc_uncompressed_size, remote.source.manifest_digest)
-
-    @property
-    def footer(self) -> Footer:
-        return Footer(Compression(self.compression), self.toc_offset, self.toc_length,
-                      self.payload_end, self.footer_size, self.toc_uncompressed_size)
-
-
-def write_layer_files(directory: str, remote: RemoteLayer) -> None:
-    with open(os.path.join(directory, TOC_FILE), "wb") as f:
-        f.write(remote.toc_bytes)
-    with open(os.path.join(directory, LAYER_FILE), "w") as f:
-        json.dump(asdict(LayerRecord.of(remote)), f)
-
-
-def is_lazy_snapshot_dir(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, LAYER_FILE))
-
-
-def read_layer_record(directory: str) -> LayerRecord:
-    with open(os.path.join(directory, LAYER_FILE)) as f:
-        return LayerRecord(**json.load(f))
-
-
-def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
-    """The layer stored in `directory`: its kept index, or one built again from the
-    TOC (after a crash during a build, or by an older version)."""
-    record = read_layer_record(directory)
-    index_path = os.path.join(directory, INDEX_FILE)
-    layer = estargz.Layer.open_index(index_path, record.footer, record.toc_digest)
-    if layer is not None:
-        return record, layer
-    with open(os.path.join(directory, TOC_FILE), "rb") as f:
-        return record, estargz.load_toc(record.footer, f, record.toc_digest,
-                                        index_path=index_path)
 
 
 class _MountedLayer:

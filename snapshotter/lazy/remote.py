@@ -11,13 +11,16 @@ else is not lazy, and the caller falls back to an ordinary snapshot.
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import estargz
 from estargz.footer import MAX_FOOTER_SIZE
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.reference import Reference, ReferenceError
-from oci.registry import RegistryClient
 from oci.store import StoreError
+
+if TYPE_CHECKING:  # the service imports this module, but only the FUSE manager fetches
+    from oci.registry import RegistryClient
 
 REF_LABEL = "containerd.io/snapshot.ref"
 STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
@@ -67,7 +70,7 @@ class RemoteLayer:
     layer: estargz.Layer
 
 
-async def _manifests(client: RegistryClient, source: LayerSource) -> list[Manifest]:
+async def _manifests(client: "RegistryClient", source: LayerSource) -> list[Manifest]:
     wanted = source.manifest_digest or source.reference.object
     data, media_type, _ = await client.get_manifest(source.reference, wanted)
     parsed = parse_manifest(data, media_type)
@@ -83,7 +86,7 @@ async def _manifests(client: RegistryClient, source: LayerSource) -> list[Manife
     return found
 
 
-async def find_descriptor(client: RegistryClient, source: LayerSource) -> Descriptor:
+async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Descriptor:
     """The layer's descriptor (with its annotations) from the image's manifest."""
     try:
         for manifest in await _manifests(client, source):
@@ -95,7 +98,7 @@ async def find_descriptor(client: RegistryClient, source: LayerSource) -> Descri
     raise NotLazy(f"layer {source.layer_digest} is not in {source.reference}'s manifest")
 
 
-async def open_remote_layer(client: RegistryClient, source: LayerSource,
+async def open_remote_layer(client: "RegistryClient", source: LayerSource,
                             max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
                             index_path: str | None = None) -> RemoteLayer:
     """Fetch and verify the layer's TOC and index it (at `index_path` to keep the

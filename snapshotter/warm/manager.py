@@ -21,10 +21,9 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oci.reference import Reference
-from oci.registry import RegistryClient
 
 from ..containerd_client import (
     ContainerdClient,
@@ -38,6 +37,9 @@ from ..containerd_client import (
 from ..fusemanager.client import FuseManagerClient
 from . import metrics as m
 from .spec import WarmSpec, merge, read_dir
+
+if TYPE_CHECKING:  # made by the service only when a warm set is configured
+    from oci.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ class _PlannedPuller(Puller):
 
 
 class WarmSet:
-    def __init__(self, specs: Iterable[WarmSpec], *, registry: RegistryClient,
+    def __init__(self, specs: Iterable[WarmSpec], *, registry: "RegistryClient",
                  containerd_address: str, lazy: FuseManagerClient | None = None,
                  directory: str = "",
                  snapshotter: str = "lazypull", concurrency: int = 2,
