@@ -1,39 +1,41 @@
 """Entry point of the `lazypull` command."""
 
 import argparse
+import importlib
 import sys
 
 from estargz import FormatError
 
-from . import (
-    convert_command,
-    estargz_commands,
-    fuse_manager_command,
-    profile_command,
-    pull_command,
-    snapshotter_command,
-    warm_command,
-)
+# Subcommand -> the module that defines it. Only the module of the command being run
+# is imported: the node service and the FUSE manager stay small, and the converter's
+# dependencies load only for conversions.
+COMMANDS = {
+    "convert": "convert_command",
+    "estargz": "estargz_commands",
+    "snapshotter": "snapshotter_command",
+    "fuse-manager": "fuse_manager_command",
+    "pull": "pull_command",
+    "profile": "profile_command",
+    "warm": "warm_command",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazypull",
         description="Lazy pulling of container images: eStargz / zstd:chunked layers.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    convert_command.register(commands)
-    estargz_commands.register(commands)
-    snapshotter_command.register(commands)
-    fuse_manager_command.register(commands)
-    pull_command.register(commands)
-    profile_command.register(commands)
-    warm_command.register(commands)
+    for name, module in COMMANDS.items():
+        if only in (None, name):
+            importlib.import_module(f"{__package__}.{module}").register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
