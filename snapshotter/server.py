@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from . import allocator
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
@@ -143,5 +144,6 @@ def _resync(snapshotter: OverlaySnapshotter) -> Callable[[], Awaitable[None]]:
 def run(config: Config, config_path: str | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    allocator.tune()  # before the worker threads exist
     asyncio.run(serve(config, config_path))
     return 0

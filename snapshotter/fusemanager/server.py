@@ -18,6 +18,7 @@ from oci.docker_config import CredentialStore
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
 
+from .. import allocator
 from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
 from ..lazy.manager import LazyLayers
@@ -167,6 +168,7 @@ async def serve(config: Config) -> None:
 def run(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    allocator.tune()  # before the worker threads exist
     try:
         asyncio.run(serve(config))
     except AlreadyRunning as exc:
