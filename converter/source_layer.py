@@ -19,25 +19,31 @@ class LayerFormatError(ValueError):
 def _gunzip(src: BinaryIO, dst: BinaryIO, digest: "hashlib._Hash") -> int:
     size = 0
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    pending = b""
-    while True:
-        data = pending or src.read(_PIECE)
-        pending = b""
-        if not data:
-            break
-        if inflater.eof:
-            if data.strip(b"\0") == b"":
-                continue  # zero padding after the last member is harmless
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = inflater.decompress(data)
-        except zlib.error as exc:
-            raise LayerFormatError(f"corrupt gzip data: {exc}") from None
+
+    def emit(out: bytes) -> None:
+        nonlocal size
         dst.write(out)
         digest.update(out)
         size += len(out)
-        if inflater.eof:
-            pending = inflater.unused_data
+
+    while data := src.read(_PIECE):
+        while data:
+            if inflater.eof:
+                if data.strip(b"\0") == b"":
+                    break  # zero padding after the last member is harmless
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                # Bounded output: a piece of a sparse file's layer inflates a
+                # thousandfold. What the bound held back comes out on later calls.
+                out = inflater.decompress(data, _PIECE)
+                emit(out)
+                while not inflater.eof and not inflater.unconsumed_tail \
+                        and len(out) == _PIECE:
+                    out = inflater.decompress(b"", _PIECE)
+                    emit(out)
+            except zlib.error as exc:
+                raise LayerFormatError(f"corrupt gzip data: {exc}") from None
+            data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
     if not inflater.eof:
         raise LayerFormatError("gzip stream is truncated")
     return size
