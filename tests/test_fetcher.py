@@ -250,11 +250,11 @@ def test_small_files_read_in_toc_order_cost_few_requests(blob, tmp_path):
     region = spans[-1][1] - spans[0][0]
     largest = max(end - start for start, end in spans)
 
-    async def read_all(window: int, cache_dir: Path) -> RangeLog:
+    async def read_all(window: int, cache_dir: Path, chunks: int = 256) -> RangeLog:
         log = RangeLog()
         async with make_client(log) as client:
             fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(cache_dir),
-                                   window_bytes=window)
+                                   window_bytes=window, window_chunks=chunks)
             for name in names:
                 assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
         return log
@@ -269,6 +269,13 @@ def test_small_files_read_in_toc_order_cost_few_requests(blob, tmp_path):
     log.assert_no_byte_fetched_twice()
     default = run(read_all(512 * KiB, tmp_path / "default-window"))
     assert len(default.ranges) <= math.ceil(region / (512 * KiB - largest)) + 1
+    # A window also ends after so many chunks: tiny files fill it by count, not bytes.
+    counted = run(read_all(512 * KiB, tmp_path / "counted-window", chunks=20))
+    assert math.ceil(len(names) / 20) <= len(counted.ranges) <= len(default.ranges) + 10
+    counted.assert_no_byte_fetched_twice()
+    per_request = [sum(1 for start, end in counted.ranges if start <= s[0] < end)
+                   for s in spans]
+    assert max(per_request) == 1  # each small file's span came in exactly one request
 
 
 def test_a_large_file_is_fetched_in_parallel_within_the_concurrency_limit(blob, tmp_path):

@@ -6,8 +6,10 @@ each other without gaps, so one range request can carry many of them:
 
 - a miss fetches the missing chunk's span and the not-yet-cached, not-in-flight spans
   right after it, up to `max_request_bytes`; for a chunk of a small file up to
-  `window_bytes` (small files of one directory are neighbours in the blob, so a
-  process that opens hundreds of them pays tens of round trips, not hundreds). Only
+  `window_bytes` and `window_chunks` (small files of one directory are neighbours in
+  the blob, so a process that opens hundreds of them pays tens of round trips, not
+  hundreds; the chunk bound keeps a window over tiny files from verifying and storing
+  thousands of chunks before the read that asked for one can return). Only
   forward: reads and TOC order both run forward, and a backward miss opens its own
   window;
 - every chunk of a planned request has a future in `_inflight` from the moment the
@@ -167,6 +169,7 @@ class LayerFetcher:
                  cache: ChunkCache, *, max_request_bytes: int = 8 << 20,
                  concurrency: int = 4, background_bytes_per_second: float | None = None,
                  small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10,
+                 window_chunks: int = 256,
                  demand_readahead_bytes: int = 1 << 20):
         if max_request_bytes <= 0 or window_bytes <= 0:
             raise ValueError("request sizes must be positive")
@@ -175,6 +178,7 @@ class LayerFetcher:
         self.max_request_bytes = max_request_bytes
         self.small_file_bytes = small_file_bytes
         self.window_bytes = window_bytes
+        self.window_chunks = window_chunks
         # A miss in a large file fetches its chunk and at most this much more: measured
         # cold starts read a few blocks of big files, and an 8 MiB read-ahead on a
         # 100 Mbit link cost more than it saved.
@@ -263,13 +267,14 @@ class LayerFetcher:
             run = [Span(chunk.blob_offset, chunk.blob_end, (chunk,), chunk.size)]
         else:
             span = self.layer.span(index)
+            max_chunks = None
             if span.smallest_file <= self.small_file_bytes:
-                budget = self.window_bytes
+                budget, max_chunks = self.window_bytes, self.window_chunks
             elif kind == DEMAND:
                 budget = min(self.max_request_bytes, span.size + self.demand_readahead_bytes)
             else:
                 budget = self.max_request_bytes
-            run = self._run_from(index, budget, self.layer.span_count)
+            run = self._run_from(index, budget, self.layer.span_count, max_chunks)
         futures = self._register(run, must=chunk.digest)
         self._start(run, futures, kind)
         return futures[chunk.digest]
@@ -281,18 +286,21 @@ class LayerFetcher:
                    and not (as_neighbour and c.digest in self._refused)
                    for c in span.chunks)
 
-    def _run_from(self, index: int, budget: int, stop: int) -> list[Span]:
+    def _run_from(self, index: int, budget: int, stop: int,
+                  max_chunks: int | None = None) -> list[Span]:
         """Span `index` and the adjacent needed spans after it (before `stop`) that fit
-        in `budget` bytes together."""
+        in `budget` bytes, and in `max_chunks` chunks, together."""
         run = [self.layer.span(index)]
-        total = run[0].size
+        total, chunks = run[0].size, len(run[0].chunks)
         for following in range(index + 1, stop):
             span = self.layer.span(following)
             if span.offset != run[-1].end or total + span.size > budget \
+                    or (max_chunks is not None and chunks + len(span.chunks) > max_chunks) \
                     or not self._needed(span, as_neighbour=True):
                 break
             run.append(span)
             total += span.size
+            chunks += len(span.chunks)
         return run
 
     def _register(self, run: list[Span], must: str | None = None
