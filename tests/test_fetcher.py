@@ -26,6 +26,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 from oci.registry import RegistryClient, RetryPolicy
 from oci.store import NotFoundError
+from snapshotter.lazy import fetcher as fetcher_module
 from snapshotter.lazy.chunk_cache import ChunkCache
 from snapshotter.lazy.fetcher import (
     ChunkFetchError,
@@ -373,6 +374,26 @@ def test_fetch_all_makes_the_layer_complete_alongside_reads(blob, tmp_path):
             assert again.is_complete()
             assert await again.fetch_all() == 0 and await again.prefetch() == 0
             assert len(log.ranges) == sent
+
+    run(scenario())
+
+
+def test_prefetch_and_background_requests_hold_a_bounded_number_of_chunks(
+        blob, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetcher_module, "RUN_CHUNKS", 5)
+    chunk_starts = sorted(c.blob_offset for c in blob.layer.payload_chunks())
+
+    async def scenario() -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path))
+            await fetcher.prefetch()
+            await fetcher.fetch_all()
+            assert fetcher.is_complete()
+            log.assert_no_byte_fetched_twice()
+            per_request = [sum(1 for offset in chunk_starts if start <= offset < end)
+                           for start, end in log.ranges]
+            assert max(per_request) == 5 and len(log.ranges) >= len(chunk_starts) // 5
 
     run(scenario())
 
