@@ -4,12 +4,13 @@ Each member (a gzip member or a zstd frame) is compressed on its own, so members
 can be produced in parallel threads: zlib and zstd release the GIL while they work.
 """
 
+import mmap
 import struct
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -21,6 +22,7 @@ DEFAULT_LEVELS = {Compression.GZIP: 6, Compression.ZSTD: 3}
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 _local = threading.local()
+_FILE_PIECE = 1 << 20
 
 
 def gzip_member(payload: bytes, level: int) -> bytes:
@@ -30,7 +32,7 @@ def gzip_member(payload: bytes, level: int) -> bytes:
     return _GZIP_HEADER + body + trailer
 
 
-def zstd_frame(payload: bytes, level: int) -> bytes:
+def zstd_frame(payload: bytes | mmap.mmap, level: int) -> bytes:
     # A ZstdCompressor must not be shared between threads; keep one per thread.
     cache: dict[int, zstandard.ZstdCompressor] = getattr(_local, "zstd", None) or {}
     _local.zstd = cache
@@ -44,6 +46,42 @@ def compress_member(compression: Compression, payload: bytes, level: int) -> byt
     if compression is Compression.GZIP:
         return gzip_member(payload, level)
     return zstd_frame(payload, level)
+
+
+def gzip_stream(pieces: Iterable[bytes], level: int) -> Iterator[bytes]:
+    """`gzip_member` of the pieces' concatenation, given out as the pieces come in:
+    deflate's output does not depend on how its input is cut."""
+    yield _GZIP_HEADER
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    crc = size = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+        size += len(piece)
+        out = deflater.compress(piece)
+        if out:
+            yield out
+    yield deflater.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
+def zstd_frame_of_file(file: BinaryIO, level: int) -> bytes:
+    """`zstd_frame` of a file's whole content. A streaming compressor cuts its input
+    at its window and gives another frame than the one-shot call, so the file is
+    mapped and compressed in one call: that takes page cache, which the kernel can
+    reclaim, and no heap."""
+    file.flush()
+    if file.seek(0, 2) == 0:
+        return zstd_frame(b"", level)
+    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return zstd_frame(mapped, level)
+
+
+def compress_file(compression: Compression, file: BinaryIO, level: int) -> Iterator[bytes]:
+    """`compress_member` of a file's whole content, in pieces where the format allows."""
+    if compression is Compression.ZSTD:
+        yield zstd_frame_of_file(file, level)
+        return
+    file.seek(0)
+    yield from gzip_stream(iter(lambda: file.read(_FILE_PIECE), b""), level)
 
 
 # zstd's decompressobj has no output bound, so untrusted frames are fed in small
