@@ -5,9 +5,11 @@ The index is on disk too, so memory holds neither file contents nor headers,
 whatever the number of members. The writer reads each member's raw header blocks
 (PAX and GNU long-name records included) again when it emits the member and
 copies them verbatim: the converted layer's tar stream says exactly what the input
-said.
+said. What the member's TOC entry needs is taken from its header once, when the
+tar is indexed.
 """
 
+import json
 import os
 import shutil
 import sqlite3
@@ -18,7 +20,14 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .errors import TarError, TOCError
-from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, clean_name
+from .toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    TOCEntry,
+    clean_name,
+    format_modtime,
+)
 
 BLOCK = 512
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -44,15 +53,39 @@ _PAGE_CACHE_KIB = 4096
 
 @dataclass(frozen=True, slots=True)
 class TarMember:
-    """Where one tar member lies in the input and what the writer needs to order it;
-    the rest of its header is read again when it is emitted."""
+    """Where one tar member lies in the input and what its TOC entry says."""
 
     path: str  # cleaned
     kind: str
     link: str  # the cleaned target of a hard link, "" for other kinds
     offset: int  # of its first header block (PAX and GNU records included)
     offset_data: int
-    size: int  # of its data
+    size: int  # of its data (0 unless a regular file)
+    fields: str  # the rest of its TOC entry, see `_toc_fields`
+
+    def toc_entry(self) -> TOCEntry:
+        """The member's TOC entry, without digests and offsets."""
+        (name, modtime, mode, uid, gid, user_name, group_name, link_name, dev_major,
+         dev_minor, xattrs) = json.loads(self.fields)
+        toc = TOCEntry(name=name, type=self.kind, modtime=modtime, mode=mode, uid=uid,
+                       gid=gid, user_name=user_name, group_name=group_name,
+                       xattrs={k: v.encode("latin-1") for k, v in xattrs.items()})
+        if self.kind == "reg":
+            toc.size = self.size
+        elif self.kind in ("symlink", "hardlink"):
+            toc.link_name = link_name
+        elif self.kind in ("char", "block"):
+            toc.dev_major, toc.dev_minor = dev_major, dev_minor
+        return toc
+
+
+def _toc_fields(info: tarfile.TarInfo) -> str:
+    """What the TOC entry takes from the header, as JSON: ids from PAX records can be
+    beyond SQLite's integers (the TOC check refuses them later, as it should)."""
+    xattrs = {k: v.decode("latin-1") for k, v in xattrs_of(info).items()}
+    return json.dumps([info.name, format_modtime(info.mtime), info.mode, info.uid, info.gid,
+                       info.uname, info.gname, info.linkname, info.devmajor, info.devminor,
+                       xattrs])
 
 
 def _seekable(source: object) -> bool:
@@ -80,9 +113,9 @@ _SCHEMA = """
 CREATE TABLE members (
     seq INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
     link TEXT NOT NULL, offset INTEGER NOT NULL, offset_data INTEGER NOT NULL,
-    size INTEGER NOT NULL, front INTEGER)
+    size INTEGER NOT NULL, fields TEXT NOT NULL, front INTEGER)
 """
-_COLUMNS = "path, kind, link, offset, offset_data, size"
+_COLUMNS = "path, kind, link, offset, offset_data, size, fields"
 _INSERT_BATCH = 4096
 
 
@@ -98,17 +131,16 @@ class TarIndex:
     def __init__(self, file: BinaryIO, owned: bool, tmpdir: str | None = None):
         self.file = file
         self._owned = owned
-        self._archive: tarfile.TarFile | None = None
         self._db = _open_db(tmpdir)
 
     def _fill(self) -> None:
         batch: list[tuple[object, ...]] = []
-        insert = f"INSERT OR REPLACE INTO members (seq, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        insert = f"INSERT OR REPLACE INTO members (seq, {_COLUMNS}) VALUES (?{', ?' * 7})"
         for seq, member in enumerate(scan_tar(self.file)):
             if is_reserved(member.path):
                 continue
             batch.append((seq, member.path, member.kind, member.link, member.offset,
-                          member.offset_data, member.size))
+                          member.offset_data, member.size, member.fields))
             if len(batch) >= _INSERT_BATCH:
                 self._db.executemany(insert, batch)
                 batch.clear()
@@ -129,17 +161,6 @@ class TarIndex:
                                   "ORDER BY seq")
         for row in cursor:
             yield TarMember(*row)
-
-    def tar_info(self, member: TarMember) -> tarfile.TarInfo:
-        """The member's header parsed again, as it was when the tar was indexed."""
-        if self._archive is None:
-            self._archive = _open_archive(self.file)
-        self.file.seek(member.offset)
-        info = self._archive.tarinfo.fromtarfile(self._archive)
-        self._archive.members.clear()
-        if (info.offset, info.offset_data) != (member.offset, member.offset_data):
-            raise TarError("the tar changed while it was converted")
-        return info
 
     def header(self, member: TarMember) -> bytes:
         """The member's raw header blocks, extension records included."""
@@ -254,7 +275,8 @@ def _member(info: tarfile.TarInfo, size: int) -> TarMember:
     if kind == "reg" and info.offset_data + info.size > size:
         raise TarError(f"tar is truncated inside the data of {name!r}")
     return TarMember(path=path, kind=kind, link=link, offset=info.offset,
-                     offset_data=info.offset_data, size=info.size)
+                     offset_data=info.offset_data, size=info.size if kind == "reg" else 0,
+                     fields=_toc_fields(info))
 
 
 def _check_end(file: BinaryIO, offset: int, size: int) -> None:

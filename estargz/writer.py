@@ -23,13 +23,14 @@ from .codec import (
     compress_file,
     compress_member,
     gzip_stream,
-    zstd_frame_of_file,
+    gzip_streams_exactly,
+    settle_allocator,
 )
 from .digests import sha256_digest
 from .errors import TarError, TOCError
 from .footer import Compression, Footer, gzip_footer, skippable_frame_header, zstd_footer
 from .layer import Layer
-from .tarindex import BLOCK, TarIndex, TarMember, index_tar, xattrs_of
+from .tarindex import BLOCK, TarIndex, TarMember, index_tar
 from .toc import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
@@ -38,7 +39,6 @@ from .toc import (
     TOCEntry,
     TOCWriter,
     clean_name,
-    format_modtime,
     iter_toc_entries,
 )
 
@@ -163,34 +163,13 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def _toc_entry(info: tarfile.TarInfo, kind: str) -> TOCEntry:
-    toc = TOCEntry(
-        name=info.name,
-        type=kind,
-        modtime=format_modtime(info.mtime),
-        mode=info.mode,
-        uid=info.uid,
-        gid=info.gid,
-        user_name=info.uname,
-        group_name=info.gname,
-        xattrs=xattrs_of(info),
-    )
-    if kind == "reg":
-        toc.size = info.size
-    elif kind in ("symlink", "hardlink"):
-        toc.link_name = info.linkname
-    elif kind in ("char", "block"):
-        toc.dev_major, toc.dev_minor = info.devmajor, info.devminor
-    return toc
-
-
-def _landmark(name: str) -> tuple[tarfile.TarInfo, bytes]:
+def _landmark(name: str) -> tuple[TOCEntry, bytes]:
     info = tarfile.TarInfo(name)
     info.size = len(LANDMARK_CONTENTS)
     info.mode = 0o644
     info.mtime = 0
-    info.offset_data = 0
-    return info, info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    toc = TOCEntry(name=name, type="reg", size=info.size, mode=info.mode)
+    return toc, info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
 
 
 _MemberChunk = tuple[TOCEntry, int, TOCEntry | None]
@@ -201,12 +180,23 @@ _EMPTY_DIGEST = sha256_digest(b"")
 _MEMBER_SPILL = 1 << 20
 
 
+# Small members are handed to the compressing threads in batches: a hand-off per
+# member of a few hundred bytes costs more in thread switches than compressing it.
+_BATCH_BYTES = 1 << 20
+_BATCH_MEMBERS = 256
+
+
 def _compress_and_hash(
-    compression: Compression, payload: bytes, level: int, chunk_length: int
-) -> tuple[bytes, str]:
-    """Compress a member and hash the chunk it starts with (both release the GIL)."""
-    digest = sha256_digest(payload[:chunk_length]) if chunk_length else ""
-    return compress_member(compression, payload, level), digest
+    compression: Compression, members: list[tuple[bytes, int]], level: int
+) -> list[tuple[bytes, str]]:
+    """Compress members and hash the chunk each starts with (both release the GIL)."""
+    return [
+        (
+            compress_member(compression, payload, level),
+            sha256_digest(payload[:chunk_length]) if chunk_length else "",
+        )
+        for payload, chunk_length in members
+    ]
 
 
 class _Builder:
@@ -227,7 +217,13 @@ class _Builder:
         # The chunk this member starts with: its entry, its length, and the file
         # entry that takes its digest too when the file has one chunk.
         self.member_chunk: _MemberChunk | None = None
-        self.in_flight: deque[tuple[Future[tuple[bytes, str]], _MemberChunk | None]] = deque()
+        # Members waiting to be handed over together, and their chunks.
+        self.batch: list[tuple[bytes, int]] = []
+        self.batch_chunks: list[_MemberChunk | None] = []
+        self.batch_bytes = 0
+        self.in_flight: deque[
+            tuple[Future[list[tuple[bytes, str]]], list[_MemberChunk | None]]
+        ] = deque()
         self.prefetch_marker: TOCEntry | None = None  # the landmark's TOC entry
         # TOC entries go out in order once complete: an entry with a chunk waits
         # until that chunk (numbered from 1 in blob order) has its digest and offset.
@@ -237,6 +233,7 @@ class _Builder:
 
     def run(self, ordering: Ordering) -> BuildResult:
         landmark = ordering.landmark
+        settle_allocator()
         with tempfile.TemporaryFile(dir=self.options.tmpdir) as toc_file:
             self.toc_file = toc_file
             self.toc = TOCWriter(toc_file)
@@ -262,26 +259,25 @@ class _Builder:
     # -- entries -----------------------------------------------------------
 
     def _emit_member(self, member: TarMember) -> None:
-        self._emit(self.index.tar_info(member), member.kind, self.index.header(member), member)
+        self._emit(member.toc_entry(), self.index.header(member), member)
 
     def _emit_landmark(self, name: str, marks_prefetch: bool = False) -> None:
-        info, header = _landmark(name)
-        self._emit(info, "reg", header, None, marks_prefetch)
+        toc, header = _landmark(name)
+        self._emit(toc, header, None, marks_prefetch)
 
-    def _emit(self, info: tarfile.TarInfo, kind: str, header: bytes, member: TarMember | None,
+    def _emit(self, toc: TOCEntry, header: bytes, member: TarMember | None,
               marks_prefetch: bool = False) -> None:
         """Add an entry; its payload is read from `member`, or is the landmark's."""
         # Between entries, every entry before has all of its fields but the chunk
         # digests and offsets of members still in flight.
         self._write_toc_entries()
-        toc = _toc_entry(info, kind)
         self._add(header)
-        if kind != "reg" or info.size == 0:
-            if kind == "reg":
+        if toc.type != "reg" or toc.size == 0:
+            if toc.type == "reg":
                 toc.digest = _EMPTY_DIGEST
             self.toc_waiting.append((toc, 0))
             return
-        size = info.size
+        size = toc.size
         # A file of one chunk has the chunk's digest, computed by the compressing
         # thread; only files of several chunks need a hash of their own here.
         file_hash = hashlib.sha256() if size > self.options.chunk_size else None
@@ -296,7 +292,7 @@ class _Builder:
             if member is None:
                 data = LANDMARK_CONTENTS
             else:
-                data = self.index.read_payload(member, info.name, written, length)
+                data = self.index.read_payload(member, toc.name, written, length)
             if file_hash is not None:
                 file_hash.update(data)
             if marks_prefetch:
@@ -338,20 +334,32 @@ class _Builder:
         payload = bytes(self.member)
         self.member = bytearray()
         chunk_length = self.member_chunk[1] if self.member_chunk else 0
-        future = self.pool.submit(
-            _compress_and_hash, self.compression, payload, self.level, chunk_length
-        )
-        self.in_flight.append((future, self.member_chunk))
+        self.batch.append((payload, chunk_length))
+        self.batch_chunks.append(self.member_chunk)
+        self.batch_bytes += len(payload)
         self.member_chunk = None
-        self._drain(2 * self.workers + 2)
+        if self.batch_bytes >= _BATCH_BYTES or len(self.batch) >= _BATCH_MEMBERS:
+            self._submit_batch()
+            self._drain(2 * self.workers + 2)
+
+    def _submit_batch(self) -> None:
+        if not self.batch:
+            return
+        future = self.pool.submit(_compress_and_hash, self.compression, self.batch, self.level)
+        self.in_flight.append((future, self.batch_chunks))
+        self.batch, self.batch_chunks, self.batch_bytes = [], [], 0
 
     def _drain(self, keep: int) -> None:
+        """Write out finished members until at most `keep` batches are in flight; with
+        `keep` 0 the members waiting for a batch go too."""
+        if keep == 0:
+            self._submit_batch()
         while len(self.in_flight) > keep:
-            future, chunk = self.in_flight.popleft()
-            compressed, chunk_digest = future.result()
-            if chunk is not None:
-                self._settle(chunk, chunk_digest)
-            self._write(compressed)
+            future, chunks = self.in_flight.popleft()
+            for (compressed, chunk_digest), chunk in zip(future.result(), chunks, strict=True):
+                if chunk is not None:
+                    self._settle(chunk, chunk_digest)
+                self._write(compressed)
 
     def _settle(self, chunk: _MemberChunk, digest: str) -> None:
         """The chunk's member starts at the current end of the blob."""
@@ -427,11 +435,18 @@ class _Builder:
         self._check_toc(toc_offset)
         annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
         if self.compression is Compression.GZIP:
-            for piece in gzip_stream(self._toc_member_pieces(toc_size), self.level):
-                self._write(piece)
+            pieces = self._toc_member_pieces(toc_size)
+            if gzip_streams_exactly(self.level):
+                for piece in gzip_stream(pieces, self.level):
+                    self._write(piece)
+            else:
+                with tempfile.TemporaryFile(dir=self.options.tmpdir) as member:
+                    member.writelines(pieces)
+                    for piece in compress_file(self.compression, member, self.level):
+                        self._write(piece)
             self._write(gzip_footer(toc_offset))
         else:
-            compressed = zstd_frame_of_file(self.toc_file, self.level)
+            compressed = b"".join(compress_file(self.compression, self.toc_file, self.level))
             self._write(skippable_frame_header(len(compressed)))
             self._write(compressed)
             position = toc_offset + 8
