@@ -6,7 +6,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from estargz.tarindex import index_tar, is_reserved
+from estargz.tarindex import is_reserved, scan_tar
 from oci import mediatypes as mt
 
 _PIECE = 1 << 20
@@ -90,8 +90,4 @@ def decompress_layer(src_path: str, media_type: str, tar_path: str) -> tuple[str
 def list_paths(tar_path: str) -> list[str]:
     """Normalized paths of the tar's entries, in tar order (landmarks and TOCs left out)."""
     with open(tar_path, "rb") as f:
-        spooled = index_tar(f)
-        try:
-            return [e.path for e in spooled.entries if e.path and not is_reserved(e)]
-        finally:
-            spooled.close()
+        return [m.path for m in scan_tar(f) if m.path and not is_reserved(m.path)]

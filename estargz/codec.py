@@ -4,12 +4,15 @@ Each member (a gzip member or a zstd frame) is compressed on its own, so members
 can be produced in parallel threads: zlib and zstd release the GIL while they work.
 """
 
+import functools
+import mmap
+import os
 import struct
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -21,16 +24,18 @@ DEFAULT_LEVELS = {Compression.GZIP: 6, Compression.ZSTD: 3}
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 _local = threading.local()
+_FILE_PIECE = 1 << 20
+_LARGE_BLOCK = 4 << 20
 
 
-def gzip_member(payload: bytes, level: int) -> bytes:
+def gzip_member(payload: bytes | mmap.mmap, level: int) -> bytes:
     deflater = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = deflater.compress(payload) + deflater.flush()
     trailer = struct.pack("<II", zlib.crc32(payload), len(payload) & 0xFFFFFFFF)
     return _GZIP_HEADER + body + trailer
 
 
-def zstd_frame(payload: bytes, level: int) -> bytes:
+def zstd_frame(payload: bytes | mmap.mmap, level: int) -> bytes:
     # A ZstdCompressor must not be shared between threads; keep one per thread.
     cache: dict[int, zstandard.ZstdCompressor] = getattr(_local, "zstd", None) or {}
     _local.zstd = cache
@@ -40,10 +45,60 @@ def zstd_frame(payload: bytes, level: int) -> bytes:
     return compressor.compress(payload)
 
 
-def compress_member(compression: Compression, payload: bytes, level: int) -> bytes:
+@functools.cache
+def settle_allocator() -> None:
+    """glibc hands the free top of a heap back to the kernel once it is larger than
+    its trim threshold, which stays at 128 KiB until a larger block has been freed.
+    Every gzip member allocates and frees about 260 KiB of deflate state, so in a
+    process that never freed a large block each member of a layer of small files
+    would take fresh zeroed pages, a third of the conversion's time. Freeing one
+    large block raises the threshold, as converting any large file does anyway."""
+    block = bytearray(_LARGE_BLOCK)
+    del block
+
+
+def compress_member(compression: Compression, payload: bytes | mmap.mmap, level: int) -> bytes:
     if compression is Compression.GZIP:
         return gzip_member(payload, level)
     return zstd_frame(payload, level)
+
+
+def gzip_streams_exactly(level: int) -> bool:
+    """Whether `gzip_stream` gives `gzip_member`'s bytes at this level. Deflate's
+    output does not depend on how its input is cut, except for stored blocks
+    (level 0), which end where an output buffer ended."""
+    return level != 0
+
+
+def gzip_stream(pieces: Iterable[bytes], level: int) -> Iterator[bytes]:
+    """The gzip member of the pieces' concatenation, given out as the pieces come in;
+    see `gzip_streams_exactly`."""
+    yield _GZIP_HEADER
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    crc = size = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+        size += len(piece)
+        out = deflater.compress(piece)
+        if out:
+            yield out
+    yield deflater.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
+def compress_file(compression: Compression, file: BinaryIO, level: int) -> Iterator[bytes]:
+    """`compress_member` of a file's whole content. It is compressed as a stream where
+    that gives the same bytes; otherwise (zstd, whose streaming compressor cuts its
+    input at its window, and gzip's level 0) the file is mapped and compressed in one
+    call, which takes page cache rather than heap for the input."""
+    file.flush()
+    if compression is Compression.GZIP and gzip_streams_exactly(level):
+        file.seek(0)
+        yield from gzip_stream(iter(lambda: file.read(_FILE_PIECE), b""), level)
+    elif file.seek(0, os.SEEK_END) == 0:
+        yield compress_member(compression, b"", level)
+    else:
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield compress_member(compression, mapped, level)
 
 
 # zstd's decompressobj has no output bound, so untrusted frames are fed in small

@@ -61,8 +61,12 @@ def zstd_footer(toc_offset: int, toc_compressed: int, toc_uncompressed: int) -> 
     return SKIPPABLE_FRAME_MAGIC + struct.pack("<I", len(body)) + body
 
 
+def skippable_frame_header(payload_size: int) -> bytes:
+    return SKIPPABLE_FRAME_MAGIC + struct.pack("<I", payload_size)
+
+
 def skippable_frame(payload: bytes) -> bytes:
-    return SKIPPABLE_FRAME_MAGIC + struct.pack("<I", len(payload)) + payload
+    return skippable_frame_header(len(payload)) + payload
 
 
 def _parse_toc_offset_field(field: bytes) -> int:

@@ -1,21 +1,33 @@
 """Index an uncompressed tar stream so its entries can be re-emitted in any order.
 
-The input is spooled to a temporary file when it is not already a seekable file,
-so memory holds only headers, never file contents. Each entry keeps its raw
-header blocks (PAX and GNU long-name records included), which the writer copies
-verbatim: the converted layer's tar stream says exactly what the input said.
+The input is spooled to a temporary file when it is not already a seekable file.
+The index is on disk too, so memory holds neither file contents nor headers,
+whatever the number of members. The writer reads each member's raw header blocks
+(PAX and GNU long-name records included) again when it emits the member and
+copies them verbatim: the converted layer's tar stream says exactly what the input
+said. What the member's TOC entry needs is taken from its header once, when the
+tar is indexed.
 """
 
+import json
 import os
 import shutil
+import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from .errors import TarError, TOCError
-from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, clean_name
+from .toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    TOCEntry,
+    clean_name,
+    format_modtime,
+)
 
 BLOCK = 512
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -34,34 +46,46 @@ TAR_KINDS = {
 # tarfile lets these escape from some malformed headers (GNU sparse maps, PAX
 # records, long chains of extension headers) instead of raising a TarError.
 TARFILE_SLIPS = (ValueError, IndexError, OverflowError, RecursionError)
+# The index's page cache: lookups by path while ordering are few, the rest is
+# appended or read in order.
+_PAGE_CACHE_KIB = 4096
 
 
-@dataclass
-class TarEntry:
-    info: tarfile.TarInfo
-    kind: str
+@dataclass(frozen=True, slots=True)
+class TarMember:
+    """Where one tar member lies in the input and what its TOC entry says."""
+
     path: str  # cleaned
-    header: bytes  # raw header blocks, extension records included
+    kind: str
+    link: str  # the cleaned target of a hard link, "" for other kinds
+    offset: int  # of its first header block (PAX and GNU records included)
+    offset_data: int
+    size: int  # of its data (0 unless a regular file)
+    fields: str  # the rest of its TOC entry, see `_toc_fields`
+
+    def toc_entry(self) -> TOCEntry:
+        """The member's TOC entry, without digests and offsets."""
+        (name, modtime, mode, uid, gid, user_name, group_name, link_name, dev_major,
+         dev_minor, xattrs) = json.loads(self.fields)
+        toc = TOCEntry(name=name, type=self.kind, modtime=modtime, mode=mode, uid=uid,
+                       gid=gid, user_name=user_name, group_name=group_name,
+                       xattrs={k: v.encode("latin-1") for k, v in xattrs.items()})
+        if self.kind == "reg":
+            toc.size = self.size
+        elif self.kind in ("symlink", "hardlink"):
+            toc.link_name = link_name
+        elif self.kind in ("char", "block"):
+            toc.dev_major, toc.dev_minor = dev_major, dev_minor
+        return toc
 
 
-class SpooledTar:
-    """A seekable view of the input tar plus its entries in input order."""
-
-    def __init__(self, file: BinaryIO, entries: list[TarEntry], owned: bool):
-        self.file = file
-        self.entries = entries
-        self._owned = owned
-
-    def read_payload(self, entry: TarEntry, offset: int, length: int) -> bytes:
-        self.file.seek(entry.info.offset_data + offset)
-        data = self.file.read(length)
-        if len(data) != length:
-            raise TarError(f"tar is truncated inside the data of {entry.info.name!r}")
-        return data
-
-    def close(self) -> None:
-        if self._owned:
-            self.file.close()
+def _toc_fields(info: tarfile.TarInfo) -> str:
+    """What the TOC entry takes from the header, as JSON: ids from PAX records can be
+    beyond SQLite's integers (the TOC check refuses them later, as it should)."""
+    xattrs = {k: v.decode("latin-1") for k, v in xattrs_of(info).items()}
+    return json.dumps([info.name, format_modtime(info.mtime), info.mode, info.uid, info.gid,
+                       info.uname, info.gname, info.linkname, info.devmajor, info.devminor,
+                       xattrs])
 
 
 def _seekable(source: object) -> bool:
@@ -85,43 +109,138 @@ def spool(source: BinaryIO | Iterable[bytes], tmpdir: str | None = None) -> tupl
     return tmp, True
 
 
-def index_tar(source: BinaryIO | Iterable[bytes], tmpdir: str | None = None) -> SpooledTar:
-    file, owned = spool(source, tmpdir)
+_SCHEMA = """
+CREATE TABLE members (
+    seq INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+    link TEXT NOT NULL, offset INTEGER NOT NULL, offset_data INTEGER NOT NULL,
+    size INTEGER NOT NULL, fields TEXT NOT NULL, front INTEGER)
+"""
+_COLUMNS = "path, kind, link, offset, offset_data, size, fields"
+_INSERT_BATCH = 4096
+
+
+class TarIndex:
+    """A seekable view of the input tar and an on-disk index of its members: the
+    last member of each path (as extracting the tar would leave it) at the place of
+    that last member, landmarks and TOCs of an earlier conversion left out.
+
+    The index is a temporary SQLite file, unlinked at once: a tar of a million
+    files costs some disk and a page cache of a few MiB, not a Python object per
+    member."""
+
+    def __init__(self, file: BinaryIO, owned: bool, tmpdir: str | None = None):
+        self.file = file
+        self._owned = owned
+        self._db = _open_db(tmpdir)
+
+    def _fill(self) -> None:
+        batch: list[tuple[object, ...]] = []
+        insert = f"INSERT OR REPLACE INTO members (seq, {_COLUMNS}) VALUES (?{', ?' * 7})"
+        for seq, member in enumerate(scan_tar(self.file)):
+            if is_reserved(member.path):
+                continue
+            batch.append((seq, member.path, member.kind, member.link, member.offset,
+                          member.offset_data, member.size, member.fields))
+            if len(batch) >= _INSERT_BATCH:
+                self._db.executemany(insert, batch)
+                batch.clear()
+        self._db.executemany(insert, batch)
+
+    def member(self, path: str) -> TarMember | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM members WHERE path = ?",
+                               (path,)).fetchone()
+        return None if row is None else TarMember(*row)
+
+    def move_to_front(self, path: str, position: int) -> None:
+        """Take a member out of `members()` (it is emitted before them)."""
+        self._db.execute("UPDATE members SET front = ? WHERE path = ?", (position, path))
+
+    def members(self) -> Iterator[TarMember]:
+        """The members not moved to the front, in input order, read as they are used."""
+        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM members WHERE front IS NULL "
+                                  "ORDER BY seq")
+        for row in cursor:
+            yield TarMember(*row)
+
+    def header(self, member: TarMember) -> bytes:
+        """The member's raw header blocks, extension records included."""
+        self.file.seek(member.offset)
+        return self.file.read(member.offset_data - member.offset)
+
+    def read_payload(self, member: TarMember, name: str, offset: int, length: int) -> bytes:
+        self.file.seek(member.offset_data + offset)
+        data = self.file.read(length)
+        if len(data) != length:
+            raise TarError(f"tar is truncated inside the data of {name!r}")
+        return data
+
+    def close(self) -> None:
+        self._db.close()
+        if self._owned:
+            self.file.close()
+
+
+def _open_db(tmpdir: str | None) -> sqlite3.Connection:
+    fd, path = tempfile.mkstemp(prefix="lazypull-tar-", suffix=".db", dir=tmpdir)
+    os.close(fd)
     try:
-        entries = _read_entries(file)
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA user_version = 0")  # opens the file, so it outlives its name
+    finally:
+        os.unlink(path)
+    db.execute(f"PRAGMA cache_size = -{_PAGE_CACHE_KIB}")
+    # Nothing is kept after a crash, so nothing needs a journal or a sync.
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute(_SCHEMA)
+    db.execute("BEGIN")
+    return db
+
+
+def index_tar(source: BinaryIO | Iterable[bytes], tmpdir: str | None = None) -> TarIndex:
+    file, owned = spool(source, tmpdir)
+    index = None
+    try:
+        index = TarIndex(file, owned, tmpdir)
+        index._fill()
     except BaseException:
-        if owned:
+        if index is not None:
+            index.close()
+        elif owned:
             file.close()
         raise
-    return SpooledTar(file, entries, owned)
+    return index
 
 
-def _read_entries(file: BinaryIO) -> list[TarEntry]:
-    size = file.seek(0, os.SEEK_END)
+def _open_archive(file: BinaryIO) -> tarfile.TarFile:
     file.seek(0)
-    if size == 0:
-        return []
     try:
-        archive = tarfile.open(  # noqa: SIM115 (the caller owns the file)
-            fileobj=file, mode="r:", encoding="utf-8", errors="surrogateescape"
-        )
+        return tarfile.open(fileobj=file, mode="r:", encoding="utf-8", errors="surrogateescape")
     except tarfile.TarError as exc:
         raise TarError(f"not a tar stream: {exc}") from None
     except TARFILE_SLIPS as exc:
         raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
-    entries: list[TarEntry] = []
+
+
+def scan_tar(file: BinaryIO) -> Iterator[TarMember]:
+    """The members of the tar in `file` in input order, each checked as a layer needs
+    it; raises `TarError` at the first that is not fit for a layer."""
+    size = file.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    archive = _open_archive(file)
     try:
         while True:
             info = archive.next()
             if info is None:
                 break
-            entries.append(_entry(file, info, size))
+            archive.members.clear()  # tarfile would keep every member it has read
+            yield _member(info, size)
             if archive.pax_headers:
                 raise TarError("PAX global headers are not supported in layers")
     except (tarfile.TarError, *TARFILE_SLIPS) as exc:
         raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
     _check_end(file, archive.offset, size)
-    return entries
 
 
 def tarfile_problem(exc: Exception) -> str:
@@ -131,7 +250,7 @@ def tarfile_problem(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _entry(file: BinaryIO, info: tarfile.TarInfo, size: int) -> TarEntry:
+def _member(info: tarfile.TarInfo, size: int) -> TarMember:
     name = info.name
     kind = TAR_KINDS.get(info.type)
     if info.issparse():
@@ -150,17 +269,14 @@ def _entry(file: BinaryIO, info: tarfile.TarInfo, size: int) -> TarEntry:
             raise TarError(f"tar entry {name!r}: {what} is not valid UTF-8") from None
     try:
         path = clean_name(name)
-        if kind == "hardlink":
-            clean_name(info.linkname)
+        link = clean_name(info.linkname) if kind == "hardlink" else ""
     except TOCError as exc:
         raise TarError(str(exc)) from None
     if kind == "reg" and info.offset_data + info.size > size:
         raise TarError(f"tar is truncated inside the data of {name!r}")
-    pos = file.tell()
-    file.seek(info.offset)
-    header = file.read(info.offset_data - info.offset)
-    file.seek(pos)
-    return TarEntry(info=info, kind=kind, path=path, header=header)
+    return TarMember(path=path, kind=kind, link=link, offset=info.offset,
+                     offset_data=info.offset_data, size=info.size if kind == "reg" else 0,
+                     fields=_toc_fields(info))
 
 
 def _check_end(file: BinaryIO, offset: int, size: int) -> None:
@@ -183,6 +299,6 @@ def xattrs_of(info: tarfile.TarInfo) -> dict[str, bytes]:
     }
 
 
-def is_reserved(entry: TarEntry) -> bool:
+def is_reserved(path: str) -> bool:
     """Landmarks and TOCs of an input that was converted before are re-created."""
-    return entry.path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
+    return path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
