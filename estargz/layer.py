@@ -34,7 +34,7 @@ _ROOT_ID = 1
 # Bumped whenever the tables change: an index of another version is rebuilt.
 INDEX_FORMAT = 1
 # Each open layer keeps at most this much of its index in memory (SQLite's page cache).
-_PAGE_CACHE_KIB = 512
+_PAGE_CACHE_KIB = 2048
 _DIR_CACHE = 4096  # directories remembered by path while a layer is built
 _SPAN_BLOCK = 128  # spans read from the index at once
 
