@@ -188,7 +188,7 @@ def test_ordering_over_the_index(members: list[tuple[str, str, str]],
     index = index_tar(io.BytesIO(buf.getvalue()))
     try:
         ordering = order_entries(index, prioritized)
-        got = ([m.path for m in ordering.front], ordering.landmark,
+        got = ([m.path for m in ordering.front()], ordering.landmark,
                [m.path for m in ordering.rest()], ordering.missing)
     finally:
         index.close()
