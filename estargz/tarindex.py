@@ -148,8 +148,8 @@ class TarIndex:
         self._db.executemany(insert, batch)
 
     def has(self, path: str) -> bool:
-        return self._db.execute("SELECT 1 FROM members WHERE path = ?", (path,)).fetchone() \
-            is not None
+        row = self._db.execute("SELECT 1 FROM members WHERE path = ?", (path,)).fetchone()
+        return row is not None
 
     def unmoved(self, path: str) -> TarMember | None:
         """The member of `path` unless it was moved to the front."""

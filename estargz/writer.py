@@ -24,7 +24,7 @@ from .codec import (
     compress_member,
     gzip_stream,
     gzip_streams_exactly,
-    settle_allocator,
+    prime_allocator,
 )
 from .digests import sha256_digest
 from .errors import TarError, TOCError
@@ -231,7 +231,7 @@ class _Builder:
 
     def run(self, ordering: Ordering) -> BuildResult:
         landmark = ordering.landmark
-        settle_allocator()
+        prime_allocator()
         with tempfile.TemporaryFile(dir=self.options.tmpdir) as toc_file:
             self.toc_file = toc_file
             self.toc = TOCWriter(toc_file)
