@@ -46,7 +46,7 @@ def zstd_frame(payload: bytes | mmap.mmap, level: int) -> bytes:
 
 
 @functools.cache
-def settle_allocator() -> None:
+def prime_allocator() -> None:
     """glibc hands the free top of a heap back to the kernel once it is larger than
     its trim threshold, which stays at 128 KiB until a larger block has been freed.
     Every gzip member allocates and frees about 260 KiB of deflate state, so in a

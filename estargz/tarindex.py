@@ -132,6 +132,7 @@ class TarIndex:
         self.file = file
         self._owned = owned
         self._db = _open_db(tmpdir)
+        self._front = 0  # members moved to the front so far
 
     def _fill(self) -> None:
         batch: list[tuple[object, ...]] = []
@@ -146,20 +147,30 @@ class TarIndex:
                 batch.clear()
         self._db.executemany(insert, batch)
 
-    def member(self, path: str) -> TarMember | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM members WHERE path = ?",
+    def has(self, path: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM members WHERE path = ?", (path,)).fetchone()
+        return row is not None
+
+    def unmoved(self, path: str) -> TarMember | None:
+        """The member of `path` unless it was moved to the front."""
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM members WHERE path = ? AND front IS NULL",
                                (path,)).fetchone()
         return None if row is None else TarMember(*row)
 
-    def move_to_front(self, path: str, position: int) -> None:
-        """Take a member out of `members()` (it is emitted before them)."""
-        self._db.execute("UPDATE members SET front = ? WHERE path = ?", (position, path))
+    def move_to_front(self, path: str) -> None:
+        """Put a member after those moved before it, ahead of all the others."""
+        self._front += 1
+        self._db.execute("UPDATE members SET front = ? WHERE path = ?", (self._front, path))
 
-    def members(self) -> Iterator[TarMember]:
-        """The members not moved to the front, in input order, read as they are used."""
-        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM members WHERE front IS NULL "
-                                  "ORDER BY seq")
-        for row in cursor:
+    def members(self, front: bool = False) -> Iterator[TarMember]:
+        """The members moved to the front, in the order they were moved, or the others
+        in input order; read as they are used."""
+        if front and not self._front:
+            return
+        query = (f"SELECT {_COLUMNS} FROM members WHERE front IS NOT NULL ORDER BY front"
+                 if front else
+                 f"SELECT {_COLUMNS} FROM members WHERE front IS NULL ORDER BY seq")
+        for row in self._db.execute(query):
             yield TarMember(*row)
 
     def header(self, member: TarMember) -> bytes:

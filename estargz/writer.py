@@ -24,7 +24,7 @@ from .codec import (
     compress_member,
     gzip_stream,
     gzip_streams_exactly,
-    settle_allocator,
+    prime_allocator,
 )
 from .digests import sha256_digest
 from .errors import TarError, TOCError
@@ -102,13 +102,16 @@ def _priority_path(name: str) -> str:
 
 @dataclass(frozen=True)
 class Ordering:
-    front: list[TarMember]  # prioritized files with what they need, before the landmark
     landmark: str
     missing: list[str]  # prioritized names that the tar does not hold
     index: TarIndex
 
+    def front(self) -> Iterator[TarMember]:
+        """Prioritized files with what they need, to go before the landmark."""
+        return self.index.members(front=True)
+
     def rest(self) -> Iterator[TarMember]:
-        """Everything else in input order, read from the index as it is emitted."""
+        """Everything else in input order."""
         return self.index.members()
 
 
@@ -116,14 +119,10 @@ def order_entries(index: TarIndex, prioritized: Sequence[str]) -> Ordering:
     """Prioritized files first (each after its parents and hard-link target), then
     the landmark's name, then everything else in input order. A later entry of
     the same path replaces an earlier one, as extracting the tar would (the index
-    holds only that one, at its place)."""
-    front: dict[str, TarMember] = {}
-
-    def in_rest(path: str) -> TarMember | None:
-        return None if path in front else index.member(path)
+    holds only that one, at its place). The order is kept in the index."""
 
     def move(path: str) -> bool:
-        if path and path not in front and index.member(path) is None:
+        if path and not index.has(path):
             return False
         # Depth first, without recursion (paths can be deep, hard links can form
         # a cycle): a path's parent, then its hard-link target, then the path.
@@ -131,18 +130,17 @@ def order_entries(index: TarIndex, prioritized: Sequence[str]) -> Ordering:
         active = {path}
         while stack:
             current, ready = stack.pop()
-            entry = in_rest(current)
+            entry = index.unmoved(current)
             if ready:
                 if entry is not None:
-                    front[current] = entry
-                    index.move_to_front(current, len(front))
+                    index.move_to_front(current)
                 continue
             stack.append((current, True))
             needs = [current.rpartition("/")[0]] if current else []  # absent: implicit
             if entry is not None and entry.kind == "hardlink":
                 needs.append(entry.link)
             for need in reversed(needs):
-                if need not in active and (need == "" or in_rest(need) is not None):
+                if need not in active and (need == "" or index.unmoved(need) is not None):
                     active.add(need)
                     stack.append((need, False))
         return True
@@ -156,7 +154,7 @@ def order_entries(index: TarIndex, prioritized: Sequence[str]) -> Ordering:
         if not path or not move(path):
             missing.append(name)
     landmark = PREFETCH_LANDMARK if prioritized else NO_PREFETCH_LANDMARK
-    return Ordering(list(front.values()), landmark, missing, index)
+    return Ordering(landmark, missing, index)
 
 
 def _padding(size: int) -> bytes:
@@ -233,7 +231,7 @@ class _Builder:
 
     def run(self, ordering: Ordering) -> BuildResult:
         landmark = ordering.landmark
-        settle_allocator()
+        prime_allocator()
         with tempfile.TemporaryFile(dir=self.options.tmpdir) as toc_file:
             self.toc_file = toc_file
             self.toc = TOCWriter(toc_file)
@@ -242,7 +240,7 @@ class _Builder:
                     self.pool = pool
                     if landmark == NO_PREFETCH_LANDMARK:
                         self._emit_landmark(landmark)
-                    for member in ordering.front:
+                    for member in ordering.front():
                         self._emit_member(member)
                     if landmark == PREFETCH_LANDMARK:
                         self._emit_landmark(landmark, marks_prefetch=True)
