@@ -953,7 +953,7 @@ def report(data: dict) -> str:
                          _f(t.get("seconds"), ".2f"), _mb(t.get("peak_rss_bytes"))])
     out += ["## TOC parse (estargz BlobReader.open in a subprocess)", "", *_markdown(rows), ""]
     rows = [["image", "tar MB", "eStargz MB", "wall s", "MB/s (tar)", "peak RSS MB",
-             "target MB", "ok"]]
+             "target MB", "converted"]]
     for r in results.values():
         for c in r.get("conversions", []):
             rows.append([c["image"], _mb(c["uncompressed_bytes"]), _mb(c.get("estargz_bytes")),
