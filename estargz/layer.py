@@ -354,9 +354,13 @@ class Layer:
     def payload_chunks(self) -> Iterator[Chunk]:
         """Every chunk of the layer's files in blob order (the order background fetch
         wants)."""
+        for span in self.iter_spans():
+            yield from span.chunks
+
+    def iter_spans(self) -> Iterator[Span]:
+        """Every span in blob order, read from the index a block at a time."""
         for start in range(0, self.span_count, _SPAN_BLOCK):
-            for span in self.spans(start, start + _SPAN_BLOCK):
-                yield from span.chunks
+            yield from self.spans(start, start + _SPAN_BLOCK)
 
     def chunk_digests(self) -> Iterator[str]:
         for chunk in self.payload_chunks():

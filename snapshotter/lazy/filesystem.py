@@ -89,18 +89,16 @@ class DirView:
 
     entries: dict[bytes, tuple[Node, bool]]  # name -> (node, presented as a whiteout)
     names: list[bytes]  # sorted; readdir offsets index into it, so they stay valid
-    subdirs: int
-    opaque: bool
 
 
 def present_directory(directory: Node, is_layer_root: bool) -> DirView:
+    """The listing of `directory` (its opaque marker and its subdirectory count come
+    from the layer's index: see _Inode)."""
     entries: dict[bytes, tuple[Node, bool]] = {}
     whiteouts: dict[bytes, Node] = {}
-    opaque = False
     for name, child in directory.children.items():
-        if name == OPAQUE_WHITEOUT:
-            opaque = True
-        elif name.startswith(_AUFS_META_PREFIX) or (is_layer_root and name in _LANDMARKS):
+        if name == OPAQUE_WHITEOUT or name.startswith(_AUFS_META_PREFIX) \
+                or (is_layer_root and name in _LANDMARKS):
             continue
         elif name.startswith(WHITEOUT_PREFIX):
             hidden = name[len(WHITEOUT_PREFIX) :]
@@ -110,8 +108,7 @@ def present_directory(directory: Node, is_layer_root: bool) -> DirView:
             entries[os.fsencode(name)] = (child, False)
     for name, marker in whiteouts.items():
         entries.setdefault(name, (marker, True))  # an entry of this layer wins over its whiteout
-    subdirs = sum(1 for node, whiteout in entries.values() if node.kind == "dir" and not whiteout)
-    return DirView(entries, sorted(entries), subdirs, opaque)
+    return DirView(entries, sorted(entries))
 
 
 def _hidden_name(name: str, in_layer_root: bool) -> bool:

@@ -11,18 +11,11 @@ from estargz import Layer, Span
 
 from .chunk_cache import ChunkCache
 
-_BLOCK = 512  # spans read from the index at once
-
-
-def _spans(layer: Layer) -> Iterator[Span]:
-    for start in range(0, layer.span_count, _BLOCK):
-        yield from layer.spans(start, start + _BLOCK)
-
 
 def wanted(layer: Layer, full: bool) -> Iterator[Span]:
     """The spans a policy keeps local: all of them, or the prefetch region's."""
     region = layer.prefetch_size
-    for span in _spans(layer):
+    for span in layer.iter_spans():
         if not full and span.offset >= region:
             return
         yield span
@@ -44,7 +37,7 @@ def chunks_missing(layer: Layer, full: bool, cache: ChunkCache) -> bool:
 def bytes_cached(layer: Layer, cache: ChunkCache) -> tuple[int, int]:
     """(blob bytes whose chunks are all cached, blob bytes of the layer)."""
     cached = total = 0
-    for span in _spans(layer):
+    for span in layer.iter_spans():
         total += span.size
         if all(chunk.digest in cache for chunk in span.chunks):
             cached += span.size
