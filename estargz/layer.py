@@ -758,8 +758,7 @@ class _Builder:
         regular_bytes = db.execute(
             "SELECT coalesce(sum(size), 0) FROM nodes WHERE kind = 'reg'").fetchone()[0]
         span_count = db.execute("SELECT count(*) FROM spans").fetchone()[0]
-        files = db.execute("SELECT count(*) FROM nodes").fetchone()[0]
         self.meta.update({"entry_count": count, "regular_bytes": regular_bytes,
-                          "span_count": span_count, "node_count": files, "complete": 1})
+                          "span_count": span_count, "complete": 1})
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", self.meta.items())
 

@@ -111,11 +111,6 @@ def _toc_json_pieces(compression: Compression, read: Callable[[int], bytes],
         pass
 
 
-def toc_json_from_member(compression: Compression, data: bytes, limit: int) -> bytes:
-    """The TOC JSON held in the compressed TOC bytes, in memory (small TOCs only)."""
-    return b"".join(_toc_json_pieces(compression, io.BytesIO(data).read, limit))
-
-
 def spool_toc_json(footer: Footer, toc: bytes | Readable, limit: int, out: BinaryIO) -> str:
     """Decompress the TOC (the bytes at the footer's toc_offset, or a file holding
     them) into `out`; returns the digest of the JSON."""
@@ -220,9 +215,6 @@ class BlobReader:
     def toc_entries(self) -> Iterator[TOCEntry]:
         """The TOC's entries in TOC order, read again from the blob."""
         return iter_blob_toc(self.source, self.layer.footer)
-
-    def close(self) -> None:
-        self.layer.close()
 
     @property
     def compression(self) -> Compression:
