@@ -588,30 +588,39 @@ class _Builder:
 
     def _parent_dir(self, path: str, where: str) -> int:
         """The id of the directory that holds `path`, made (implicitly) if missing."""
-        # Walk up to the nearest known ancestor without recursing: paths can be deep.
-        missing: list[str] = []
         parent_path = path.rpartition("/")[0]
-        while True:
-            known = _ROOT_ID if parent_path == "" else self.dirs.get(parent_path)
-            if known is not None:
-                parent = known
+        if parent_path == "":
+            return _ROOT_ID
+        known = self.dirs.get(parent_path)
+        if known is not None:
+            return known
+        # From the nearest remembered ancestor down, one component at a time, so a
+        # path thousands of directories deep costs one pass, not one per level.
+        ends = [i for i, c in enumerate(parent_path) if c == "/"] + [len(parent_path)]
+        first, node_id = 0, _ROOT_ID
+        for k in range(len(ends) - 2, -1, -1):
+            ancestor = self.dirs.get(parent_path[:ends[k]])
+            if ancestor is not None:
+                first, node_id = k + 1, ancestor
                 break
-            found = self._resolve(parent_path)
-            if found is not None:
-                if found[1] != "dir":
-                    raise TOCError(f"{where}: parent {parent_path!r} is not a directory")
-                parent = found[0]
-                self._remember_dir(parent_path, parent)
-                break
-            missing.append(parent_path)
-            parent_path = parent_path.rpartition("/")[0]
-        for implicit_path in reversed(missing):
-            node_id = self._new_node(implicit_path, "dir", mode=_IMPLICIT_DIR_MODE,
-                                     implicit=1)
-            self._link(parent, implicit_path.rsplit("/", 1)[-1], node_id)
-            self._remember_dir(implicit_path, node_id)
-            parent = node_id
-        return parent
+        missing = False
+        for k in range(first, len(ends)):
+            step = parent_path[:ends[k]]
+            name = step[ends[k - 1] + 1:] if k else step
+            if not missing:
+                found = self._find(node_id, name)
+                if found is not None:
+                    if found[1] != "dir":
+                        raise TOCError(f"{where}: parent {step!r} is not a directory")
+                    node_id = found[0]
+                    self._remember_dir(step, node_id)
+                    continue
+                missing = True  # and so is everything below it
+            child = self._new_node(step, "dir", mode=_IMPLICIT_DIR_MODE, implicit=1)
+            self._link(node_id, name, child)
+            self._remember_dir(step, child)
+            node_id = child
+        return node_id
 
     def _new_node(self, path: str, kind: str, **columns: Any) -> int:
         node_id = self.next_id
