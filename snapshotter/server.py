@@ -9,22 +9,19 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import grpc
+from grpclib.server import Server
 
 from . import allocator
-from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint, Route
 from .overlay import OverlaySnapshotter
-from .service import SnapshotsService
+from .service import BoundedProtoCodec, SnapshotsService
 
 if TYPE_CHECKING:
     from .warm.manager import WarmSet
 
 log = logging.getLogger("lazypull.snapshotter")
-# containerd's own limit for gRPC messages, so large label maps fail the same way.
-MAX_MESSAGE_SIZE = 16 << 20
 SHUTDOWN_GRACE_SECONDS = 5
 # An external FUSE manager (a second container) may start after this service.
 EXTERNAL_MANAGER_WAIT_SECONDS = 120.0
@@ -90,11 +87,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         log.info("%d lazy layers served, %d of them mounted again",
                  len(lazy.layers), restored)
         lazy.on_reconnect = _resync(snapshotter)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-        ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-    ])
-    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+    server = Server([SnapshotsService(snapshotter)], codec=BoundedProtoCodec())
     endpoint = None
     warm = _warm_set(config, lazy)
     if config.metrics_address:
@@ -106,8 +99,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     # The socket accepts connections from here on: whoever waits for it finds the
     # probes up already.
     _prepare_socket(config.address)
-    server.add_insecure_port(f"unix:{config.address}")
-    await server.start()
+    await server.start(path=config.address)
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
     log.info("serving containerd snapshots on %s (root %s)", config.address, config.root)
@@ -122,7 +114,9 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     log.info("shutting down")
     if warm is not None:
         await warm.close()
-    await server.stop(SHUTDOWN_GRACE_SECONDS)
+    server.close()  # no new calls; the ones under way may finish within the grace period
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE_SECONDS)
     if endpoint:
         await endpoint.stop()
     if lazy is not None:

@@ -1,4 +1,4 @@
-"""containerd's Snapshots gRPC service over an OverlaySnapshotter.
+"""containerd's Snapshots gRPC service over an OverlaySnapshotter (grpclib).
 
 Caller mistakes come back as the status codes containerd maps to its errdefs
 (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, INVALID_ARGUMENT).
@@ -7,14 +7,17 @@ Caller mistakes come back as the status codes containerd maps to its errdefs
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
+from .api.containerd.services.snapshots.v1 import snapshots_grpc
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
 from .errors import InvalidArgument, SnapshotError
 from .metadata import Info, validate_labels
@@ -23,6 +26,19 @@ from .overlay import Mount, OverlaySnapshotter
 
 log = logging.getLogger(__name__)
 _LIST_BATCH = 100  # infos per List response message, as containerd batches them
+# containerd's own limit for gRPC messages, so large label maps fail the same way.
+MAX_MESSAGE_SIZE = 16 << 20
+
+
+class BoundedProtoCodec(ProtoCodec):
+    """Protobuf, refusing requests over MAX_MESSAGE_SIZE as containerd's server does."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > MAX_MESSAGE_SIZE:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"message of {len(data)} bytes is over the limit of "
+                            f"{MAX_MESSAGE_SIZE}")
+        return super().decode(data, message_type)
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -47,98 +63,112 @@ def _labels(labels: Any) -> dict[str, str]:
     return out
 
 
-def _observed(method: Callable) -> Callable:
-    """Count and time the call, and turn snapshotter errors into gRPC statuses."""
+def _status(name: str, exc: Exception) -> GRPCError:
+    """The gRPC status for a failed call: a snapshotter error's own code, else INTERNAL."""
+    if isinstance(exc, GRPCError):
+        RPC_ERRORS.labels(name, exc.status.name).inc()
+        return exc
+    if isinstance(exc, SnapshotError):
+        RPC_ERRORS.labels(name, exc.code).inc()
+        return GRPCError(Status[exc.code], str(exc))
+    log.error("%s failed", name, exc_info=exc)
+    RPC_ERRORS.labels(name, "INTERNAL").inc()
+    return GRPCError(Status.INTERNAL, f"{name}: {exc}")
+
+
+Handler = Callable[[Any, Stream], Awaitable[None]]
+
+
+def _unary(method: Callable[[Any, Any], Awaitable[Any]]) -> Handler:
+    """A grpclib handler around `method(self, request) -> reply`: counted, timed, and
+    its errors turned into gRPC statuses."""
     name = method.__name__
 
-    async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, SnapshotError):
-            RPC_ERRORS.labels(name, exc.code).inc()
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
-        log.exception("%s failed", name)
-        RPC_ERRORS.labels(name, "INTERNAL").inc()
-        await context.abort(grpc.StatusCode.INTERNAL, f"{name}: {exc}")
-
-    if name == "List":
-        @functools.wraps(method)
-        async def streaming(self, request, context):  # type: ignore[no-untyped-def]
-            RPC_REQUESTS.labels(name).inc()
-            started = time.perf_counter()
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except Exception as exc:
-                await fail(context, exc)
-            finally:
-                RPC_LATENCY.labels(name).observe(time.perf_counter() - started)
-        return streaming
-
     @functools.wraps(method)
-    async def unary(self, request, context):  # type: ignore[no-untyped-def]
+    async def handler(self: Any, stream: Stream) -> None:
         RPC_REQUESTS.labels(name).inc()
         started = time.perf_counter()
         try:
-            return await method(self, request, context)
+            reply = await method(self, await stream.recv_message())
         except Exception as exc:
-            await fail(context, exc)
+            raise _status(name, exc) from None
         finally:
             RPC_LATENCY.labels(name).observe(time.perf_counter() - started)
-    return unary
+        await stream.send_message(reply)
+    return handler
 
 
-class SnapshotsService(pb_grpc.SnapshotsServicer):
+def _server_streaming(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Handler:
+    """As `_unary`, for a method that yields its replies."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: Any, stream: Stream) -> None:
+        RPC_REQUESTS.labels(name).inc()
+        started = time.perf_counter()
+        try:
+            async for reply in method(self, await stream.recv_message()):
+                await stream.send_message(reply)
+        except Exception as exc:
+            raise _status(name, exc) from None
+        finally:
+            RPC_LATENCY.labels(name).observe(time.perf_counter() - started)
+    return handler
+
+
+class SnapshotsService(snapshots_grpc.SnapshotsBase):
     def __init__(self, snapshotter: OverlaySnapshotter):
         self.sn = snapshotter
 
-    @_observed
-    async def Prepare(self, request: pb.PrepareSnapshotRequest, context) -> pb.PrepareSnapshotResponse:  # noqa: E501
+    @_unary
+    async def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:
         mounts = await self.sn.prepare(request.key, request.parent, _labels(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
-    @_observed
-    async def View(self, request: pb.ViewSnapshotRequest, context) -> pb.ViewSnapshotResponse:
+    @_unary
+    async def View(self, request: pb.ViewSnapshotRequest) -> pb.ViewSnapshotResponse:
         mounts = await self.sn.view(request.key, request.parent, _labels(request.labels))
         return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
 
-    @_observed
-    async def Mounts(self, request: pb.MountsRequest, context) -> pb.MountsResponse:
+    @_unary
+    async def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse:
         return pb.MountsResponse(mounts=_mounts(await self.sn.mounts(request.key)))
 
-    @_observed
-    async def Commit(self, request: pb.CommitSnapshotRequest, context) -> empty_pb2.Empty:
+    @_unary
+    async def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
         await self.sn.commit(request.name, request.key, _labels(request.labels))
         return empty_pb2.Empty()
 
-    @_observed
-    async def Remove(self, request: pb.RemoveSnapshotRequest, context) -> empty_pb2.Empty:
+    @_unary
+    async def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
         await self.sn.remove(request.key)
         return empty_pb2.Empty()
 
-    @_observed
-    async def Stat(self, request: pb.StatSnapshotRequest, context) -> pb.StatSnapshotResponse:
+    @_unary
+    async def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:
         return pb.StatSnapshotResponse(info=_info(await self.sn.stat(request.key)))
 
-    @_observed
-    async def Update(self, request: pb.UpdateSnapshotRequest, context) -> pb.UpdateSnapshotResponse:
+    @_unary
+    async def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:
         if not request.info.name:
             raise InvalidArgument("update needs the snapshot's name")
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = await self.sn.update(request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=_info(info))
 
-    @_observed
-    async def List(self, request: pb.ListSnapshotsRequest, context) -> AsyncIterator[pb.ListSnapshotsResponse]:  # noqa: E501
+    @_server_streaming
+    async def List(self, request: pb.ListSnapshotsRequest) -> AsyncIterator[pb.ListSnapshotsResponse]:  # noqa: E501
         infos = await self.sn.walk(list(request.filters))
         for start in range(0, len(infos), _LIST_BATCH):
             batch = infos[start:start + _LIST_BATCH]
             yield pb.ListSnapshotsResponse(info=[_info(i) for i in batch])
 
-    @_observed
-    async def Usage(self, request: pb.UsageRequest, context) -> pb.UsageResponse:
+    @_unary
+    async def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         size, inodes = await self.sn.usage(request.key)
         return pb.UsageResponse(size=size, inodes=inodes)
 
-    @_observed
-    async def Cleanup(self, request: pb.CleanupRequest, context) -> empty_pb2.Empty:
+    @_unary
+    async def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:
         await self.sn.cleanup()
         return empty_pb2.Empty()

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_grpc.py")
 
 
 def test_regenerating_gives_the_committed_modules(tmp_path) -> None:
@@ -16,5 +17,5 @@ def test_regenerating_gives_the_committed_modules(tmp_path) -> None:
     for relative in generated:
         assert filecmp.cmp(tmp_path / relative, ROOT / relative, shallow=False), relative
     committed = sorted(p.relative_to(ROOT) for p in (ROOT / "snapshotter" / "api").rglob("*")
-                       if p.is_file() and "_pb2" in p.name)
+                       if p.is_file() and p.name.endswith(GENERATED_SUFFIXES))
     assert committed == generated

@@ -1,4 +1,4 @@
-"""An asyncio client for containerd 1.6's gRPC API (grpc.aio over its unix socket).
+"""An asyncio client for containerd 1.6's gRPC API (grpclib over its unix socket).
 
 Only what a pull needs: version, leases, content (Info/Update/List/Write), images,
 snapshots (through any snapshotter containerd has loaded) and diff (Apply).
@@ -19,15 +19,17 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from snapshotter.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
-from snapshotter.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
-from snapshotter.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
-from snapshotter.api.containerd.services.version.v1 import version_pb2_grpc
+from snapshotter.api.containerd.services.content.v1 import content_grpc, content_pb2
+from snapshotter.api.containerd.services.diff.v1 import diff_grpc, diff_pb2
+from snapshotter.api.containerd.services.images.v1 import images_grpc, images_pb2
+from snapshotter.api.containerd.services.leases.v1 import leases_grpc, leases_pb2
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_grpc, snapshots_pb2
+from snapshotter.api.containerd.services.version.v1 import version_grpc
 from snapshotter.api.containerd.types import descriptor_pb2, mount_pb2
 
 from .errors import (
@@ -46,7 +48,8 @@ LEASE_HEADER = "containerd-lease"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 # containerd's gRPC server takes messages up to 16 MiB; content is written in smaller pieces.
 WRITE_CHUNK = 1 << 20
-MAX_MESSAGE = 16 << 20
+# What a call that never reached containerd raises: the socket refused, closed or vanished.
+_CONNECTION_ERRORS = (OSError, StreamTerminatedError)
 
 _lease: contextvars.ContextVar[str | None] = contextvars.ContextVar("containerd_lease",
                                                                     default=None)
@@ -84,17 +87,14 @@ class ContainerdClient:
         self.address = address
         self.namespace = namespace
         self.connect_timeout = connect_timeout
-        self._channel = grpc.aio.insecure_channel(
-            f"unix://{os.path.abspath(address)}",
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                     ("grpc.max_send_message_length", MAX_MESSAGE),
-                     ("grpc.default_authority", "localhost")])
-        self._version = version_pb2_grpc.VersionStub(self._channel)
-        self._leases = leases_pb2_grpc.LeasesStub(self._channel)
-        self._content = content_pb2_grpc.ContentStub(self._channel)
-        self._images = images_pb2_grpc.ImagesStub(self._channel)
-        self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
-        self._diff = diff_pb2_grpc.DiffStub(self._channel)
+        # Connects on the first call, from the event loop that makes it.
+        self._channel = Channel(path=os.path.abspath(address))
+        self._version = version_grpc.VersionStub(self._channel)
+        self._leases = leases_grpc.LeasesStub(self._channel)
+        self._content = content_grpc.ContentStub(self._channel)
+        self._images = images_grpc.ImagesStub(self._channel)
+        self._snapshots = snapshots_grpc.SnapshotsStub(self._channel)
+        self._diff = diff_grpc.DiffStub(self._channel)
 
     async def __aenter__(self) -> "ContainerdClient":
         return self
@@ -103,7 +103,7 @@ class ContainerdClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        self._channel.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
         metadata = [(NAMESPACE_HEADER, self.namespace)]
@@ -115,8 +115,10 @@ class ContainerdClient:
     async def _call(self, what: str, method, request):
         try:
             return await method(request, metadata=self._metadata())
-        except grpc.aio.AioRpcError as exc:
+        except GRPCError as exc:
             raise _error(exc, what) from None
+        except _CONNECTION_ERRORS as exc:
+            raise _unreachable(self.address, exc, what) from None
 
     # -- connection -------------------------------------------------------------------
 
@@ -138,14 +140,16 @@ class ContainerdClient:
         try:
             reply = await self._version.Version(empty_pb2.Empty(), metadata=self._metadata(),
                                                 timeout=self.connect_timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.UNIMPLEMENTED):
-                details = exc.details() or exc.code().name.lower()
-                # gRPC's "failed to connect to all addresses; ... error: Connection refused"
-                reason = details.rsplit("error: ", 1)[-1] if "error: " in details else details
-                raise ContainerdUnreachable(
-                    f"cannot reach containerd at {self.address}: {reason}") from None
+        except TimeoutError:  # before OSError, of which it is one
+            raise ContainerdUnreachable(f"cannot reach containerd at {self.address}: no answer "
+                                        f"within {self.connect_timeout:g} s") from None
+        except _CONNECTION_ERRORS as exc:
+            raise _unreachable(self.address, exc) from None
+        except GRPCError as exc:
+            if exc.status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED,
+                              Status.UNIMPLEMENTED):
+                raise ContainerdUnreachable(f"cannot reach containerd at {self.address}: "
+                                            f"{exc.message or exc.status.name.lower()}") from None
             raise _error(exc, "version") from None
         return reply.version, reply.revision
 
@@ -209,15 +213,9 @@ class ContainerdClient:
         return reply.info
 
     async def list_content(self, *filters: str) -> list[content_pb2.Info]:
-        out: list[content_pb2.Info] = []
-        try:
-            async for reply in self._content.List(
-                    content_pb2.ListContentRequest(filters=list(filters)),
-                    metadata=self._metadata()):
-                out.extend(reply.info)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc, "list content") from None
-        return out
+        replies = await self._call("list content", self._content.List,
+                                   content_pb2.ListContentRequest(filters=list(filters)))
+        return [info for reply in replies for info in reply.info]
 
     async def write_content(self, ref: str, digest: str, size: int,
                             data: AsyncIterable[bytes] | Iterable[bytes],
@@ -245,37 +243,34 @@ class ContainerdClient:
                           data: AsyncIterable[bytes] | Iterable[bytes],
                           labels: Mapping[str, str]) -> bool:
         what = f"write {ref}"
-        call = self._content.Write(metadata=self._metadata())
         try:
-            await call.write(content_pb2.WriteContentRequest(
-                action=content_pb2.STAT, ref=ref, total=size, expected=digest))
-            await call.read()
-            offset = 0
-            async for piece in _pieces(data, WRITE_CHUNK):
-                await call.write(content_pb2.WriteContentRequest(
-                    action=content_pb2.WRITE, ref=ref, offset=offset, data=piece))
-                reply = await call.read()
-                offset += len(piece)
-                if reply.offset != offset:
-                    raise ContainerdError(f"{what}: containerd holds {reply.offset} bytes after "
-                                          f"{offset} were sent")
-            # An empty blob still needs a WRITE at offset 0: it truncates a stale ingest.
-            if offset == 0:
-                await call.write(content_pb2.WriteContentRequest(
-                    action=content_pb2.WRITE, ref=ref, offset=0))
-                await call.read()
-            await call.write(content_pb2.WriteContentRequest(
-                action=content_pb2.COMMIT, ref=ref, offset=offset, total=size, expected=digest,
-                labels=dict(labels)))
-            reply = await call.read()
-            await call.done_writing()
-        except grpc.aio.AioRpcError as exc:
+            async with self._content.Write.open(metadata=self._metadata()) as call:
+                reply = await _exchange(call, content_pb2.WriteContentRequest(
+                    action=content_pb2.STAT, ref=ref, total=size, expected=digest))
+                offset = 0
+                async for piece in _pieces(data, WRITE_CHUNK):
+                    reply = await _exchange(call, content_pb2.WriteContentRequest(
+                        action=content_pb2.WRITE, ref=ref, offset=offset, data=piece))
+                    offset += len(piece)
+                    if reply.offset != offset:
+                        raise ContainerdError(f"{what}: containerd holds {reply.offset} bytes "
+                                              f"after {offset} were sent")
+                # An empty blob still needs a WRITE at offset 0: it truncates a stale ingest.
+                if offset == 0:
+                    await _exchange(call, content_pb2.WriteContentRequest(
+                        action=content_pb2.WRITE, ref=ref, offset=0))
+                # The last message also ends our side: containerd closes the stream
+                # once it has answered the commit.
+                reply = await _exchange(call, content_pb2.WriteContentRequest(
+                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=size,
+                    expected=digest, labels=dict(labels)), end=True)
+        except GRPCError as exc:
             error = _error(exc, what)
             if isinstance(error, AlreadyExists):
                 return False
             raise error from None
-        finally:
-            call.cancel()
+        except _CONNECTION_ERRORS as exc:
+            raise _unreachable(self.address, exc, what) from None
         if reply.digest and reply.digest != digest:
             raise ContainerdError(f"{what}: containerd committed {reply.digest}, not {digest}")
         return True
@@ -346,16 +341,10 @@ class ContainerdClient:
                          snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key))
 
     async def list_snapshots(self, snapshotter: str, *filters: str) -> list[snapshots_pb2.Info]:
-        out: list[snapshots_pb2.Info] = []
-        try:
-            async for reply in self._snapshots.List(
-                    snapshots_pb2.ListSnapshotsRequest(snapshotter=snapshotter,
-                                                       filters=list(filters)),
-                    metadata=self._metadata()):
-                out.extend(reply.info)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc, f"snapshotter {snapshotter}: list") from None
-        return out
+        replies = await self._call(f"snapshotter {snapshotter}: list", self._snapshots.List,
+                                   snapshots_pb2.ListSnapshotsRequest(snapshotter=snapshotter,
+                                                                      filters=list(filters)))
+        return [info for reply in replies for info in reply.info]
 
     # -- diff -------------------------------------------------------------------------
 
@@ -366,6 +355,23 @@ class ContainerdClient:
         reply = await self._call(f"apply layer {layer.digest}", self._diff.Apply,
                                  diff_pb2.ApplyRequest(diff=layer.to_pb(), mounts=list(mounts)))
         return ContentDescriptor.from_pb(reply.applied)
+
+
+async def _exchange(call, request, end: bool = False):  # type: ignore[no-untyped-def]
+    """Send one message on a bidirectional stream and read containerd's answer to it."""
+    await call.send_message(request, end=end)
+    reply = await call.recv_message()
+    if reply is None:  # containerd ended the stream: its status is in the trailers
+        await call.recv_trailing_metadata()
+        raise ContainerdError("containerd ended the stream without an answer")
+    return reply
+
+
+def _unreachable(address: str, exc: BaseException,
+                 what: str | None = None) -> ContainerdUnreachable:
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    prefix = f"{what}: " if what else ""
+    return ContainerdUnreachable(f"{prefix}cannot reach containerd at {address}: {reason}")
 
 
 async def _pieces(data: AsyncIterable[bytes] | Iterable[bytes],
