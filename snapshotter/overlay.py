@@ -27,7 +27,7 @@ from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
 from .lazy.layer_files import is_lazy_snapshot_dir, read_layer_record
-from .lazy.remote import LayerSource, NotLazy, layer_source
+from .lazy.layer_source import LayerSource, NotLazy, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .metrics import FALLBACKS
 from .usage import disk_usage

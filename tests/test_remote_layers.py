@@ -9,8 +9,9 @@ import pytest
 
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
-from snapshotter.lazy import remote
-from snapshotter.lazy.remote import NotLazy, layer_source, open_remote_layer
+from snapshotter.lazy import layer_source as remote
+from snapshotter.lazy.layer_source import NotLazy, layer_source
+from snapshotter.lazy.remote import open_remote_layer
 
 from .images import build_layout_image, push_layout_image
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import NotFound, SnapshotError, Unavailable
-from ..lazy.remote import LayerSource, NotLazy
+from ..lazy.layer_source import LayerSource, NotLazy
 from .protocol import (
     MAX_LINE_BYTES,
     NOT_FOUND,

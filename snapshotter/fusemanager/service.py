@@ -22,9 +22,10 @@ from oci.reference import Reference, ReferenceError
 from ..errors import Unavailable
 from ..lazy.layer_chunks import bytes_cached, chunks_missing, wanted_digests
 from ..lazy.layer_files import INDEX_FILE, LayerRecord, load_layer_files, write_layer_files
+from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
-from ..lazy.remote import LayerSource, NotLazy, open_remote_layer
+from ..lazy.remote import open_remote_layer
 from .protocol import (
     INVALID,
     NOT_FOUND,

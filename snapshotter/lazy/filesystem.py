@@ -27,12 +27,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import pyfuse3
-import pyfuse3.asyncio
-
 from estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Layer, Node
 from estargz.layer import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
 
+from .fuse_binding import pyfuse3
 from .metrics import FUSE_LATENCY
 
 log = logging.getLogger(__name__)
@@ -346,7 +344,6 @@ class LazyFilesystem(pyfuse3.Operations):
         global _mounted
         if _mounted is not None:
             raise RuntimeError("a lazy filesystem is already mounted in this process")
-        pyfuse3.asyncio.enable()
         pyfuse3.init(self, self.mountpoint, set(MOUNT_OPTIONS))
         _mounted = self
         self._mount_time_ns = time.time_ns()

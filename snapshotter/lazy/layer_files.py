@@ -4,17 +4,20 @@ verify it), `index.db` (the tree built from the TOC, reopened as it is after a
 restart) and `fs`, a symlink to the layer's directory in the FUSE mount. So a
 restart remounts every layer from local state, without the registry.
 
-Kept apart from the FUSE side: the service reads these files and never mounts.
+Kept apart from the FUSE side: the service reads these files and never mounts, and
+it loads the format library only if it opens a layer (the FUSE manager does).
 """
 
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import estargz
-from estargz.footer import Compression, Footer
+if TYPE_CHECKING:
+    import estargz
+    from estargz.footer import Footer
 
-from .remote import RemoteLayer
+    from .remote import RemoteLayer
 
 LAYER_FILE = "layer.json"
 TOC_FILE = "toc"
@@ -39,7 +42,7 @@ class LayerRecord:
     manifest_digest: str | None = None  # of the image's platform manifest, when labelled
 
     @classmethod
-    def of(cls, remote: RemoteLayer) -> "LayerRecord":
+    def of(cls, remote: "RemoteLayer") -> "LayerRecord":
         f = remote.footer
         return cls(str(remote.source.reference), remote.descriptor.digest,
                    remote.descriptor.size, remote.descriptor.media_type, remote.toc_digest,
@@ -47,12 +50,14 @@ class LayerRecord:
                    f.toc_uncompressed_size, remote.source.manifest_digest)
 
     @property
-    def footer(self) -> Footer:
+    def footer(self) -> "Footer":
+        from estargz.footer import Compression, Footer
+
         return Footer(Compression(self.compression), self.toc_offset, self.toc_length,
                       self.payload_end, self.footer_size, self.toc_uncompressed_size)
 
 
-def write_layer_files(directory: str, remote: RemoteLayer) -> None:
+def write_layer_files(directory: str, remote: "RemoteLayer") -> None:
     with open(os.path.join(directory, TOC_FILE), "wb") as f:
         f.write(remote.toc_bytes)
     with open(os.path.join(directory, LAYER_FILE), "w") as f:
@@ -68,9 +73,11 @@ def read_layer_record(directory: str) -> LayerRecord:
         return LayerRecord(**json.load(f))
 
 
-def load_layer_files(directory: str) -> tuple[LayerRecord, estargz.Layer]:
+def load_layer_files(directory: str) -> tuple[LayerRecord, "estargz.Layer"]:
     """The layer stored in `directory`: its kept index, or one built again from the
     TOC (after a crash during a build, or by an older version)."""
+    import estargz
+
     record = read_layer_record(directory)
     index_path = os.path.join(directory, INDEX_FILE)
     layer = estargz.Layer.open_index(index_path, record.footer, record.toc_digest)

@@ -1,12 +1,9 @@
-"""Which layers containerd asks for can be served lazily, and their verified TOCs.
+"""Whether a remote layer can be served lazily, and its verified TOC.
 
-containerd's unpacker (and the CRI plugin, and `lazypull pull`) label a Prepare
-with the snapshot it wants (`containerd.io/snapshot.ref`) and where the layer
-comes from. Both label families are understood: stargz-snapshotter's
-`containerd.io/snapshot/remote/stargz.*` and CRI's `containerd.io/snapshot/cri.*`.
 A layer is lazy when its descriptor in the image's manifest carries a TOC digest:
 the TOC is then fetched with two range requests and verified against it. Anything
-else is not lazy, and the caller falls back to an ordinary snapshot.
+else is not lazy, and the caller falls back to an ordinary snapshot. (Which Prepare
+asks for which layer is `lazy.layer_source`.)
 """
 
 import asyncio
@@ -16,49 +13,12 @@ from typing import TYPE_CHECKING
 import estargz
 from estargz.footer import MAX_FOOTER_SIZE
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
-from oci.reference import Reference, ReferenceError
 from oci.store import StoreError
 
-if TYPE_CHECKING:  # the service imports this module, but only the FUSE manager fetches
+from .layer_source import LayerSource, NotLazy
+
+if TYPE_CHECKING:
     from oci.registry import RegistryClient
-
-REF_LABEL = "containerd.io/snapshot.ref"
-STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
-STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-
-
-class NotLazy(Exception):
-    """The layer cannot be served lazily; the message says why (for the log)."""
-
-
-@dataclass(frozen=True)
-class LayerSource:
-    """Where a requested layer comes from, as the Prepare labels say."""
-
-    target: str  # the committed snapshot containerd wants (the layer's chainID)
-    reference: Reference
-    layer_digest: str
-    manifest_digest: str | None = None
-
-
-def layer_source(labels: dict[str, str]) -> LayerSource | None:
-    """The remote layer a Prepare asks for, or None for an ordinary Prepare."""
-    target = labels.get(REF_LABEL)
-    image = labels.get(STARGZ_REFERENCE) or labels.get(CRI_IMAGE_REF)
-    digest = labels.get(STARGZ_DIGEST) or labels.get(CRI_LAYER_DIGEST)
-    if not (target and image and digest):
-        return None
-    try:
-        reference = Reference.parse(image)
-    except ReferenceError:
-        return None
-    return LayerSource(target, reference, digest, labels.get(CRI_MANIFEST_DIGEST) or None)
-
 
 @dataclass
 class RemoteLayer:

@@ -1,0 +1,79 @@
+"""What the node's two processes load: heavy packages they do not need stay out.
+
+The service and the FUSE manager run on every node, so their resident memory is
+part of the product (see `python -m perf scale`). These checks keep two choices
+from being undone by an innocent import: the service speaks gRPC through grpclib
+(grpcio costs it about 9 MB more) and the FUSE manager runs pyfuse3 in asyncio mode
+without loading trio. The service does not load the format library either.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The modules (and, by their first name, the packages) loaded after `statement`."""
+    probe = (f"{statement}\nimport json, sys\n"
+             "print(json.dumps(sorted(set(sys.modules) | {m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=120)
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_the_service_loads_grpclib_not_grpcio() -> None:
+    loaded = loaded_after("import snapshotter.server")
+    assert "grpclib" in loaded
+    assert "grpc" not in loaded
+
+
+def test_the_service_does_not_load_the_format_library() -> None:
+    """Only the FUSE manager reads TOCs; the service reads Prepare labels and records."""
+    loaded = loaded_after("import snapshotter.server")
+    assert "snapshotter" in loaded
+    assert "estargz" not in loaded
+    assert "zstandard" not in loaded
+
+
+def test_the_fuse_manager_loads_pyfuse3_without_trio() -> None:
+    loaded = loaded_after("import snapshotter.fusemanager.server\n"
+                          "from snapshotter.lazy.fuse_binding import pyfuse3\n"
+                          "assert pyfuse3.trio.__name__ == 'pyfuse3.asyncio', pyfuse3.trio")
+    assert "pyfuse3" in loaded
+    assert "trio" not in loaded
+
+
+def test_trio_loads_for_real_after_the_binding() -> None:
+    """The stand-in is gone once pyfuse3 is loaded: other code importing trio gets it."""
+    loaded = loaded_after("from snapshotter.lazy.fuse_binding import pyfuse3\n"
+                          "import trio\nassert trio.run")
+    assert "trio" in loaded
+
+
+def test_the_stand_in_refuses_use_by_name() -> None:
+    probe = ("import sys\nfrom snapshotter.lazy import fuse_binding\n"
+             "standin = fuse_binding._TrioStandIn('trio')\n"
+             "try:\n    standin.lowlevel\nexcept AttributeError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=120)
+    assert "trio.lowlevel" in done.stdout and "asyncio mode" in done.stdout
+
+
+def test_every_public_name_of_the_format_library_resolves() -> None:
+    """estargz loads its modules on first use; each exported name must reach one."""
+    import estargz
+
+    assert sorted(estargz.__all__) == sorted(estargz._MODULE_OF)
+    for name in estargz.__all__:
+        assert getattr(estargz, name) is not None, name
+    assert "build" in dir(estargz)
+
+
+def test_the_command_line_loads_only_what_its_command_needs() -> None:
+    loaded = loaded_after("import cli.main\ncli.main.build_parser('snapshotter')")
+    assert "estargz.errors" in loaded  # what the command line catches
+    assert not {"estargz.layer", "estargz.writer", "zstandard"} & loaded
+    assert "grpclib" not in loaded  # the service's modules load when it runs
