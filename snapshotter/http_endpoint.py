@@ -8,9 +8,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from .metrics import REGISTRY
+from .prometheus import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
 _MAX_REQUEST_HEAD = 8192

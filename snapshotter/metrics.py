@@ -1,8 +1,8 @@
 """Prometheus metrics of the service (exposed only when a metrics address is set)."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from .prometheus import CollectorRegistry, Counter, Histogram
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = CollectorRegistry()
 
 RPC_REQUESTS = Counter("lazypull_snapshotter_rpc_requests_total",
                        "Snapshots API calls handled", ["method"], registry=REGISTRY)

@@ -321,7 +321,7 @@ def test_unreachable_lazy_layer_gives_unavailable_not_a_hang(
     import grpc
 
     from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-    from snapshotter.lazy import remote
+    from snapshotter.lazy import layer_source as remote
 
     proxy = fault_proxy_factory(registry.host)
     config = tmp_path / "config.toml"

@@ -30,6 +30,12 @@ def test_the_service_loads_grpclib_not_grpcio() -> None:
     assert "grpc" not in loaded
 
 
+def test_neither_process_loads_the_prometheus_client_library() -> None:
+    loaded = loaded_after("import snapshotter.server, snapshotter.fusemanager.server")
+    assert "snapshotter.prometheus" in loaded
+    assert not {"prometheus_client", "http.server", "wsgiref"} & loaded
+
+
 def test_the_service_does_not_load_the_format_library() -> None:
     """Only the FUSE manager reads TOCs; the service reads Prepare labels and records."""
     loaded = loaded_after("import snapshotter.server")

@@ -14,8 +14,6 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import generate_latest
-
 from estargz import Layer
 from oci.reference import Reference, ReferenceError
 
@@ -26,6 +24,7 @@ from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
 from ..lazy.remote import open_remote_layer
+from ..prometheus import generate_latest
 from .protocol import (
     INVALID,
     NOT_FOUND,

@@ -43,10 +43,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge
-
 from estargz import DigestMismatch
 
+from ..prometheus import Counter, Gauge
 from .metrics import REGISTRY
 
 log = logging.getLogger(__name__)

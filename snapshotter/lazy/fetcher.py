@@ -34,10 +34,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
-
 from estargz import Chunk, FormatError, Layer, Node, Span, decode_chunk
 
+from ..prometheus import Counter, Histogram
 from .chunk_cache import ChunkCache
 from .metrics import REGISTRY
 

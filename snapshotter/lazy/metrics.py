@@ -2,9 +2,9 @@
 live with the fetcher and the cache). Their own registry: the snapshotter service
 exposes it beside its own, fetched from the manager."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from ..prometheus import CollectorRegistry, Counter, Gauge, Histogram
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = CollectorRegistry()
 
 LAYERS_MOUNTED = Gauge("lazypull_lazy_layers_mounted", "Lazy layers served through FUSE",
                        registry=REGISTRY)

@@ -2,9 +2,8 @@
 
 import contextlib
 
-from prometheus_client import Counter, Gauge
-
 from ..metrics import REGISTRY
+from ..prometheus import Counter, Gauge
 
 STATES = ("pending", "warming", "warm", "failed")
 
