@@ -448,7 +448,7 @@ def convert(registry: RegistryServer, image: BuiltImage, workdir: Path) -> dict:
               "exit_code": done["exit_code"], "peak_rss_bytes": done["peak_rss_bytes"],
               "peak_rss_from": done["peak_rss_from"], "uncompressed_bytes": image.tar_bytes,
               "source_gzip_bytes": image.gzip_bytes,
-              "mb_per_s": round(image.tar_bytes / MB / done["seconds"], 1)}
+              "mb_per_s": round(image.tar_bytes / MB / done["seconds"], 3)}
     if done["exit_code"] != 0:
         result["error"] = ("timed out, killed: " if done["timed_out"] else "") + \
             done["stderr"][-3000:]

@@ -31,7 +31,9 @@ class Config:
     hosts_dir: str = "/etc/containerd/certs.d"
     docker_config: str = ""  # empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json
     cache_max_bytes: int = 20 << 30
-    cache_memory_bytes: int = 256 << 20
+    # Recently used chunks also kept in memory (a chunk read from disk is hashed again
+    # on every read). The FUSE manager's memory grows by up to this much.
+    cache_memory_bytes: int = 64 << 20
     # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
     prefetch_timeout_seconds: float = 60.0
     fetch_concurrency: int = 8

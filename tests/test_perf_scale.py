@@ -63,7 +63,8 @@ def test_scale_benchmark_end_to_end(registry, tmp_path: Path) -> None:
     expected_layers = {"many-files": 1, "huge-file": 1, "many-layers": 5, "ten-images": 9}
     for name, r in results.items():
         assert "error" not in r and "skipped" not in r, (name, r.get("error"), r.get("skipped"))
-        assert all(c["exit_code"] == 0 and c["peak_rss_bytes"] > 0 and c["mb_per_s"] > 0
+        assert all(c["exit_code"] == 0 and c["peak_rss_bytes"] > 0
+                   and c["uncompressed_bytes"] > 0 and c["mb_per_s"] > 0
                    for c in r["conversions"]), r["conversions"]
         assert [p["outcome"] for p in r["pulls"]] == ["lazy"] * (3 if name == "ten-images"
                                                                  else 1), r["pulls"]
