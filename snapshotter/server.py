@@ -17,6 +17,7 @@ from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint, Route
 from .overlay import OverlaySnapshotter
 from .service import BoundedProtoCodec, SnapshotsService
+from .state_dir import StateDirError, ensure_private_dir
 
 if TYPE_CHECKING:
     from .warm.manager import WarmSet
@@ -75,7 +76,7 @@ def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None
 
 
 async def serve(config: Config, config_path: str | None = None) -> None:
-    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    ensure_private_dir(config.root)
     lazy = await _fuse_manager(config, config_path) if config.lazy else None
 
     snapshotter = OverlaySnapshotter(config.root, lazy, config.prefetch_timeout_seconds)
@@ -139,5 +140,9 @@ def run(config: Config, config_path: str | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     allocator.tune()  # before the worker threads exist
-    asyncio.run(serve(config, config_path))
+    try:
+        asyncio.run(serve(config, config_path))
+    except StateDirError as exc:
+        log.error("%s", exc)
+        return 1
     return 0

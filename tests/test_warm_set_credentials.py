@@ -200,8 +200,12 @@ def test_warm_set_follows_a_rotated_pull_secret(snapshotter_factory, private_ima
         assert image["state"] == "warm" and "refused the credentials" in image["reason"]
         assert _http(port, "/readyz")[0] == 200
         assert service.process.poll() is None
-        # Secrets stay out of what the service reports and logs.
-        for text in (json.dumps(_warm(port, "status")), service.log):
-            assert PASSWORD not in text and WRONG_PASSWORD not in text
+        # Secrets stay out of what the service reports, logs and exposes as metrics,
+        # also base64-encoded as the Authorization header carries them.
+        secrets = [PASSWORD, WRONG_PASSWORD, _b64(f"{USER}:{PASSWORD}"),
+                   _b64(f"{USER}:{WRONG_PASSWORD}")]
+        for text in (json.dumps(_warm(port, "status")), service.log,
+                     _http(port, "/metrics")[1]):
+            assert not [secret for secret in secrets if secret in text]
     finally:
         stop_containerd(daemon)

@@ -23,6 +23,7 @@ from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
 from ..lazy.manager import LazyLayers
 from ..lazy.profiles import ProfileRecorder
+from ..state_dir import StateDirError, ensure_private_dir, open_lock_file, write_pid_file
 from .protocol import (
     INTERNAL,
     INVALID,
@@ -42,7 +43,7 @@ class AlreadyRunning(RuntimeError):
 
 
 def _lock(root: str) -> int:
-    fd = os.open(os.path.join(root, "fuse-manager.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock_file(os.path.join(root, "fuse-manager.lock"))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -123,7 +124,7 @@ class _Connection:
 
 
 async def serve(config: Config) -> None:
-    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    ensure_private_dir(config.root)
     lock = _lock(config.root)
     _unmount_stale(config.fuse_mountpoint)
     lazy, client = lazy_layers(config)
@@ -143,8 +144,7 @@ async def serve(config: Config) -> None:
 
     server = await asyncio.start_unix_server(
         connected, sock=bound_socket(config.fuse_manager_address), limit=MAX_LINE_BYTES)
-    with open(config.fuse_manager_pidfile, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    write_pid_file(config.fuse_manager_pidfile, os.getpid())
     log.info("FUSE manager %d: lazy layers under %s, requests on %s", os.getpid(),
              config.fuse_mountpoint, config.fuse_manager_address)
     stopping = asyncio.Event()
@@ -171,7 +171,7 @@ def run(config: Config) -> int:
     allocator.tune()  # before the worker threads exist
     try:
         asyncio.run(serve(config))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, StateDirError) as exc:
         log.error("%s", exc)
         return 1
     return 0
