@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cold-start": Benchmark("perf.cold_start", "pull + run to READY, 100 Mbit/20 ms: lazy vs full"),
     "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
     "scale": Benchmark("perf.scale", "memory and latency with huge layers and many images"),
+    "load": Benchmark("perf.load", "waves of containers at once from lazy images on one node"),
     "writer-memory": Benchmark(
         "perf.writer_memory", "peak RSS and time converting many small files or one big file"
     ),
