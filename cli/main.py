@@ -17,6 +17,7 @@ COMMANDS = {
     "pull": "pull_command",
     "profile": "profile_command",
     "warm": "warm_command",
+    "check": "check_command",
 }
 
 

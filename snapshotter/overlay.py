@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .crash_points import crash_point
 from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
@@ -177,6 +178,7 @@ class OverlaySnapshotter:
             log.warning("%s: cannot serve %s lazily, unpacking it the ordinary way: %s",
                         key, source.layer_digest, exc)
             return
+        crash_point("remote.served")
         try:
             snap = await self._run(self._commit_lazy, staging, name, source.target, parent,
                                    labels, size)
@@ -186,6 +188,7 @@ class OverlaySnapshotter:
                 await self.lazy.unmount(name)
             raise
         self._lazy_names[snap.id] = name
+        crash_point("remote.committed")
         log.info("%s: layer %s of %s mounted lazily as %s", key, source.layer_digest,
                  source.reference, source.target)
         raise AlreadyExists(f"target snapshot {source.target}: already exists (lazy layer)")
@@ -197,6 +200,7 @@ class OverlaySnapshotter:
             snap = self.meta.create_committed(target, parent, labels, size)
             os.symlink(self.lazy.path_of(name), os.path.join(staging, "fs"))
             os.rename(staging, self._dir(snap.id))
+            crash_point("remote.placed")
         return snap
 
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
@@ -253,6 +257,7 @@ class OverlaySnapshotter:
             os.mkdir(os.path.join(staging.path, "fs"), 0o755)
             if kind is Kind.ACTIVE:
                 os.mkdir(os.path.join(staging.path, "work"), 0o711)
+            crash_point("prepare.staged")
             with self.meta.transaction():
                 snap = self.meta.create(kind, key, parent, labels)
                 if snap.parent_ids:
@@ -260,6 +265,8 @@ class OverlaySnapshotter:
                     st = os.stat(self.upper_path(snap.parent_ids[0]))
                     os.lchown(os.path.join(staging.path, "fs"), st.st_uid, st.st_gid)
                 staging.place(self._dir(snap.id))
+                crash_point("prepare.placed")
+            crash_point("prepare.committed")
             return snap
 
     @contextlib.contextmanager
@@ -282,8 +289,10 @@ class OverlaySnapshotter:
             size, inodes = await asyncio.to_thread(disk_usage, self.upper_path(sid))
 
         def commit() -> None:
+            crash_point("commit.measured")
             with self.meta.transaction():
                 self.meta.commit(key, name, labels, size, inodes)
+            crash_point("commit.committed")
         await self._run(commit)
 
     async def remove(self, key: str) -> None:
@@ -291,11 +300,13 @@ class OverlaySnapshotter:
             with self.meta.transaction():
                 sid, _ = self.meta.remove(key)
             # The metadata is gone for good: from here on the directory is garbage.
+            crash_point("remove.deleted")
             garbage = os.path.join(self.snapshots_dir, f"rm-{sid}")
             try:
                 os.rename(self._dir(sid), garbage)
             except FileNotFoundError:
                 log.warning("snapshot %s (id %d) had no directory", key, sid)
+            crash_point("remove.renamed")
             return sid, garbage
         sid, garbage = await self._run(remove)
         name = self._lazy_names.pop(sid, None)
