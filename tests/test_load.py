@@ -4,8 +4,8 @@ against the generated data, in both waves; no errors, no hang."""
 
 from perf.load import Sizes, report, run_load
 
-SMALL = Sizes(images=2, containers=8, waves=2, files=40, cold_bytes=4 << 20,
-              background_bytes_per_second=1 << 20)
+SMALL = Sizes(images=2, containers=8, waves=2, files=40, cold_bytes=8 << 20,
+              background_bytes_per_second=512 << 10)
 
 
 def test_waves_of_containers_all_get_ready_with_no_errors(registry, tmp_path) -> None:
@@ -18,6 +18,7 @@ def test_waves_of_containers_all_get_ready_with_no_errors(registry, tmp_path) ->
     # The first wave read through FUSE; the second finds most pages in the kernel's cache.
     assert data["waves"][0]["fuse_latency"]["read"]["count"] > 0
     assert data["total_errors"] == 0, (data["error_counters"], data["service_error_lines"])
-    # The cold files were left to the background fetch, which ran during the waves.
-    assert data["waves"][-1]["background_bytes_so_far"] > 0
+    # The cold files were left to the background fetch, which ran during the waves
+    # (it yields to containers' misses, so mostly during the second).
+    assert sum(wave["background_bytes_during_wave"] for wave in data["waves"]) > 0
     assert "READY" in report(data)
