@@ -36,6 +36,7 @@ class LazyLayers:
                  background_bytes_per_second: float | None = None,
                  background_quiet_seconds: float = 3.0,
                  small_file_window_bytes: int = 512 << 10,
+                 read_timeout: float | None = 30.0,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
         self.mountpoint = mountpoint
@@ -46,6 +47,7 @@ class LazyLayers:
         self.background_rate = background_bytes_per_second or None
         self.background_quiet_seconds = background_quiet_seconds
         self.small_file_window_bytes = small_file_window_bytes
+        self.read_timeout = read_timeout
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
         self._prefetching = 0
@@ -70,7 +72,8 @@ class LazyLayers:
         async def read_range(offset: int, length: int) -> bytes:
             return await self.client.fetch_range(reference, record.digest, offset, length)
 
-        fetcher = LayerFetcher(layer, read_range, self.cache, concurrency=self.concurrency,
+        fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
+                               read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes)
         mounted = _MountedLayer(fetcher, record)
