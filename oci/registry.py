@@ -128,11 +128,16 @@ async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     return b"".join(parts)[: limit + 1]
 
 
-def _netloc_of(exc: httpx.TransportError) -> str:
+def _transport_problem(exc: httpx.TransportError, timeout: httpx.Timeout) -> str:
+    """What went wrong, for a person: where, and how."""
     try:
-        return exc.request.url.netloc.decode("ascii")
+        host = exc.request.url.netloc.decode("ascii")
     except RuntimeError:  # raised before a request existed
-        return "the registry"
+        host = "the registry"
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"{host} sent nothing for {timeout.read:g}s ({kind})"
+    return f"cannot reach {host} ({kind}: {exc})" if str(exc) else f"cannot reach {host} ({kind})"
 
 
 def _answered_by(response: httpx.Response, endpoint: Endpoint) -> str:
@@ -252,8 +257,7 @@ class RegistryClient:
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     raise RegistryUnavailableError(
-                        f"{what}: cannot reach {_netloc_of(exc)} "
-                        f"({type(exc).__name__}: {exc})") from exc
+                        f"{what}: {_transport_problem(exc, self._timeout)}") from exc
                 delay = self.retry.backoff(attempt)
                 log.info("%s: %s, retrying in %.2fs", what, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
