@@ -75,6 +75,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="talk plain HTTP to the registries named in SRC and DST")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
                    help="allow plain HTTP to this registry host (repeatable)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up on a registry connection silent this long and retry the "
+                        "request (default 60)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true",
                      help="print the result as JSON on stdout (digests, sizes, TOC digests)")
@@ -95,6 +98,8 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
             profile = parse_profile(f.read())
     if args.chunk_size < 4096:
         raise ValueError("--chunk-size must be at least 4096")
+    if args.timeout <= 0:
+        raise ValueError("--timeout must be positive")
     return ConvertOptions(
         compression=Compression.ZSTD if args.format == "zstdchunked" else Compression.GZIP,
         chunk_size=args.chunk_size,
@@ -124,7 +129,7 @@ def _print_summary(report_json: dict) -> None:
 
 async def _convert(args: argparse.Namespace, options: ConvertOptions) -> dict:
     async with registry_client(hosts_dir=args.hosts_dir, plain_http=args.plain_http,
-                               insecure=args.insecure_registry) as client:
+                               insecure=args.insecure_registry, timeout=args.timeout) as client:
         source = open_store(args.source, client)
         shared = same_registry_repository(args.source, args.destination)
         destination = open_store(args.destination, client, mount_from=[shared] if shared else [])

@@ -18,13 +18,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import estargz
 from estargz import BuildOptions, Compression
 from oci import mediatypes as mt
-from oci.digest import sha256_of
+from oci.digest import DigestMismatchError, sha256_of
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.store import ImageStore
 
@@ -34,6 +35,7 @@ from .cache import ConversionCache
 from .progress import NoProgress, Progress
 from .source_layer import LayerFormatError, decompress_layer, list_paths
 
+T = TypeVar("T")
 CONVERSION_ANNOTATION = "dev.lazypull.conversion"
 # Annotations of an earlier conversion that must not survive onto a new blob.
 _STALE_ANNOTATIONS = (
@@ -45,6 +47,9 @@ _STALE_ANNOTATIONS = (
 )
 _ATTESTATION = "attestation-manifest"
 _MAX_CONFIG_SIZE = 8 << 20
+# A source blob that fails its digest is downloaded once more: a proxy or cache on the
+# way may have handed out bad bytes once. Twice is not chance.
+_DOWNLOAD_ATTEMPTS = 2
 
 
 class ConversionError(Exception):
@@ -234,11 +239,11 @@ class ImageConverter:
         works = [_LayerWork(i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]
         for work in works:
             self._check_layer_type(image, work)
-        await asyncio.gather(*(self._list_layer(image, w) for w in works))
+        await _all_or_none(*(self._list_layer(image, w) for w in works))
         plan = self._plan(works, manifest, source_digest)
         to_oci = self.options.compression is Compression.ZSTD
         layer_type = self._layer_media_type(manifest.media_type)
-        results = await asyncio.gather(
+        results = await _all_or_none(
             *(self._convert_layer(image, w, plan.per_layer[w.index], layer_type) for w in works)
         )
         rootfs["diff_ids"] = [diff_id for _, _, diff_id in results]
@@ -260,9 +265,10 @@ class ImageConverter:
     async def _read_config(self, manifest: Manifest, image: str) -> dict[str, Any]:
         if manifest.config.size > _MAX_CONFIG_SIZE:
             raise ConversionError(f"{image}: config of {manifest.config.size} bytes is too large")
-        data = bytearray()
-        async for piece in self.source.get_blob(manifest.config):
-            data += piece
+        path = os.path.join(self.workdir, manifest.config.digest[7:] + ".config")
+        await self._save_blob(manifest.config, path)
+        with open(path, "rb") as f:
+            data = f.read()
         try:
             config = json.loads(data)
         except ValueError:
@@ -292,14 +298,30 @@ class ImageConverter:
 
     async def _download(self, work: _LayerWork) -> str:
         path = self._path(work, "src")
-        key = f"layer {work.index} {work.descriptor.digest[7:19]}"
-        self.progress.start(key, "download", work.descriptor.size)
-        with open(path, "wb") as f:
-            async for piece in self.source.get_blob(work.descriptor):
-                await asyncio.to_thread(f.write, piece)
-                self.progress.advance(key, len(piece))
-        self.progress.finish(key)
+        await self._save_blob(work.descriptor, path,
+                              f"layer {work.index} {work.descriptor.digest[7:19]}")
         return path
+
+    async def _save_blob(self, descriptor: Descriptor, path: str, key: str | None = None
+                         ) -> None:
+        """Download a source blob into `path`, verified against its digest (showing
+        progress under `key`)."""
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            if key:
+                self.progress.start(key, "download", descriptor.size)
+            try:
+                with open(path, "wb") as f:
+                    async for piece in self.source.get_blob(descriptor):
+                        await asyncio.to_thread(f.write, piece)
+                        if key:
+                            self.progress.advance(key, len(piece))
+                break
+            except DigestMismatchError as exc:
+                if attempt == _DOWNLOAD_ATTEMPTS:
+                    raise
+                self.progress.message(f"{exc}; downloading it again")
+        if key:
+            self.progress.finish(key)
 
     async def _ensure_tar(self, image: str, work: _LayerWork) -> str:
         if work.tar_path:
@@ -434,11 +456,22 @@ class ImageConverter:
         if await self.destination.has_blob(descriptor):
             return
         path = os.path.join(self.workdir, descriptor.digest[7:] + ".copy")
-        with open(path, "wb") as f:
-            async for piece in self.source.get_blob(descriptor):
-                await asyncio.to_thread(f.write, piece)
+        await self._save_blob(descriptor, path)
         await self.destination.put_blob(descriptor, path)
         os.unlink(path)
+
+
+async def _all_or_none(*coroutines: Awaitable[T]) -> list[T]:
+    """Run the coroutines together. If one fails the others are cancelled before its
+    error is raised: they must not go on using a work directory that is being removed."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _config_platform(config: dict[str, Any]) -> str:

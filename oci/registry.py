@@ -8,7 +8,9 @@ verification of every manifest and blob against its digest and size.
 """
 
 import asyncio
+import contextlib
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -54,6 +56,15 @@ class RegistryDigestError(StoreError, DigestMismatchError):
 
 class RegistryUnavailableError(StoreError):
     """The registry could not be reached, or kept answering 429/5xx, within the retries."""
+
+
+class _RangeRetry(Exception):
+    """An answer to a range request that another attempt may get right; `delay` is
+    what the registry asked to wait (Retry-After), if it did."""
+
+    def __init__(self, reason: str, delay: float | None = None):
+        super().__init__(reason)
+        self.delay = delay
 
 
 class PushResult(StrEnum):
@@ -115,6 +126,32 @@ async def _read_limited(response: httpx.Response, limit: int) -> bytes:
         if size > limit:
             break
     return b"".join(parts)[: limit + 1]
+
+
+def _transport_problem(exc: httpx.TransportError, timeout: httpx.Timeout) -> str:
+    """What went wrong, for a person: where, and how."""
+    try:
+        host = exc.request.url.netloc.decode("ascii")
+    except RuntimeError:  # raised before a request existed
+        host = "the registry"
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"{host} sent nothing for {timeout.read:g}s ({kind})"
+    return f"cannot reach {host} ({kind}: {exc})" if str(exc) else f"cannot reach {host} ({kind})"
+
+
+def _answered_by(response: httpx.Response, endpoint: Endpoint) -> str:
+    """The host that answered: the endpoint, or where it redirected to."""
+    host = response.url.netloc.decode("ascii")
+    return endpoint.host if host == endpoint.host else f"{host} (redirected from {endpoint.host})"
+
+
+def _content_range_problem(response: httpx.Response, first: int, last: int) -> str | None:
+    value = response.headers.get("content-range", "")
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match and (int(match[1]), int(match[2])) == (first, last):
+        return None
+    return f"asked for bytes {first}-{last}, registry sent Content-Range {value[:80]!r}"
 
 
 def _registry_errors(body: bytes) -> str:
@@ -204,21 +241,23 @@ class RegistryClient:
 
     async def _send_for_auth(self, request: httpx.Request) -> httpx.Response:
         client = self._client_by_host.get(request.url.netloc.decode("ascii"), self._http)
-        return await self._send_retrying(client, request, stream=False,
+        return await self._send_retrying(functools.partial(client.send, request),
                                          what=f"token request to {request.url.host}",
                                          attempts=self.retry.max_attempts)
 
-    async def _send_retrying(self, client: httpx.AsyncClient, request: httpx.Request, *,
-                             stream: bool, what: str, attempts: int) -> httpx.Response:
-        """Send, retrying connection errors, 429 and 5xx; the last such answer is returned."""
+    async def _send_retrying(self, send: Callable[[], Awaitable[httpx.Response]], *,
+                             what: str, attempts: int) -> httpx.Response:
+        """Call `send` until it answers other than 429/5xx, retrying those and connection
+        errors with backoff; after `attempts` the last answer is returned. Each attempt
+        starts again at the registry, so a redirect target that failed (blob storage, a
+        CDN) is reached through a fresh redirect."""
         for attempt in range(1, attempts + 1):
             try:
-                response = await client.send(request, stream=stream)
+                response = await send()
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     raise RegistryUnavailableError(
-                        f"{what}: cannot reach {request.url.netloc.decode('ascii')} "
-                        f"({type(exc).__name__}: {exc})") from exc
+                        f"{what}: {_transport_problem(exc, self._timeout)}") from exc
                 delay = self.retry.backoff(attempt)
                 log.info("%s: %s, retrying in %.2fs", what, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -226,7 +265,8 @@ class RegistryClient:
             if response.status_code in RETRYABLE_STATUS and attempt < attempts:
                 delay = self.retry.retry_after(response, attempt)
                 await response.aclose()
-                log.info("%s: HTTP %d, retrying in %.2fs", what, response.status_code, delay)
+                log.info("%s: HTTP %d from %s, retrying in %.2fs", what, response.status_code,
+                         response.url.netloc.decode("ascii"), delay)
                 await asyncio.sleep(delay)
                 continue
             return response
@@ -234,12 +274,12 @@ class RegistryClient:
 
     async def _send_following(self, client: httpx.AsyncClient, method: str, url: httpx.URL,
                               headers: list[tuple[str, str]], content: bytes | None, *,
-                              stream: bool, what: str, attempts: int,
+                              stream: bool, what: str,
                               follow_redirects: bool) -> httpx.Response:
+        """One try: the request, and the redirects it is answered with if followed."""
         for _hop in range(MAX_REDIRECTS + 1):
             request = client.build_request(method, url, headers=headers, content=content)
-            response = await self._send_retrying(client, request, stream=stream, what=what,
-                                                 attempts=attempts)
+            response = await client.send(request, stream=stream)
             location = response.headers.get("location")
             if not follow_redirects or response.status_code not in REDIRECT_STATUS \
                     or not location:
@@ -266,9 +306,10 @@ class RegistryClient:
         base = [*endpoint.headers, *(headers or {}).items()]
         auth = await self.auth.headers_for(endpoint.host, scopes)
         for answered in (False, True):
-            response = await self._send_following(
-                client, method, url, [*base, *auth.items()], content, stream=stream, what=what,
-                attempts=attempts, follow_redirects=follow_redirects)
+            send = functools.partial(self._send_following, client, method, url,
+                                     [*base, *auth.items()], content, stream=stream, what=what,
+                                     follow_redirects=follow_redirects)
+            response = await self._send_retrying(send, what=what, attempts=attempts)
             if response.status_code != 401 or answered:
                 break
             await response.aclose()
@@ -283,20 +324,23 @@ class RegistryClient:
         status = response.status_code
         if status in ok:
             return
-        body = b"" if response.request.method == "HEAD" else \
-            await _read_limited(response, MAX_ERROR_BODY)
+        body = b""
+        if response.request.method != "HEAD":
+            with contextlib.suppress(httpx.HTTPError):  # the status says enough
+                body = await _read_limited(response, MAX_ERROR_BODY)
         await response.aclose()
         detail = _registry_errors(body)
         detail = f": {detail}" if detail else ""
+        host = _answered_by(response, endpoint)
         if status in (401, 403):
-            raise AuthError(f"{what}: {endpoint.host} denied access to repository {repository} "
+            raise AuthError(f"{what}: {host} denied access to repository {repository} "
                             f"(HTTP {status}{detail})")
         if status == 404:
-            raise NotFoundError(f"{what}: not found on {endpoint.host}{detail}")
+            raise NotFoundError(f"{what}: not found on {host}{detail}")
         if status in RETRYABLE_STATUS:
-            raise RegistryUnavailableError(f"{what}: {endpoint.host} answered HTTP {status}, "
+            raise RegistryUnavailableError(f"{what}: {host} answered HTTP {status}, "
                                            f"and retries did not help{detail}")
-        raise StoreError(f"{what}: {endpoint.host} answered HTTP {status}{detail}")
+        raise StoreError(f"{what}: {host} answered HTTP {status}{detail}")
 
     async def _on_endpoints(self, registry: str, capability: str, what: str,
                             operation: Callable[[Endpoint, bool], Awaitable[T]]) -> T:
@@ -485,7 +529,8 @@ class RegistryClient:
                           descriptor: Descriptor) -> AsyncIterator[bytes]:
         """Yield the blob's bytes; raises once they fail the descriptor's size or digest.
 
-        A connection that breaks mid-stream is resumed with a Range request.
+        A connection that breaks mid-stream, or a body that ends early, is resumed with
+        a Range request.
         """
         digest, size = descriptor.digest, descriptor.size
         what = f"blob {digest} of {_display(reference)}"
@@ -504,22 +549,30 @@ class RegistryClient:
                                              "the descriptor gives")
                         digester.update(chunk)
                         yield chunk
-                    break
+                    if digester.size == size:
+                        break
+                    problem = "the body ended early"  # the registry said it was complete
                 except httpx.TransportError as exc:
-                    resumes += 1
-                    if resumes >= self.retry.max_attempts or digester.size >= size:
+                    if digester.size >= size:
                         raise RegistryUnavailableError(
-                            f"{what}: download broke after {digester.size} of {size} bytes "
+                            f"{what}: download broke after all {size} bytes "
                             f"({type(exc).__name__})") from exc
-                    await response.aclose()
-                    await asyncio.sleep(self.retry.backoff(resumes))
-                    log.info("%s: resuming at byte %d", what, digester.size)
+                    problem = type(exc).__name__
+                broke = f"truncated: got {digester.size} of {size} bytes ({problem})"
+                resumes += 1
+                if resumes >= self.retry.max_attempts:
+                    raise RegistryUnavailableError(f"{what}: {broke}, also after resuming")
+                await response.aclose()
+                await asyncio.sleep(self.retry.backoff(resumes))
+                log.info("%s: %s; resuming", what, broke)
+                try:
                     response = await self._open_blob(
                         endpoint, True, reference, digest, what,
                         f"bytes={digester.size}-{size - 1}", ok=(206,))
                     self._check_content_range(what, response, digester.size, size - 1)
-            if digester.size != size:
-                raise StoreError(f"{what}: truncated: got {digester.size} of {size} bytes")
+                except StoreError as exc:
+                    reason = str(exc).removeprefix(f"{what}: ")
+                    raise StoreError(f"{what}: {broke}; resuming failed: {reason}") from None
             try:
                 digester.verify(what)
             except DigestMismatchError as exc:
@@ -529,15 +582,18 @@ class RegistryClient:
 
     @staticmethod
     def _check_content_range(what: str, response: httpx.Response, first: int, last: int) -> None:
-        value = response.headers.get("content-range", "")
-        match = _CONTENT_RANGE.fullmatch(value.strip())
-        if not match or (int(match[1]), int(match[2])) != (first, last):
-            raise StoreError(f"{what}: asked for bytes {first}-{last}, registry sent "
-                             f"Content-Range {value[:80]!r}")
+        problem = _content_range_problem(response, first, last)
+        if problem:
+            raise StoreError(f"{what}: {problem}")
 
     async def fetch_range(self, reference: Reference, digest: str, offset: int,
                           length: int) -> bytes:
-        """`length` bytes of a blob from `offset`: one Range request, answered with 206."""
+        """`length` bytes of a blob from `offset`: one Range request, answered with 206.
+
+        An answer that does not hold exactly those bytes (a 200 with the whole blob, another
+        Content-Range, a short body, a connection that breaks) is asked for again with
+        backoff, like a 429 or 5xx, each time from the registry; none reaches the caller.
+        """
         if offset < 0 or length < 0:
             raise ValueError("offset and length must not be negative")
         if length == 0:
@@ -546,29 +602,56 @@ class RegistryClient:
         what = f"bytes {first}-{last_byte} of blob {digest} of {_display(reference)}"
 
         async def fetch(endpoint: Endpoint, last: bool) -> bytes:
-            for attempt in range(1, self.retry.max_attempts + 1):
-                response = await self._open_blob(endpoint, last, reference, digest, what,
-                                                 f"bytes={first}-{last_byte}", ok=(200, 206))
+            # A mirror that is not the last resort gets one try: the next host is the retry.
+            attempts = self.retry.max_attempts if last else 1
+            for attempt in range(1, attempts + 1):
                 try:
-                    if response.status_code != 206:
-                        raise StoreError(f"{what}: registry ignored the Range request (HTTP "
-                                         f"{response.status_code}), so it cannot serve lazy reads")
-                    self._check_content_range(what, response, first, last_byte)
-                    data = await _read_limited(response, length)
-                except httpx.TransportError as exc:
-                    if attempt == self.retry.max_attempts or not last:
-                        raise RegistryUnavailableError(f"{what}: reading failed "
-                                                       f"({type(exc).__name__})") from exc
-                    await asyncio.sleep(self.retry.backoff(attempt))
-                    continue
-                finally:
-                    await response.aclose()
-                if len(data) != length:
-                    raise StoreError(f"{what}: got {len(data)} bytes, expected {length}")
-                return data
+                    return await self._fetch_range_once(endpoint, last, reference, digest, what,
+                                                        first, last_byte, attempt)
+                except _RangeRetry as exc:
+                    if attempt == attempts:
+                        raise RegistryUnavailableError(
+                            f"{what}: {exc}, in each of {attempts} attempts") from None
+                    delay = self.retry.backoff(attempt) if exc.delay is None else exc.delay
+                    log.info("%s: %s, retrying in %.2fs", what, exc, delay)
+                    await asyncio.sleep(delay)
             raise AssertionError("unreachable")
 
         return await self._on_endpoints(reference.registry, PULL, what, fetch)
+
+    async def _fetch_range_once(self, endpoint: Endpoint, last: bool, reference: Reference,
+                                digest: str, what: str, first: int, last_byte: int,
+                                attempt: int) -> bytes:
+        """One attempt of fetch_range; _RangeRetry if another attempt may do better."""
+        url = self._url(endpoint, reference.repository, f"/blobs/{digest}")
+        try:
+            response = await self._request(
+                endpoint, "GET", url, scopes=[repository_scope(reference.repository, ["pull"])],
+                what=what, headers={"Range": f"bytes={first}-{last_byte}"}, stream=True,
+                retry=False, last_endpoint=last, follow_redirects=True)
+        except RegistryUnavailableError as exc:  # no answer at all
+            raise _RangeRetry(str(exc).removeprefix(f"{what}: ")) from None
+        try:
+            status = response.status_code
+            if status in RETRYABLE_STATUS:
+                raise _RangeRetry(f"{_answered_by(response, endpoint)} answered HTTP {status}",
+                                  self.retry.retry_after(response, attempt))
+            if status == 200:
+                raise _RangeRetry(f"{_answered_by(response, endpoint)} ignored the Range "
+                                  "request (HTTP 200 with the whole blob)")
+            await self._check(response, what, endpoint, reference.repository, ok=(206,))
+            problem = _content_range_problem(response, first, last_byte)
+            if problem:
+                raise _RangeRetry(problem)
+            try:
+                data = await _read_limited(response, last_byte + 1 - first)
+            except httpx.TransportError as exc:
+                raise _RangeRetry(f"reading the body failed ({type(exc).__name__})") from None
+            if len(data) != last_byte + 1 - first:
+                raise _RangeRetry(f"got {len(data)} bytes, expected {last_byte + 1 - first}")
+            return data
+        finally:
+            await response.aclose()
 
     # -- pushing blobs --------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ class TransportError(ValueError):
 
 @asynccontextmanager
 async def registry_client(hosts_dir: str | None = None, plain_http: bool = False,
-                          insecure: Iterable[str] = ()) -> AsyncIterator[RegistryClient]:
-    """A registry client configured like containerd (hosts.toml) and Docker (credentials)."""
+                          insecure: Iterable[str] = (), timeout: float = 60.0
+                          ) -> AsyncIterator[RegistryClient]:
+    """A registry client configured like containerd (hosts.toml) and Docker (credentials);
+    a connection silent for `timeout` seconds is given up (and the request retried)."""
     client = RegistryClient(hosts=HostsConfig(hosts_dir, insecure=insecure,
-                                              plain_http=plain_http))
+                                              plain_http=plain_http), timeout=timeout)
     try:
         yield client
     finally:

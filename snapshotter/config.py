@@ -36,6 +36,13 @@ class Config:
     cache_memory_bytes: int = 64 << 20
     # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
     prefetch_timeout_seconds: float = 60.0
+    # The longest a read of a lazy file waits for bytes from the registry, retries
+    # included; then it fails with EIO (counted in lazypull_read_failures_total and
+    # logged). A registry connection silent for a quarter of this is dropped and the
+    # request tried again (4 attempts), so a request under way when a read gives up
+    # ends soon after too: the kernel's second read of a page whose readahead failed
+    # waits for that request, so a program's read(2) can take up to about 1.5 s more.
+    read_timeout_seconds: float = 30.0
     fetch_concurrency: int = 8
     background_fetch: bool = True
     background_bytes_per_second: float = 0.0  # 0: no cap
@@ -75,6 +82,8 @@ class Config:
                 or self.background_quiet_seconds < 0:
             raise ConfigError("prefetch_timeout_seconds must be positive and "
                               "background_bytes_per_second not negative")
+        if self.read_timeout_seconds <= 0:
+            raise ConfigError("read_timeout_seconds must be positive")
         if self.profile_window_seconds < 0:
             raise ConfigError("profile_window_seconds must not be negative (0: off)")
         try:
@@ -82,6 +91,11 @@ class Config:
         except WarmSpecError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+    @property
+    def registry_stall_seconds(self) -> float:
+        """How long a registry connection of the lazy layers may stay silent."""
+        return self.read_timeout_seconds / 4
 
     @property
     def fuse_mountpoint(self) -> str:

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.token_server",
     "tests.fixtures.containerd",
     "tests.fixtures.snapshotter",
+    "tests.fixtures.fault_proxy",
 ]

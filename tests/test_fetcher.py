@@ -517,11 +517,13 @@ def test_a_registry_error_reaches_every_reader_and_is_not_remembered(
     async def scenario() -> None:
         async with make_client() as client:
             fetcher = LayerFetcher(blob.layer, reader_of(client, blob, through_proxy),
-                                   new_cache(tmp_path))
+                                   new_cache(tmp_path), name="sha256:registry-error")
             node = blob.node("app/etc/settings.toml")
             results = await asyncio.gather(*(fetcher.read(node, 0, 100) for _ in range(5)),
                                            return_exceptions=True)
             assert all(isinstance(r, NotFoundError) for r in results)
+            assert sample("lazypull_read_failures_total", layer="sha256:registry-error",
+                          reason="fetch") == 5
             assert len(proxy.requests("GET", r"/blobs/")) == 1
             assert await fetcher.read(node, 0, 100) == blob.files["app/etc/settings.toml"][:100]
             assert len(proxy.requests("GET", r"/blobs/")) == 2
@@ -615,3 +617,37 @@ def test_a_miss_in_a_large_file_reads_ahead_only_so_far(blob, tmp_path):
             assert len(covered) == wanted
 
     run(scenario())
+
+
+def test_a_read_gives_up_at_its_deadline_and_a_later_read_gets_the_bytes(
+        blob, tmp_path, caplog):
+    name = "app/data/blob0.bin"
+    node = blob.node(name)
+
+    async def scenario() -> None:
+        async with make_client() as client:
+            answer = asyncio.Event()
+
+            async def silent_until_told(offset: int, length: int) -> bytes:
+                await answer.wait()  # a registry that holds the connection, saying nothing
+                return await client.fetch_range(blob.reference, blob.digest, offset, length)
+
+            cache = new_cache(tmp_path)
+            fetcher = LayerFetcher(blob.layer, silent_until_told, cache,
+                                   name="sha256:deadline", read_timeout=0.2)
+            with pytest.raises(ChunkFetchError, match=r"no verified bytes within 0.2s"):
+                await fetcher.read(node, 70_000, 4096)
+            assert sample("lazypull_read_failures_total", layer="sha256:deadline",
+                          reason="deadline") == 1
+            # The request goes on; a read that joins it gets its bytes once the registry
+            # answers (here 0.05s later, within that read's own deadline).
+            asyncio.get_running_loop().call_later(0.05, answer.set)
+            assert await fetcher.read(node, 70_000, 4096) == blob.files[name][70_000:74_096]
+            assert fetcher.stats.demand_requests == 1
+
+    with caplog.at_level("WARNING", logger="snapshotter.lazy.fetcher"):
+        run(scenario())
+    chunk = blob.layer.chunks_for_range(node, 70_000, 4096)[0]
+    assert f"layer sha256:deadline: read of {name} (bytes 70000-74095) failed at chunk " \
+        f"{chunk.digest} (file offset {chunk.file_offset}, blob offset {chunk.blob_offset})" \
+        in caplog.text

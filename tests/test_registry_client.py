@@ -478,22 +478,63 @@ def test_resolve_falls_back_to_get_when_head_is_refused(proxied, tmp_path):
     run(scenario())
 
 
-def test_range_read_requires_206(proxied, tmp_path):
+def test_range_read_takes_only_a_206_with_the_range_asked_for(proxied, tmp_path):
     reference = ref(proxied.host, "ranges/app:v1")
-    descriptor, path = write_blob(tmp_path, os.urandom(4000))
+    data = os.urandom(4000)
+    descriptor, path = write_blob(tmp_path, data)
+    always = FAST_RETRY.max_attempts
+    whole = Fault("GET", r"/blobs/sha256:", status=200, body=data, times=always)
+    shifted = Fault("GET", r"/blobs/sha256:", status=206, body=data[:20], times=always,
+                    headers={"Content-Range": "bytes 0-19/4000"})
+    short = Fault("GET", r"/blobs/sha256:", status=206, body=data[10:20], times=always,
+                  headers={"Content-Range": "bytes 10-29/4000"})
 
     async def scenario():
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
-            proxied.add(Fault("GET", r"/blobs/sha256:", status=200, body=b"whole blob"))
-            with pytest.raises(StoreError, match="ignored the Range request"):
-                await client.fetch_range(reference, descriptor.digest, 10, 20)
-            proxied.add(Fault("GET", r"/blobs/sha256:", status=206, body=b"x" * 20,
-                              headers={"Content-Range": "bytes 0-19/4000"}))
-            with pytest.raises(StoreError, match="Content-Range"):
-                await client.fetch_range(reference, descriptor.digest, 10, 20)
+            for fault, message in [(whole, "ignored the Range request"),
+                                   (shifted, "Content-Range 'bytes 0-19/4000'"),
+                                   (short, "got 10 bytes, expected 20")]:
+                proxied.add(fault)
+                with pytest.raises(RegistryUnavailableError, match=message):
+                    await client.fetch_range(reference, descriptor.digest, 10, 20)
+                assert fault.times == 0  # asked again each time, then gave up
             sent = proxied.requests("GET", "/blobs/sha256:")[-1]
             assert sent.headers["Range"] == "bytes=10-29"
+            # The same answers once, then a right one: the caller gets the right bytes.
+            for fault in (whole, shifted, short):
+                fault.times = 1
+                proxied.add(fault)
+                assert await client.fetch_range(reference, descriptor.digest, 10, 20) == \
+                    data[10:30]
+                assert fault.times == 0
+
+    run(scenario())
+
+
+def test_range_read_asks_the_registry_again_when_its_redirect_target_fails(
+        proxied, fault_proxy_factory, tmp_path):
+    storage = fault_proxy_factory()  # answers only faults: a failing blob store
+    reference = ref(proxied.host, "ranges/redirected:v1")
+    data = os.urandom(3000)
+    descriptor, path = write_blob(tmp_path, data)
+
+    async def scenario():
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, path)
+            proxied.add(Fault("GET", r"/blobs/sha256:", status=307,
+                              headers={"Location": f"{storage.url}/storage/blob"}))
+            storage.add(Fault("GET", r"^/storage/", status=503, times=100))
+            assert await client.fetch_range(reference, descriptor.digest, 5, 10) == data[5:15]
+            # One try at the failing target, then the registry again, which answered.
+            assert len(storage.requests("GET")) == 1
+            assert await read_stream(client, reference, descriptor) == data
+            proxied.add(Fault("GET", r"/blobs/sha256:", status=307, times=100,
+                              headers={"Location": f"{storage.url}/storage/blob"}))
+            with pytest.raises(RegistryUnavailableError,
+                               match=rf"{storage.host} \(redirected from {proxied.host}\) "
+                                     "answered HTTP 503"):
+                await client.fetch_range(reference, descriptor.digest, 5, 10)
 
     run(scenario())
 
@@ -512,6 +553,23 @@ def test_broken_download_resumes_with_a_range_request(proxied, tmp_path):
             assert ranges[0] is None
             assert ranges[1].startswith("bytes=") and ranges[1].endswith(f"-{len(data) - 1}")
             assert int(ranges[1][6:].split("-")[0]) > 0
+
+    run(scenario())
+
+
+def test_download_whose_body_ends_early_resumes(proxied, tmp_path):
+    data = os.urandom(100_000)
+    reference = ref(proxied.host, "resume/short:v1")
+    descriptor, path = write_blob(tmp_path, data)
+
+    async def scenario():
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, path)
+            # A 200 whose Content-Length says the body is complete, but it is not.
+            proxied.add(Fault("GET", r"/blobs/sha256:", status=200, body=data[:30_000]))
+            assert await read_stream(client, reference, descriptor) == data
+            resumed = proxied.requests("GET", "/blobs/sha256:")[-1]
+            assert resumed.headers["Range"] == f"bytes=30000-{len(data) - 1}"
 
     run(scenario())
 

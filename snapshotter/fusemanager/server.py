@@ -63,7 +63,8 @@ def _unmount_stale(mountpoint: str) -> None:
 
 def lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
     client = RegistryClient(hosts=HostsConfig(config.hosts_dir),
-                            credentials=CredentialStore(config.docker_config or None))
+                            credentials=CredentialStore(config.docker_config or None),
+                            timeout=config.registry_stall_seconds)
     # Whole chunks (4 MiB by default) must fit the memory tier: FUSE reads 128 KiB at a
     # time, and each read of a chunk only on disk reads and re-hashes all of it.
     cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes,
@@ -77,7 +78,7 @@ def lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
                       background_bytes_per_second=config.background_bytes_per_second,
                       background_quiet_seconds=config.background_quiet_seconds,
                       small_file_window_bytes=config.small_file_window_bytes,
-                      profiles=profiles)
+                      read_timeout=config.read_timeout_seconds, profiles=profiles)
     return lazy, client
 
 

@@ -19,9 +19,16 @@ each other without gaps, so one range request can carry many of them:
 - planning is synchronous on the event loop, and a chunk's future is resolved only
   after the chunk is in the cache, so a reader sees it either cached or in flight;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
-  that fails is fetched once more on its own; failing again raises ChunkFetchError
-  (the FUSE layer answers EIO) and nothing is cached. A failed request (the registry
-  client's StoreError) reaches every reader of its chunks unchanged.
+  that fails is fetched once more on its own; failing again raises
+  ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
+  request (the registry client's StoreError) reaches every reader of its chunks
+  unchanged, and is not remembered: the next read asks the registry again;
+- a read waits at most `read_timeout` seconds for its chunks, then fails with
+  ChunkFetchError. The request it waited for goes on until the registry client gives
+  up (a read that joins it later, such as the kernel's read of a page whose readahead
+  failed, waits for that or for its own deadline) and may still serve later reads.
+  Every failed read is counted in lazypull_read_failures_total by layer and reason,
+  and logged with the layer, the file and the chunk.
 
 Requests run in at most `concurrency` slots. Background requests take a slot only while
 no on-demand or prefetch request waits for one, and hold at most one slot.
@@ -62,10 +69,29 @@ FETCH_LATENCY = Histogram("lazypull_fetch_duration_seconds",
 VERIFICATION_FAILURES = Counter("lazypull_fetch_verification_failures_total",
                                 "Chunks that failed verification twice and were refused",
                                 registry=REGISTRY)
+# Why a read failed: its deadline passed, a chunk failed verification twice, or the
+# registry (or the fetch) failed.
+DEADLINE, VERIFICATION, FETCH = "deadline", "verification", "fetch"
+READ_FAILURES = Counter("lazypull_read_failures_total",
+                        "Reads of lazy files that failed (EIO), by layer blob and reason",
+                        ["layer", "reason"], registry=REGISTRY)
 
 
 class ChunkFetchError(FormatError):
+    """A chunk's verified bytes could not be had: its fetch failed or was cancelled, or
+    the read's deadline passed first."""
+
+
+class ChunkVerificationError(ChunkFetchError):
     """A chunk's bytes from the registry failed verification, also when fetched again."""
+
+
+class _ChunkUnavailable(Exception):
+    """A chunk a read needs cannot be had; `error` is what the read raises."""
+
+    def __init__(self, chunk: Chunk, reason: str, error: BaseException):
+        super().__init__(str(error))
+        self.chunk, self.reason, self.error = chunk, reason, error
 
 
 @dataclass
@@ -168,15 +194,23 @@ def _retrieve(future: asyncio.Future[bytes]) -> None:
 
 
 class LayerFetcher:
+    """`name` names the layer in logs and metrics (its blob digest); `read_timeout` is
+    how long a read may wait for its chunks (None: as long as the requests take)."""
+
     def __init__(self, layer: Layer, read_range: Callable[[int, int], Awaitable[bytes]],
-                 cache: ChunkCache, *, max_request_bytes: int = 8 << 20,
+                 cache: ChunkCache, *, name: str = "", read_timeout: float | None = None,
+                 max_request_bytes: int = 8 << 20,
                  concurrency: int = 4, background_bytes_per_second: float | None = None,
                  small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10,
                  window_chunks: int = 256,
                  demand_readahead_bytes: int = 1 << 20):
         if max_request_bytes <= 0 or window_bytes <= 0:
             raise ValueError("request sizes must be positive")
+        if read_timeout is not None and read_timeout <= 0:
+            raise ValueError("read_timeout must be positive")
         self.layer = layer
+        self.name = name
+        self.read_timeout = read_timeout
         self.cache = cache
         self.max_request_bytes = max_request_bytes
         self.small_file_bytes = small_file_bytes
@@ -200,10 +234,14 @@ class LayerFetcher:
 
     async def chunk(self, chunk: Chunk) -> bytes:
         """The verified bytes of one chunk."""
-        return (await self._gather([chunk]))[chunk.digest]
+        try:
+            return (await self._gather([chunk]))[chunk.digest]
+        except _ChunkUnavailable as failure:
+            raise failure.error from None
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
-        """Bytes `offset .. offset+length` of a regular file (fewer at its end)."""
+        """Bytes `offset .. offset+length` of a regular file (fewer at its end), within
+        `read_timeout` seconds."""
         if node.kind != "reg":
             raise FormatError(f"{node.path!r} is not a regular file")
         if offset < 0 or length < 0:
@@ -211,7 +249,13 @@ class LayerFetcher:
         chunks = self.layer.chunks_for_range(node, offset, length)
         if not chunks:
             return b""
-        found = await self._gather(chunks)
+        deadline = None if self.read_timeout is None else \
+            asyncio.get_running_loop().time() + self.read_timeout
+        try:
+            found = await self._gather(chunks, deadline)
+        except _ChunkUnavailable as failure:
+            self._report(node, offset, length, failure)
+            raise failure.error from None
         end = min(offset + length, node.size)
         pieces = []
         for chunk in chunks:
@@ -220,11 +264,23 @@ class LayerFetcher:
                                                                        chunk.size)])
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def _report(self, node: Node, offset: int, length: int,
+                failure: _ChunkUnavailable) -> None:
+        READ_FAILURES.labels(self.name, failure.reason).inc()
+        chunk = failure.chunk
+        log.warning("layer %s: read of %s (bytes %d-%d) failed at chunk %s (file offset %d, "
+                    "blob offset %d): %s: %s", self.name, node.path, offset,
+                    offset + length - 1, chunk.digest, chunk.file_offset, chunk.blob_offset,
+                    failure.reason, failure.error)
+
     def is_complete(self) -> bool:
         """Whether every chunk of the layer is in the cache."""
         return all(digest in self.cache for digest in self.layer.chunk_digests())
 
-    async def _gather(self, chunks: Iterable[Chunk]) -> dict[str, bytes]:
+    async def _gather(self, chunks: Iterable[Chunk],
+                      deadline: float | None = None) -> dict[str, bytes]:
+        """The bytes of `chunks` by digest; _ChunkUnavailable for the first that cannot
+        be had, or is not had by `deadline` (event loop time)."""
         wanted = {chunk.digest: chunk for chunk in chunks}  # equal digests: equal bytes
         found: dict[str, bytes] = {}
         for digest in wanted:
@@ -245,9 +301,27 @@ class LayerFetcher:
                 if future is not None:
                     waits[digest] = future
             for digest, future in waits.items():
-                found[digest] = await asyncio.shield(future)
+                found[digest] = await self._wait(wanted[digest], future, deadline)
             first_round = False
         return found
+
+    async def _wait(self, chunk: Chunk, future: asyncio.Future[bytes],
+                    deadline: float | None) -> bytes:
+        # Shielded: other readers may wait for the same request.
+        timer = asyncio.timeout_at(deadline)
+        try:
+            async with timer:
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            if not timer.expired():
+                raise _ChunkUnavailable(chunk, FETCH, exc) from None
+            raise _ChunkUnavailable(chunk, DEADLINE, ChunkFetchError(
+                f"chunk {chunk.digest}: no verified bytes within {self.read_timeout:g}s")
+            ) from None
+        except ChunkVerificationError as exc:
+            raise _ChunkUnavailable(chunk, VERIFICATION, exc) from None
+        except Exception as exc:
+            raise _ChunkUnavailable(chunk, FETCH, exc) from None
 
     def _load_cached(self, digests: list[str]) -> dict[str, bytes]:
         found = {}
@@ -362,7 +436,7 @@ class LayerFetcher:
                     VERIFICATION_FAILURES.inc()
                     log.warning("chunk %s at blob offset %d failed verification twice: %s",
                                 digest, group[0].offset, reason)
-                    self._fail({digest: futures[digest]}, ChunkFetchError(
+                    self._fail({digest: futures[digest]}, ChunkVerificationError(
                         f"chunk {digest} of the layer failed verification twice: {reason}"))
             # Defensive: every registered chunk is in `run`, so none should be left.
             self._fail(futures, ChunkFetchError("chunk was not in the fetched range"))
@@ -457,7 +531,7 @@ class LayerFetcher:
         """Fetch every chunk not yet local, in blob order, at low priority, until the
         layer is complete. Returns the bytes fetched. A failed request stops it (its
         error is raised); chunks that fail verification are skipped and reported in a
-        ChunkFetchError at the end."""
+        ChunkVerificationError at the end."""
         fetched = 0
         index = 0
         futures: dict[str, asyncio.Future[bytes]] = {}

@@ -559,8 +559,10 @@ class LazyFilesystem(pyfuse3.Operations):
         try:
             data = await inode.tree.read(node, off, length)
         except Exception as exc:
-            log.warning("lazy filesystem: reading %s of layer %s failed: %s",
-                        node.path, inode.tree.name, exc)
+            # The read function reports its failures (the fetcher: a warning naming the
+            # layer and chunk, and a metric).
+            log.debug("lazy filesystem: reading %s of layer %s failed: %s",
+                      node.path, inode.tree.name, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if len(data) != length:
             # A short answer would reach the reader as zeros: fail the read instead.

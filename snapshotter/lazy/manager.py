@@ -20,6 +20,9 @@ from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
 
 log = logging.getLogger(__name__)
+# Pauses before a background fetch that failed (the registry was down) starts again:
+# the first, doubled after each failure up to the last.
+BACKGROUND_RETRY_SECONDS = (5.0, 300.0)
 
 
 class _MountedLayer:
@@ -36,6 +39,7 @@ class LazyLayers:
                  background_bytes_per_second: float | None = None,
                  background_quiet_seconds: float = 3.0,
                  small_file_window_bytes: int = 512 << 10,
+                 read_timeout: float | None = 30.0,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
         self.mountpoint = mountpoint
@@ -46,6 +50,7 @@ class LazyLayers:
         self.background_rate = background_bytes_per_second or None
         self.background_quiet_seconds = background_quiet_seconds
         self.small_file_window_bytes = small_file_window_bytes
+        self.read_timeout = read_timeout
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
         self._prefetching = 0
@@ -70,7 +75,8 @@ class LazyLayers:
         async def read_range(offset: int, length: int) -> bytes:
             return await self.client.fetch_range(reference, record.digest, offset, length)
 
-        fetcher = LayerFetcher(layer, read_range, self.cache, concurrency=self.concurrency,
+        fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
+                               read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes)
         mounted = _MountedLayer(fetcher, record)
@@ -99,16 +105,21 @@ class LazyLayers:
         return fetched
 
     async def _fetch_rest(self, name: str, mounted: _MountedLayer) -> int:
-        # Background fetch shares the link with every layer's prefetch, and each
-        # fetcher orders only its own requests: measured cold starts were up to twice
-        # as slow when it ran alongside another layer's prefetch. So it waits for all.
-        await self._prefetch_idle.wait()
-        await self._quiet()
-        try:
-            fetched = await mounted.fetcher.fetch_all()
-        except Exception as exc:
-            log.warning("layer %s: background fetch stopped: %s", name, exc)
-            return 0
+        pause, longest = BACKGROUND_RETRY_SECONDS
+        while True:
+            # Background fetch shares the link with every layer's prefetch, and each
+            # fetcher orders only its own requests: measured cold starts were up to twice
+            # as slow when it ran alongside another layer's prefetch. So it waits for all.
+            await self._prefetch_idle.wait()
+            await self._quiet()
+            try:
+                fetched = await mounted.fetcher.fetch_all()
+                break
+            except Exception as exc:  # what was fetched stays cached; the rest comes later
+                log.warning("layer %s: background fetch stopped: %s; trying again in %.0fs",
+                            name, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
         log.info("layer %s: fully local (%d bytes fetched in the background)", name, fetched)
         return fetched
 
@@ -126,7 +137,13 @@ class LazyLayers:
                 return
 
     async def wait_prefetched(self, names: list[str], timeout: float) -> None:
-        """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long."""
+        """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long.
+        A prefetch that failed before is started again: its failure must not outlive
+        its cause (the registry may be back)."""
+        for name in names:
+            mounted = self.layers.get(name)
+            if mounted is not None and _failed(mounted.prefetch):
+                mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
         tasks = [self.layers[n].prefetch for n in names if n in self.layers]
         pending = [t for t in tasks if t is not None]
         if not pending:
@@ -161,3 +178,8 @@ class LazyLayers:
         if self.profiles is not None:
             await self.profiles.close()  # after the unmounts, which end the recordings
         await self.fs.close()
+
+
+def _failed(task: asyncio.Task[int] | None) -> bool:
+    return task is not None and task.done() and not task.cancelled() \
+        and task.exception() is not None
