@@ -254,6 +254,62 @@ def scan_tar(file: BinaryIO) -> Iterator[TarMember]:
     _check_end(file, archive.offset, size)
 
 
+class _TailKeeper:
+    """A read-only stream that remembers the last bytes read from it, so the block
+    where tarfile stopped can still be looked at after it has been read."""
+
+    _KEEP = 64 << 10  # more than tarfile's read-ahead (a 10 KiB record)
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.tail = b""
+        self.tail_start = 0  # stream offset of tail[0]
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        tail = self.tail + data
+        cut = max(0, len(tail) - self._KEEP)
+        self.tail, self.tail_start = tail[cut:], self.tail_start + cut
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The bytes from `offset` (up to a block) if still kept, else None."""
+        start = offset - self.tail_start
+        return self.tail[start:start + BLOCK] if start >= 0 else None
+
+
+def scan_tar_stream(stream: BinaryIO) -> Iterator[TarMember]:
+    """`scan_tar` over a stream read once from its start (an inflating pipe, say):
+    the same members and checks, without seeking."""
+    kept = _TailKeeper(stream)
+    try:
+        archive = tarfile.open(  # noqa: SIM115 (read member by member below)
+            fileobj=kept, mode="r|", encoding="utf-8", errors="surrogateescape")
+    except tarfile.ReadError as exc:
+        if kept.tail_start == 0 and not kept.tail:
+            return  # an empty stream is an empty layer, as `scan_tar` has it
+        raise TarError(f"not a tar stream: {exc}") from None
+    except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
+    unbounded = 1 << 63  # truncation shows as a missing end block below
+    try:
+        while True:
+            info = archive.next()
+            if info is None:
+                break
+            archive.members.clear()
+            yield _member(info, unbounded)
+            if archive.pax_headers:
+                raise TarError("PAX global headers are not supported in layers")
+    except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
+    block = kept.block_at(archive.offset)
+    if block is None or 0 < len(block) < BLOCK:
+        raise TarError(f"tar is truncated at byte {archive.offset}")
+    if block and block != b"\0" * BLOCK:
+        raise TarError(f"malformed tar header at byte {archive.offset}")
+
+
 def tarfile_problem(exc: Exception) -> str:
     """What a tarfile exception says, in words that help."""
     if isinstance(exc, RecursionError):
