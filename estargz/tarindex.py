@@ -9,6 +9,7 @@ said. What the member's TOC entry needs is taken from its header once, when the
 tar is indexed.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ TARFILE_SLIPS = (ValueError, IndexError, OverflowError, RecursionError)
 # The index's page cache: lookups by path while ordering are few, the rest is
 # appended or read in order.
 _PAGE_CACHE_KIB = 4096
+# What a stream is read in: tarfile skips file data by reading it, a piece at a time.
+_STREAM_READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,38 +258,53 @@ def scan_tar(file: BinaryIO) -> Iterator[TarMember]:
 
 
 class _TailKeeper:
-    """A read-only stream that remembers the last bytes read from it, so the block
-    where tarfile stopped can still be looked at after it has been read."""
+    """A read-only stream that keeps the last pieces read from it, so the block where
+    tarfile stopped can still be looked at after tarfile has read past it."""
 
-    _KEEP = 64 << 10  # more than tarfile's read-ahead (a 10 KiB record)
-
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, keep: int):
         self._stream = stream
-        self.tail = b""
-        self.tail_start = 0  # stream offset of tail[0]
+        self._keep = keep
+        self._pieces: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._kept = 0
+        self._position = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
-        tail = self.tail + data
-        cut = max(0, len(tail) - self._KEEP)
-        self.tail, self.tail_start = tail[cut:], self.tail_start + cut
+        if data:
+            self._pieces.append((self._position, data))
+            self._position += len(data)
+            self._kept += len(data)
+            while self._kept - len(self._pieces[0][1]) >= self._keep:
+                self._kept -= len(self._pieces.popleft()[1])
         return data
+
+    @property
+    def empty(self) -> bool:
+        return self._position == 0
 
     def block_at(self, offset: int) -> bytes | None:
         """The bytes from `offset` (up to a block) if still kept, else None."""
-        start = offset - self.tail_start
-        return self.tail[start:start + BLOCK] if start >= 0 else None
+        if not self._pieces or offset < self._pieces[0][0]:
+            return None
+        out = b""
+        for start, data in self._pieces:
+            if start + len(data) > offset:
+                out += data[max(0, offset - start):]
+                if len(out) >= BLOCK:
+                    break
+        return out[:BLOCK]
 
 
 def scan_tar_stream(stream: BinaryIO) -> Iterator[TarMember]:
     """`scan_tar` over a stream read once from its start (an inflating pipe, say):
     the same members and checks, without seeking."""
-    kept = _TailKeeper(stream)
+    kept = _TailKeeper(stream, _STREAM_READ + 2 * BLOCK)
     try:
         archive = tarfile.open(  # noqa: SIM115 (read member by member below)
-            fileobj=kept, mode="r|", encoding="utf-8", errors="surrogateescape")
+            fileobj=kept, mode="r|", encoding="utf-8", errors="surrogateescape",
+            bufsize=_STREAM_READ)
     except tarfile.ReadError as exc:
-        if kept.tail_start == 0 and not kept.tail:
+        if kept.empty:
             return  # an empty stream is an empty layer, as `scan_tar` has it
         raise TarError(f"not a tar stream: {exc}") from None
     except (tarfile.TarError, *TARFILE_SLIPS) as exc:
