@@ -72,7 +72,8 @@ class _Spans:
         self.count = 0
         self._windows = windows
         self._window_end = 0
-        self._compress = zstandard.ZstdCompressor(level=_WINDOW_LEVEL)
+        self._compress = zstandard.ZstdCompressor(level=_WINDOW_LEVEL,
+                                                   write_checksum=True)
         self._open: Checkpoint | None = None
         self._hash = hashlib.sha256()
         self._size = 0

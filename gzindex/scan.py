@@ -118,10 +118,11 @@ class _Input:
 
 def _read_header(source: _Input) -> None:
     start = source.position
-    head = source.take(10, "a member header")
-    magic, method, flags = head[:2], head[2], head[3]
+    magic = source.take(2, "a member header")
     if magic != b"\x1f\x8b":
         raise CorruptLayerError(f"not gzip data at byte {start} (magic {magic.hex()})")
+    head = source.take(8, "a member header")
+    method, flags = head[0], head[1]
     if method != 8:
         raise CorruptLayerError(f"gzip member at byte {start} uses compression method "
                                 f"{method}, not deflate")
