@@ -4,12 +4,15 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 
 import gzindex
 from indexer.image import IndexingError, IndexOptions, IndexReport, index_image
 from indexer.lookup import find_layer_indexes
+from oci import mediatypes as mt
 from oci.access_profile import ProfileError, parse_profile
 from oci.digest import DigestMismatchError
+from oci.manifest import Index, ManifestError, parse_manifest
 from oci.store import AuthError, NotFoundError, StoreError
 from oci.transport import TransportError, parse_registry_reference, registry_client
 
@@ -114,12 +117,28 @@ async def _show(args: argparse.Namespace) -> dict[str, object]:
     reference = parse_registry_reference(args.image)
     async with registry_client(hosts_dir=args.hosts_dir, plain_http=args.plain_http,
                                insecure=args.insecure_registry) as client:
-        descriptor = await client.resolve(reference)
-        found = await find_layer_indexes(client, reference, descriptor.digest)
-        return {"image": str(reference), "digest": descriptor.digest,
+        data, media_type, digest = await client.get_manifest(reference)
+        top = parse_manifest(data, media_type)
+        subjects = [(d.digest, d.platform_string) for d in top.manifests
+                    if d.media_type in mt.MANIFESTS] if isinstance(top, Index) else [(digest, "")]
+        manifests = []
+        for subject, platform in subjects:
+            found = await find_layer_indexes(client, reference, subject)
+            manifests.append({
+                "digest": subject, "platform": platform,
                 "layers": {layer: {"index": index.descriptor.digest,
                                    "size": index.descriptor.size, "artifact": index.artifact}
-                           for layer, index in found.items()}}
+                           for layer, index in found.items()}})
+        return {"image": str(reference), "digest": digest, "manifests": manifests}
+
+
+def _print_found(result: dict[str, Any]) -> None:
+    for manifest in result["manifests"]:
+        print(f"{manifest['platform'] or 'image'} {manifest['digest']}")
+        for layer, found in manifest["layers"].items():
+            print(f"  layer {layer}: index {found['index']} ({found['size']} bytes)")
+        if not manifest["layers"]:
+            print("  no index published")
 
 
 def _fail(message: str, code: int) -> int:
@@ -143,14 +162,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"not found: {exc}", EXIT_NOT_FOUND)
     except (IndexingError, ProfileError, DigestMismatchError) as exc:
         return _fail(f"cannot index: {exc}", EXIT_INDEXING)
-    except (StoreError, gzindex.IndexFormatError, ValueError, OSError) as exc:
+    except (StoreError, ManifestError, gzindex.IndexFormatError, ValueError, OSError) as exc:
         return _fail(str(exc), EXIT_FAILURE)
     if isinstance(result, dict):
         if args.json:
             print(json.dumps(result, indent=2))
         elif not args.quiet:
-            for layer, found in result["layers"].items():  # type: ignore[union-attr]
-                print(f"{layer}: index {found['index']} ({found['size']} bytes)")
+            _print_found(result)
         return EXIT_OK
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

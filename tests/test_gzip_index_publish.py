@@ -204,6 +204,11 @@ def test_every_platform_gets_its_own_artifact(registry, tmp_path) -> None:
                 assert sorted(found) == sorted(built.images[platform].layer_digests)
 
     asyncio.run(look_up())
+    shown = lazypull("index", f"docker://{reference}", "--plain-http", "--show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    listed = {m["platform"]: m for m in json.loads(shown.stdout)["manifests"]}
+    assert {p: sorted(m["layers"]) for p, m in listed.items()} == \
+        {p: sorted(built.images[p].layer_digests) for p in by_platform}
     only = asyncio.run(_index(reference, platforms=("linux/arm64",)))
     assert [m.platform for m in only.manifests] == ["linux/arm64"]
 
@@ -255,7 +260,8 @@ def test_cli_indexes_an_image_that_plain_containerd_still_pulls_as_before(
     assert all(layer["index_size"] < layer["size"] for layer in layers)
     shown = lazypull("index", src, "--plain-http", "--show", "--json")
     assert shown.returncode == 0, shown.stderr
-    listed = json.loads(shown.stdout)
+    (listed,) = json.loads(shown.stdout)["manifests"]
+    assert listed["digest"] == image.manifest_digest
     assert sorted(listed["layers"]) == sorted(image.layer_digests)
     assert {v["index"] for v in listed["layers"].values()} == \
         {layer["index_digest"] for layer in layers}
