@@ -26,6 +26,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cold-start": Benchmark("perf.cold_start", "pull + run to READY, 100 Mbit/20 ms: lazy vs full"),
     "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
     "scale": Benchmark("perf.scale", "memory and latency with huge layers and many images"),
+    "gzip-index": Benchmark(
+        "perf.gzip_index", "gzip layer index: size vs layer, index and read throughput"
+    ),
     "writer-memory": Benchmark(
         "perf.writer_memory", "peak RSS and time converting many small files or one big file"
     ),
