@@ -9,6 +9,7 @@ import json
 import random
 import struct
 import tarfile
+import tracemalloc
 import zlib
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from estargz.errors import FormatError, TarError
+from estargz.tarindex import scan_tar, scan_tar_stream
 from gzindex import (
     CorruptLayerError,
     GzipIndex,
@@ -337,3 +339,45 @@ def test_an_empty_tar_gives_an_empty_index() -> None:
     index = GzipIndex.open(index_of(gzip.compress(b""), 8 << 10))
     assert index.uncompressed_size == 0 and index.span_count == 0
     assert list(index.entries()) == []
+
+
+# -- bounded memory and the streaming tar reader --------------------------------------
+
+
+def test_building_holds_no_windows_in_memory(tmp_path) -> None:
+    """Incompressible data at a small spacing: tens of MiB of windows, all on disk."""
+    rng = random.Random(9)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for number in range(4):
+            _add(tar, f"blob{number}", rng.randbytes(8 << 20))
+        for number in range(5000):
+            _add(tar, f"small/{number}", _text(rng, 100))
+    layer = tmp_path / "layer.gz"
+    layer.write_bytes(gzip.compress(buf.getvalue(), 6))
+    del buf
+    tracemalloc.start()
+    try:
+        with layer.open("rb") as blob, open(tmp_path / "index", "wb") as out:
+            result = build_index(blob, out, spacing=16 << 10, tmpdir=str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    index = GzipIndex.open(tmp_path / "index")
+    assert result.file_count == 5004 and index.span_count > 1000
+    assert index.header.sections["windows"].length > 32 << 20
+    assert peak < 16 << 20, f"peak of {peak >> 20} MiB"
+
+
+def test_the_streaming_tar_reader_agrees_with_the_seeking_one() -> None:
+    for tar in (coverage_tar(), coverage_tar(tarfile.GNU_FORMAT), random_tar(8)):
+        assert list(scan_tar_stream(io.BytesIO(tar))) == list(scan_tar(io.BytesIO(tar)))
+    tar = random_tar(8)
+    with pytest.raises(TarError):
+        list(scan_tar_stream(io.BytesIO(tar[:len(tar) // 3])))
+    assert list(scan_tar_stream(io.BytesIO(b""))) == []
+    last = tar_members(tar)[-1]
+    assert last.size == 0
+    no_end = tar[:last.offset_data]  # the end-of-archive blocks cut off
+    members = list(scan_tar_stream(io.BytesIO(no_end)))
+    assert len(members) == len(tar_members(tar))
