@@ -14,6 +14,7 @@ import bisect
 import ctypes
 import hashlib
 import io
+import json
 import os
 import threading
 from array import array
@@ -37,6 +38,7 @@ from .format import (
 from .zlib_api import Z_BUF_ERROR, Z_OK, Z_STREAM_END, RawInflater
 
 _READ = 1 << 20
+MAX_HOT_LIST = 64 << 20
 
 Fetch = Callable[[int, int], bytes]  # (offset, length) of the gzip blob -> bytes
 
@@ -200,11 +202,9 @@ class GzipIndex:
         base = self.header.sections["windows"].offset
         data = self._read(base + span.window_offset, span.window_size)
         try:
-            window = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_WINDOW)
-        except zstandard.ZstdError as exc:
+            window = _bounded_zstd(data, MAX_WINDOW)
+        except (zstandard.ZstdError, ValueError) as exc:
             raise SpanDigestMismatch(f"window of span {span.index} is corrupt: {exc}") from None
-        if len(window) > MAX_WINDOW:
-            raise SpanDigestMismatch(f"window of span {span.index} is too large")
         return window
 
     def entries(self) -> Iterator[FileEntry]:
@@ -224,11 +224,9 @@ class GzipIndex:
 
     def hot_files(self) -> list[str]:
         """Paths to prefetch first, in priority order."""
-        import json
-
         data = b"".join(self._section_pieces("hot"))
         try:
-            paths = json.loads(zstandard.ZstdDecompressor().decompress(data))
+            paths = json.loads(_bounded_zstd(data, MAX_HOT_LIST))
         except (zstandard.ZstdError, ValueError):
             raise IndexFormatError("index hot list is corrupt") from None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -252,6 +250,15 @@ class GzipIndex:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bounded_zstd(data: bytes, limit: int) -> bytes:
+    """Decompress a zstd frame of at most `limit` bytes, whatever its header claims."""
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+        out = reader.read(limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"it holds more than {limit} bytes")
+    return out
 
 
 class _PieceStream(io.RawIOBase):

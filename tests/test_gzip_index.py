@@ -13,6 +13,7 @@ import tracemalloc
 import zlib
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -381,3 +382,18 @@ def test_the_streaming_tar_reader_agrees_with_the_seeking_one() -> None:
     no_end = tar[:last.offset_data]  # the end-of-archive blocks cut off
     members = list(scan_tar_stream(io.BytesIO(no_end)))
     assert len(members) == len(tar_members(tar))
+
+
+def test_a_window_that_inflates_past_32_kib_is_refused(layer) -> None:
+    tar, blob, index = layer
+    parsed = GzipIndex.open(index)
+    span = next(s for s in parsed.spans() if s.window_size > 100)
+    bomb = zstandard.ZstdCompressor().compress(b"a" * (64 << 20))  # says so in its header
+    padding = span.window_size - len(bomb) - 8
+    skippable = struct.pack("<II", 0x184D2A50, padding) + b"\0" * padding
+    start = parsed.header.sections["windows"].offset + span.window_offset
+    forged = index[:start] + bomb + skippable + index[start + span.window_size:]
+    assert len(forged) == len(index)
+    assert _read_all_or_fail(blob, forged, tar) == [span.index]
+    with pytest.raises(SpanDigestMismatch, match="more than 32768 bytes"):
+        reader_of(blob, forged).read_span(span)
