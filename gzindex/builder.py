@@ -26,7 +26,15 @@ from estargz.tarindex import scan_tar_stream
 
 from .entries import FileEntry, entry_from_line, iter_lines
 from .errors import CorruptLayerError
-from .format import DEFAULT_SPACING, MAX_SPACING, MIN_SPACING, SPAN, Header, Section
+from .format import (
+    DEFAULT_SPACING,
+    MAX_SPACING,
+    MAX_SPAN_OVERSHOOT,
+    MIN_SPACING,
+    SPAN,
+    Header,
+    Section,
+)
 from .scan import Checkpoint, MemberEnd, scan_gzip
 
 # Level 9 makes windows 5% larger than level 19 does, 7 times faster.
@@ -67,7 +75,8 @@ class _HashingReader:
 class _Spans:
     """Closes spans as checkpoints and member ends go by; writes their windows."""
 
-    def __init__(self, windows: BinaryIO):
+    def __init__(self, windows: BinaryIO, spacing: int):
+        self._limit = spacing + MAX_SPAN_OVERSHOOT
         self.records = bytearray()
         self.count = 0
         self._windows = windows
@@ -81,6 +90,10 @@ class _Spans:
     def data(self, piece: bytes) -> None:
         self._hash.update(piece)
         self._size += len(piece)
+        if self._size > self._limit:
+            raise CorruptLayerError(f"the layer has a deflate block that inflates to more "
+                                    f"than {MAX_SPAN_OVERSHOOT >> 20} MiB: no checkpoint can "
+                                    "bound the reads of that part of it")
 
     def checkpoint(self, point: Checkpoint) -> None:
         if not point.member_start:  # a member's start comes after its MemberEnd
@@ -147,16 +160,16 @@ class _Uncompressed:
 class ScannedLayer:
     """A layer read through: its spans, windows and file table, not yet an index."""
 
-    def __init__(self, tmpdir: str | None):
+    def __init__(self, spacing: int, tmpdir: str | None):
         self._windows = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 (closed in close())
         self._files = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115
-        self.spans = _Spans(self._windows)
+        self.spans = _Spans(self._windows, spacing)
         self.file_count = 0
         self.layer_digest = ""
         self.layer_size = 0
         self.diff_id = ""
         self.uncompressed_size = 0
-        self.spacing = 0
+        self.spacing = spacing
 
     def entries(self) -> Iterator[FileEntry]:
         """The file table as written (checked again as it is read back)."""
@@ -245,7 +258,7 @@ def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
     read are not `expected_digest`."""
     if not MIN_SPACING <= spacing <= MAX_SPACING:
         raise ValueError(f"spacing must be between {MIN_SPACING} and {MAX_SPACING} bytes")
-    layer = ScannedLayer(tmpdir)
+    layer = ScannedLayer(spacing, tmpdir)
     try:
         source = _HashingReader(blob)
         stream = _Uncompressed(scan_gzip(source.read, spacing), layer.spans)
@@ -265,7 +278,6 @@ def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
         layer.layer_size = source.size
         layer.diff_id = "sha256:" + stream.diff_id.hexdigest()
         layer.uncompressed_size = stream.size
-        layer.spacing = spacing
         if expected_digest and layer.layer_digest != expected_digest:
             raise CorruptLayerError(f"layer read is {layer.layer_digest}, expected "
                                     f"{expected_digest}")

@@ -43,6 +43,10 @@ MAX_WINDOW = 32768
 MIN_SPACING = 8 << 10
 MAX_SPACING = 1 << 30
 DEFAULT_SPACING = 4 << 20
+# Checkpoints sit at block boundaries, so a span can pass the spacing by up to one
+# deflate block (zlib's inflate to at most 4 MiB; other encoders' to more). A reader
+# decodes whole spans: this bounds its memory.
+MAX_SPAN_OVERSHOOT = 64 << 20
 SECTIONS = ("spans", "files", "hot", "windows")
 _MAX_INT = (1 << 63) - 1
 

@@ -28,6 +28,7 @@ import zstandard
 from .entries import FileEntry, entry_from_line, iter_lines
 from .errors import IndexFormatError, SpanDigestMismatch
 from .format import (
+    MAX_SPAN_OVERSHOOT,
     MAX_WINDOW,
     SPAN,
     Header,
@@ -143,6 +144,9 @@ class GzipIndex:
             span = self.span(number)
             if span.uncompressed_offset != expected or span.uncompressed_size == 0:
                 raise IndexFormatError(f"index span {number} does not follow the one before")
+            if span.uncompressed_size > header.spacing + MAX_SPAN_OVERSHOOT:
+                raise IndexFormatError(f"index span {number} of {span.uncompressed_size} bytes "
+                                       f"is too large for its spacing")
             if not span.compressed_offset < span.compressed_end <= header.layer_size \
                     or span.skip_bits > 7:
                 raise IndexFormatError(f"index span {number} lies outside the layer")
