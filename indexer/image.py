@@ -110,7 +110,14 @@ class _Scanned:
     def __init__(self, layer: gzindex.ScannedLayer, seconds: float):
         self.layer = layer
         self.seconds = seconds
-        self.paths = hotfiles.paths_of(entry.name for entry in layer.entries())
+        self._paths: set[str] | None = None
+
+    @property
+    def paths(self) -> set[str]:
+        """Every path the layer holds: read from its file table when a profile needs it."""
+        if self._paths is None:
+            self._paths = hotfiles.paths_of(entry.name for entry in self.layer.entries())
+        return self._paths
 
 
 class ImageIndexer:
