@@ -11,6 +11,7 @@ from estargz import FormatError
 # dependencies load only for conversions.
 COMMANDS = {
     "convert": "convert_command",
+    "index": "index_command",
     "estargz": "estargz_commands",
     "snapshotter": "snapshotter_command",
     "fuse-manager": "fuse_manager_command",

@@ -9,6 +9,7 @@ said. What the member's TOC entry needs is taken from its header once, when the
 tar is indexed.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ TARFILE_SLIPS = (ValueError, IndexError, OverflowError, RecursionError)
 # The index's page cache: lookups by path while ordering are few, the rest is
 # appended or read in order.
 _PAGE_CACHE_KIB = 4096
+# What a stream is read in: tarfile skips file data by reading it, a piece at a time.
+_STREAM_READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,77 @@ def scan_tar(file: BinaryIO) -> Iterator[TarMember]:
     except (tarfile.TarError, *TARFILE_SLIPS) as exc:
         raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
     _check_end(file, archive.offset, size)
+
+
+class _TailKeeper:
+    """A read-only stream that keeps the last pieces read from it, so the block where
+    tarfile stopped can still be looked at after tarfile has read past it."""
+
+    def __init__(self, stream: BinaryIO, keep: int):
+        self._stream = stream
+        self._keep = keep
+        self._pieces: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._kept = 0
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if data:
+            self._pieces.append((self._position, data))
+            self._position += len(data)
+            self._kept += len(data)
+            while self._kept - len(self._pieces[0][1]) >= self._keep:
+                self._kept -= len(self._pieces.popleft()[1])
+        return data
+
+    @property
+    def empty(self) -> bool:
+        return self._position == 0
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The bytes from `offset` (up to a block) if still kept, else None."""
+        if not self._pieces or offset < self._pieces[0][0]:
+            return None
+        out = b""
+        for start, data in self._pieces:
+            if start + len(data) > offset:
+                out += data[max(0, offset - start):]
+                if len(out) >= BLOCK:
+                    break
+        return out[:BLOCK]
+
+
+def scan_tar_stream(stream: BinaryIO) -> Iterator[TarMember]:
+    """`scan_tar` over a stream read once from its start (an inflating pipe, say):
+    the same members and checks, without seeking."""
+    kept = _TailKeeper(stream, _STREAM_READ + 2 * BLOCK)
+    try:
+        archive = tarfile.open(  # noqa: SIM115 (read member by member below)
+            fileobj=kept, mode="r|", encoding="utf-8", errors="surrogateescape",
+            bufsize=_STREAM_READ)
+    except tarfile.ReadError as exc:
+        if kept.empty:
+            return  # an empty stream is an empty layer, as `scan_tar` has it
+        raise TarError(f"not a tar stream: {exc}") from None
+    except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
+    unbounded = 1 << 63  # truncation shows as a missing end block below
+    try:
+        while True:
+            info = archive.next()
+            if info is None:
+                break
+            archive.members.clear()
+            yield _member(info, unbounded)
+            if archive.pax_headers:
+                raise TarError("PAX global headers are not supported in layers")
+    except (tarfile.TarError, *TARFILE_SLIPS) as exc:
+        raise TarError(f"malformed tar: {tarfile_problem(exc)}") from None
+    block = kept.block_at(archive.offset)
+    if block is None or 0 < len(block) < BLOCK:
+        raise TarError(f"tar is truncated at byte {archive.offset}")
+    if block and block != b"\0" * BLOCK:
+        raise TarError(f"malformed tar header at byte {archive.offset}")
 
 
 def tarfile_problem(exc: Exception) -> str:

@@ -792,6 +792,34 @@ class RegistryClient:
                              f"{'no blob' if found is None else f'{found} bytes'}, "
                              f"expected {size}")
 
+    # -- referrers ------------------------------------------------------------------------
+
+    async def get_referrers(self, reference: Reference, digest: str,
+                            artifact_type: str | None = None) -> bytes | None:
+        """The OCI 1.1 referrers index of manifest `digest`, or None where the registry
+        has no referrers API (it answers 404 there; one that has it never does)."""
+        what = f"referrers of {_display(reference, digest)}"
+        params = [("artifactType", artifact_type)] if artifact_type else []
+
+        async def get(endpoint: Endpoint, last: bool) -> bytes | None:
+            url = self._url(endpoint, reference.repository, f"/referrers/{digest}", params)
+            response = await self._request(
+                endpoint, "GET", url, scopes=[repository_scope(reference.repository, ["pull"])],
+                what=what, headers={"Accept": mt.OCI_INDEX}, stream=True, last_endpoint=last)
+            try:
+                if response.status_code == 404:
+                    return None
+                await self._check(response, what, endpoint, reference.repository)
+                data = await _read_limited(response, self.max_manifest_size)
+            finally:
+                await response.aclose()
+            if len(data) > self.max_manifest_size:
+                raise StoreError(f"{what}: the index is larger than the "
+                                 f"{self.max_manifest_size} bytes allowed")
+            return data
+
+        return await self._on_endpoints(reference.registry, PULL, what, get)
+
 
 def _read_at(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:

@@ -27,6 +27,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
     "scale": Benchmark("perf.scale", "memory and latency with huge layers and many images"),
     "load": Benchmark("perf.load", "waves of containers at once from lazy images on one node"),
+    "gzip-index": Benchmark(
+        "perf.gzip_index", "gzip layer index: size vs layer, index and read throughput"
+    ),
     "writer-memory": Benchmark(
         "perf.writer_memory", "peak RSS and time converting many small files or one big file"
     ),
