@@ -128,7 +128,7 @@ async def serve(config: Config) -> None:
     _unmount_stale(config.fuse_mountpoint)
     lazy, client = lazy_layers(config)
     await lazy.start()
-    service = FuseManagerService(lazy)
+    service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes)
 
     connections: set[asyncio.Task[None]] = set()
 
