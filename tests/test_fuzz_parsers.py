@@ -41,7 +41,7 @@ from snapshotter.fusemanager.protocol import (
     request_of,
 )
 
-FUZZ_EXAMPLES = int(os.environ.get("LAZYPULL_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("LAZYPULL_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=timedelta(seconds=5),  # generous: two shared cores; a hang takes far longer
