@@ -271,7 +271,7 @@ class ImageConverter:
             data = f.read()
         try:
             config = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ConversionError(f"{image}: config {manifest.config.digest} is not JSON") from None
         if not isinstance(config, dict):
             raise ConversionError(f"{image}: config {manifest.config.digest} is not an object")

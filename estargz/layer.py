@@ -25,7 +25,16 @@ from typing import Any
 
 from .errors import TOCError
 from .footer import Footer
-from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOCEntry, clean_name, parse_modtime
+from .toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOCEntry,
+    clean_name,
+    entry_where,
+    parse_modtime,
+    shown,
+)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -35,7 +44,12 @@ _ROOT_ID = 1
 INDEX_FORMAT = 1
 # Each open layer keeps at most this much of its index in memory (SQLite's page cache).
 _PAGE_CACHE_KIB = 2048
-_DIR_CACHE = 4096  # directories remembered by path while a layer is built
+_DIR_CACHE = 4096  # directories remembered by path while a layer is built...
+_DIR_CACHE_CHARS = 32 << 20  # ...and the most path text they may hold
+# Implicit parents each store their whole path, so one deep name implies text that
+# grows with the square of its depth (10^4 levels: 10^8 characters). Their paths
+# may hold this much in all; a TOC that implies more is refused.
+MAX_IMPLICIT_DIR_CHARS = 256 << 20
 _SPAN_BLOCK = 128  # spans read from the index at once
 
 
@@ -470,6 +484,8 @@ class _Builder:
         self.footer = footer
         self.next_id = _ROOT_ID + 1
         self.dirs: OrderedDict[str, int] = OrderedDict()  # path -> id, recent ones
+        self.dir_chars = 0  # of the paths in `dirs`
+        self.implicit_chars = 0  # of the paths of implicit directories made so far
         # The reference writes userName/groupName only where the name changes for
         # an id ("may only be present for the first entry with the same UID"), so
         # an entry without one has the last name given for its uid or gid.
@@ -491,7 +507,7 @@ class _Builder:
         count = 0
         for index, entry in enumerate(entries):
             count += 1
-            where = f"TOC entry #{index} ({entry.name!r})"
+            where = entry_where(index, entry.name)
             if entry.has_payload:
                 if not entry.offset < payload_end:
                     raise TOCError(f"{where}: offset {entry.offset} is outside the payload "
@@ -516,7 +532,7 @@ class _Builder:
 
     def _check_covered(self, current: tuple[int, str, int] | None, covered: int) -> None:
         if current is not None and covered != current[2]:
-            raise TOCError(f"chunks of {current[1]!r} cover {covered} of {current[2]} bytes")
+            raise TOCError(f"chunks of {shown(current[1])} cover {covered} of {current[2]} bytes")
 
     def _add_chunk(self, node: tuple[int, str, int], entry: TOCEntry, covered: int,
                    where: str) -> int:
@@ -582,9 +598,15 @@ class _Builder:
         return node_id
 
     def _remember_dir(self, path: str, node_id: int) -> None:
+        if path not in self.dirs:
+            self.dir_chars += len(path)
         self.dirs[path] = node_id
-        if len(self.dirs) > _DIR_CACHE:
-            self.dirs.popitem(last=False)
+        while len(self.dirs) > _DIR_CACHE or self.dir_chars > _DIR_CACHE_CHARS:
+            self.dir_chars -= len(self.dirs.popitem(last=False)[0])
+
+    def _forget_dir(self, path: str) -> None:
+        if self.dirs.pop(path, None) is not None:
+            self.dir_chars -= len(path)
 
     def _parent_dir(self, path: str, where: str) -> int:
         """The id of the directory that holds `path`, made (implicitly) if missing."""
@@ -611,11 +633,15 @@ class _Builder:
                 found = self._find(node_id, name)
                 if found is not None:
                     if found[1] != "dir":
-                        raise TOCError(f"{where}: parent {step!r} is not a directory")
+                        raise TOCError(f"{where}: parent {shown(step)} is not a directory")
                     node_id = found[0]
                     self._remember_dir(step, node_id)
                     continue
                 missing = True  # and so is everything below it
+            self.implicit_chars += len(step)
+            if self.implicit_chars > MAX_IMPLICIT_DIR_CHARS:
+                raise TOCError(f"{where}: the parent directories the TOC leaves out would "
+                               f"hold more than {MAX_IMPLICIT_DIR_CHARS} characters of paths")
             child = self._new_node(step, "dir", mode=_IMPLICIT_DIR_MODE, implicit=1)
             self._link(node_id, name, child)
             self._remember_dir(step, child)
@@ -694,10 +720,10 @@ class _Builder:
             target = self._resolve(clean_name(entry.link_name))
             if target is None or (existing is not None and target[0] == existing[0]):
                 raise TOCError(
-                    f"{where}: hard link target {entry.link_name!r} is not an earlier entry"
+                    f"{where}: hard link target {shown(entry.link_name)} is not an earlier entry"
                 )
             if target[1] == "dir":
-                raise TOCError(f"{where}: hard link to directory {entry.link_name!r}")
+                raise TOCError(f"{where}: hard link to directory {shown(entry.link_name)}")
             self._replace(parent, name, path, existing, target[0], where)
             self.db.execute("UPDATE nodes SET nlink = nlink + 1 WHERE id = ?", (target[0],))
             return None
@@ -729,8 +755,8 @@ class _Builder:
             if old_kind == "dir":
                 if self.db.execute("SELECT 1 FROM dirents WHERE parent = ? LIMIT 1",
                                    (old_id,)).fetchone():
-                    raise TOCError(f"{where}: replaces non-empty directory {path!r}")
-                self.dirs.pop(path, None)
+                    raise TOCError(f"{where}: replaces non-empty directory {shown(path)}")
+                self._forget_dir(path)
             if old_nlink <= 1:  # nothing reaches it any more: its chunks are no payload
                 self._flush_chunks()
                 self.db.execute("DELETE FROM chunks WHERE node = ?", (old_id,))

@@ -26,8 +26,10 @@ from .toc import (
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,
     TOCEntry,
+    check_xattr,
     clean_name,
     format_modtime,
+    shown,
 )
 
 BLOCK = 512
@@ -185,7 +187,7 @@ class TarIndex:
         self.file.seek(member.offset_data + offset)
         data = self.file.read(length)
         if len(data) != length:
-            raise TarError(f"tar is truncated inside the data of {name!r}")
+            raise TarError(f"tar is truncated inside the data of {shown(name)}")
         return data
 
     def close(self) -> None:
@@ -339,9 +341,9 @@ def _member(info: tarfile.TarInfo, size: int) -> TarMember:
     name = info.name
     kind = TAR_KINDS.get(info.type)
     if info.issparse():
-        raise TarError(f"tar entry {name!r} is a sparse file, which a layer cannot hold")
+        raise TarError(f"tar entry {shown(name)} is a sparse file, which a layer cannot hold")
     if kind is None:
-        raise TarError(f"tar entry {name!r} has unsupported type {info.type!r}")
+        raise TarError(f"tar entry {shown(name)} has unsupported type {info.type!r}")
     # Everything that goes into the TOC as text must be UTF-8 (the input's other
     # bytes arrive here as surrogate escapes).
     texts = {"name": name, "link name": info.linkname, "user name": info.uname,
@@ -351,14 +353,19 @@ def _member(info: tarfile.TarInfo, size: int) -> TarMember:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise TarError(f"tar entry {name!r}: {what} is not valid UTF-8") from None
+            raise TarError(f"tar entry {shown(name)}: {what} is not valid UTF-8") from None
     try:
         path = clean_name(name)
         link = clean_name(info.linkname) if kind == "hardlink" else ""
+        if "\0" in info.linkname:
+            raise TOCError(f"tar entry {shown(name)}: link name contains a NUL character")
+        listed = 0
+        for key, value in xattrs_of(info).items():
+            listed = check_xattr(f"tar entry {shown(name)}", key, value, listed)
     except TOCError as exc:
         raise TarError(str(exc)) from None
     if kind == "reg" and info.offset_data + info.size > size:
-        raise TarError(f"tar is truncated inside the data of {name!r}")
+        raise TarError(f"tar is truncated inside the data of {shown(name)}")
     return TarMember(path=path, kind=kind, link=link, offset=info.offset,
                      offset_data=info.offset_data, size=info.size if kind == "reg" else 0,
                      fields=_toc_fields(info))

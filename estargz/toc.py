@@ -34,6 +34,30 @@ DEFAULT_MAX_TOC_SIZE = 1 << 30
 MAX_ENTRY_TEXT = 64 << 20
 DEFAULT_MAX_ENTRIES = 10_000_000
 _MAX_INT = (1 << 63) - 1
+# Components of a path (a name's slashes, counted before it is cleaned): deeper
+# names are refused before they are split.
+MAX_PATH_DEPTH = 1 << 14
+# Extended attributes as Linux bounds them (XATTR_NAME_MAX, XATTR_SIZE_MAX and
+# XATTR_LIST_MAX): an entry beyond them could not be unpacked onto any Linux
+# filesystem, and its FUSE attributes could not be listed.
+MAX_XATTR_NAME_BYTES = 255
+MAX_XATTR_VALUE_BYTES = 64 << 10
+MAX_XATTR_LIST_BYTES = 64 << 10
+
+
+# Names in error messages are cut to this many characters: a name may be megabytes
+# long, and a message travels in log lines and over the FUSE manager's socket.
+_SHOWN_NAME = 256
+
+
+def shown(name: str) -> str:
+    """`name` as an error message quotes it."""
+    return repr(name if len(name) <= _SHOWN_NAME else name[:_SHOWN_NAME] + "...")
+
+
+def entry_where(index: int, name: str) -> str:
+    """How an error message names a TOC entry."""
+    return f"TOC entry #{index} ({shown(name)})"
 
 
 def clean_name(name: str) -> str:
@@ -42,10 +66,15 @@ def clean_name(name: str) -> str:
     Absolute names and `..` components are refused: a layer must never name a
     path outside its own root."""
     if name.startswith("/"):
-        raise TOCError(f"entry name {name!r} is absolute")
+        raise TOCError(f"entry name {shown(name)} is absolute")
+    if "\0" in name:  # the kernel would cut it there: another name than the TOC's
+        raise TOCError(f"entry name {shown(name)} contains a NUL character")
+    if name.count("/") >= MAX_PATH_DEPTH:
+        raise TOCError(f"entry name {shown(name)} is more than {MAX_PATH_DEPTH} "
+                       "components deep")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise TOCError(f"entry name {name!r} contains a '..' component")
+        raise TOCError(f"entry name {shown(name)} contains a '..' component")
     return "/".join(parts)
 
 
@@ -154,11 +183,7 @@ def _check_text(where: str, what: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise TOCError(f"{where}: {what} {text!r} is not valid UTF-8") from None
-
-
-def _where(index: int, name: str) -> str:
-    return f"TOC entry #{index} ({name!r})"
+        raise TOCError(f"{where}: {what} {shown(text)} is not valid UTF-8") from None
 
 
 def _entry_from_json(index: int, raw: object) -> TOCEntry:
@@ -170,7 +195,7 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
     # Error messages are built only on failure: this runs for every entry of a TOC.
     _check_text(f"TOC entry #{index}", "name", name)
     if not isinstance(kind, str) or kind not in ENTRY_TYPES:
-        raise TOCError(f"{_where(index, name)} has unknown type {kind!r}")
+        raise TOCError(f"{entry_where(index, name)} has unknown type {kind!r}")
     fields: dict[str, Any] = {}
     xattrs: object = None
     # Only the members an entry has are looked at: most entries have a few.
@@ -178,16 +203,16 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
         attr = _INT_FIELDS.get(key)
         if attr is not None:
             if value.__class__ is not int or not 0 <= value <= _MAX_INT:
-                raise TOCError(f"{_where(index, name)}: {key} must be a non-negative "
+                raise TOCError(f"{entry_where(index, name)}: {key} must be a non-negative "
                                f"integer, not {value!r}")
             fields[attr] = value
             continue
         attr = _STR_FIELDS.get(key)
         if attr is not None:
             if not isinstance(value, str):
-                raise TOCError(f"{_where(index, name)}: {key} must be a string")
+                raise TOCError(f"{entry_where(index, name)}: {key} must be a string")
             if not value.isascii():
-                _check_text(_where(index, name), key, value)
+                _check_text(entry_where(index, name), key, value)
             fields[attr] = value
         elif key == "xattrs":
             xattrs = value
@@ -196,19 +221,22 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
         parse_modtime(entry.modtime)
     for key, value in (("digest", entry.digest), ("chunkDigest", entry.chunk_digest)):
         if value and not is_sha256_digest(value):
-            raise TOCError(f"{_where(index, name)}: {key} {value!r} is not a sha256 digest")
+            raise TOCError(f"{entry_where(index, name)}: {key} {value!r} is not a sha256 digest")
     if xattrs:
-        _add_xattrs(entry, _where(index, name), xattrs)
+        _add_xattrs(entry, entry_where(index, name), xattrs)
     if entry.has_payload and not entry.chunk_digest:
-        raise TOCError(f"{_where(index, name)} holds data but has no chunkDigest")
+        raise TOCError(f"{entry_where(index, name)} holds data but has no chunkDigest")
     if kind in ("symlink", "hardlink") and not entry.link_name:
-        raise TOCError(f"{_where(index, name)} is a {kind} without linkName")
+        raise TOCError(f"{entry_where(index, name)} is a {kind} without linkName")
+    if "\0" in entry.link_name:
+        raise TOCError(f"{entry_where(index, name)}: linkName contains a NUL character")
     return entry
 
 
 def _add_xattrs(entry: TOCEntry, where: str, xattrs: object) -> None:
     if not isinstance(xattrs, dict):
         raise TOCError(f"{where}: xattrs must be an object")
+    listed = 0
     for key, value in xattrs.items():
         if not isinstance(value, str):
             raise TOCError(f"{where}: xattr {key!r} is not base64 text")
@@ -217,6 +245,24 @@ def _add_xattrs(entry: TOCEntry, where: str, xattrs: object) -> None:
             entry.xattrs[key] = base64.b64decode(value, validate=True)
         except ValueError:  # binascii.Error, or text that is not even ASCII
             raise TOCError(f"{where}: xattr {key!r} is not valid base64") from None
+        listed = check_xattr(where, key, entry.xattrs[key], listed)
+
+
+def check_xattr(where: str, name: str, value: bytes, listed: int) -> int:
+    """Refuse an extended attribute Linux cannot hold; `listed` is the size of the
+    entry's name list so far, and the size with this name is returned."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if not 0 < size <= MAX_XATTR_NAME_BYTES or "\0" in name:
+        raise TOCError(f"{where}: xattr name {name[:64]!r} is empty, longer than "
+                       f"{MAX_XATTR_NAME_BYTES} bytes or holds a NUL character")
+    if len(value) > MAX_XATTR_VALUE_BYTES:
+        raise TOCError(f"{where}: xattr {name!r} holds {len(value)} bytes, more than "
+                       f"{MAX_XATTR_VALUE_BYTES}")
+    listed += size + 1
+    if listed > MAX_XATTR_LIST_BYTES:
+        raise TOCError(f"{where}: xattr names take more than {MAX_XATTR_LIST_BYTES} bytes "
+                       "(too many extended attributes)")
+    return listed
 
 
 @dataclass

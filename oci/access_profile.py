@@ -116,7 +116,7 @@ def _parse_file(raw: object, where: str) -> FileAccess:
 def parse_profile(data: bytes) -> AccessProfile:
     try:
         doc = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ProfileError(f"access profile is not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != SCHEMA_VERSION:
         raise ProfileError(f"access profile must be an object with schemaVersion {SCHEMA_VERSION}")

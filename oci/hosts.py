@@ -141,10 +141,10 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
         raise HostsConfigError("header must be a table")
     out = []
     for name, values in value.items():
-        for v in [values] if isinstance(values, str) else values:
-            if not isinstance(v, str):
-                raise HostsConfigError(f"header {name!r} must be a string or list of strings")
-            out.append((name, v))
+        items = [values] if isinstance(values, str) else values
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise HostsConfigError(f"header {name!r} must be a string or list of strings")
+        out.extend((name, v) for v in items)
     return tuple(out)
 
 
@@ -175,12 +175,20 @@ def _tls_settings(table: dict[str, Any], base_dir: str) -> TLSSettings:
     )
 
 
-def _endpoint(url: str, table: dict[str, Any], base_dir: str, registry: str) -> Endpoint:
+def _endpoint(url: str, table: Any, base_dir: str, registry: str) -> Endpoint:
+    if not isinstance(table, dict):
+        raise HostsConfigError(f"host {url!r} must be a table")
     if not url.startswith(("http://", "https://")):
         url = f"https://{url}"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
+    except ValueError as exc:
+        raise HostsConfigError(f"host {url!r} is not a URL: {exc}") from None
     if not parts.netloc:
         raise HostsConfigError(f"host {url!r} has no host name")
+    if any(c.isspace() or not c.isprintable() for c in parts.netloc):
+        raise HostsConfigError(f"host {url!r} has white space or control characters")
     host = parts.netloc.lower()
     return Endpoint(
         url=f"{parts.scheme}://{host}",
@@ -274,8 +282,10 @@ class HostsConfig:
         # tomllib keeps the file's order, which is the order to try hosts in.
         found = [_endpoint(url, table, base_dir, registry) for url, table in hosts.items()]
         server = doc.get("server")
+        if server is not None and not isinstance(server, str):
+            raise HostsConfigError("server must be a URL")
         if server:
-            found.append(_endpoint(str(server), doc, base_dir, registry))
+            found.append(_endpoint(server, doc, base_dir, registry))
         else:
             # No server: the registry itself, with the root level's TLS settings and headers.
             default = self.default_endpoint(registry, _tls_settings(doc, base_dir))

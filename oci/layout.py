@@ -61,7 +61,7 @@ def _sniff_media_type(data: bytes, what: str) -> str:
     """The media type a manifest declares, or what its shape says when it declares none."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise StoreError(f"{what} is not a manifest (not JSON)") from None
     if not isinstance(doc, dict):
         raise StoreError(f"{what} is not a manifest (not a JSON object)")

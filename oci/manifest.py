@@ -39,22 +39,21 @@ class Descriptor:
             raise ManifestError(f"{where}: {exc}") from None
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ManifestError(f"{where}: descriptor size {size!r} is not a byte count")
-        annotations = raw.get("annotations") or {}
-        if not isinstance(annotations, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
-        ):
-            raise ManifestError(f"{where}: annotations must map strings to strings")
+        annotations = _annotations(raw, where)
         platform = raw.get("platform")
         if platform is not None and not isinstance(platform, dict):
             raise ManifestError(f"{where}: platform is not an object")
+        urls = raw.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+            raise ManifestError(f"{where}: urls must be a list of strings")
         known = {"mediaType", "digest", "size", "annotations", "platform", "urls"}
         return cls(
             media_type=media_type,
             digest=digest,  # type: ignore[arg-type]
             size=size,
-            annotations=dict(annotations),
+            annotations=annotations,
             platform=platform,
-            urls=list(raw.get("urls") or []),
+            urls=list(urls),
             extra={k: v for k, v in raw.items() if k not in known},
         )
 
@@ -111,8 +110,19 @@ class Index:
         return json.dumps(doc, indent=2).encode()
 
 
+def _annotations(doc: dict[str, Any], where: str) -> dict[str, str]:
+    annotations = doc.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+    ):
+        raise ManifestError(f"{where}: annotations must map strings to strings")
+    return dict(annotations)
+
+
 def _media_type(doc: dict[str, Any], declared: str | None) -> str:
     inner = doc.get("mediaType")
+    if inner is not None and not isinstance(inner, str):
+        raise ManifestError(f"mediaType {inner!r} is not a string")
     if declared in mt.SCHEMA1 or inner in mt.SCHEMA1 or doc.get("schemaVersion") == 1:
         raise ManifestError("Docker schema 1 manifests are not supported; "
                             "push the image again with a current client")
@@ -135,10 +145,12 @@ def parse_manifest(data: bytes, declared_media_type: str | None = None) -> Manif
     except ValueError:
         snippet = data[:40].decode("utf-8", "replace")
         raise ManifestError(f"manifest is not JSON (starts with {snippet!r})") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise ManifestError("manifest JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")
     kind = _media_type(doc, declared_media_type)
-    annotations = doc.get("annotations") or {}
+    annotations = _annotations(doc, "manifest")
     if kind in mt.INDEXES:
         raw = doc.get("manifests")
         if not isinstance(raw, list):
@@ -146,7 +158,7 @@ def parse_manifest(data: bytes, declared_media_type: str | None = None) -> Manif
         extra = {k: v for k, v in doc.items()
                  if k not in ("schemaVersion", "mediaType", "manifests", "annotations")}
         return Index(kind, [Descriptor.from_json(m, f"manifests[{i}]") for i, m in
-                            enumerate(raw)], dict(annotations), extra)
+                            enumerate(raw)], annotations, extra)
     if kind in mt.MANIFESTS:
         raw_layers = doc.get("layers")
         if not isinstance(raw_layers, list):
@@ -157,7 +169,7 @@ def parse_manifest(data: bytes, declared_media_type: str | None = None) -> Manif
             kind,
             Descriptor.from_json(doc.get("config"), "config"),
             [Descriptor.from_json(layer, f"layers[{i}]") for i, layer in enumerate(raw_layers)],
-            dict(annotations),
+            annotations,
             extra,
         )
     raise ManifestError(f"unknown manifest media type {kind!r}")

@@ -160,7 +160,7 @@ def _registry_errors(body: bytes) -> str:
         doc = json.loads(body)
         items = [f"{e.get('code', '?')}: {e.get('message', '')}".strip()
                  for e in doc.get("errors", []) if isinstance(e, dict)]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return ""
     return "; ".join(items)
 
@@ -439,7 +439,7 @@ class RegistryClient:
                                               response.headers.get("docker-content-digest"))
         try:
             doc = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             shown = content_type or "no content type"
             raise StoreError(f"registry returned {shown} for {what} from {endpoint.host}, and "
                              "it is not JSON") from None

@@ -50,6 +50,9 @@ class Config:
     background_quiet_seconds: float = 3.0
     # A miss on a small file also fetches the files after it in the blob, up to this.
     small_file_window_bytes: int = 512 << 10
+    # A layer whose TOC is larger than this, compressed or not, is not served lazily
+    # (10^6 files make a TOC of about 300 MB); it falls back to an ordinary pull.
+    max_toc_bytes: int = 1 << 30
     # Access profiles (ROOT/profiles): files read in this long after a container
     # starts on freshly mounted lazy layers, at most this many per image. 0: off.
     profile_window_seconds: float = 60.0
@@ -75,7 +78,7 @@ class Config:
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
         for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency",
-                     "profile_max_files", "warm_concurrency"):
+                     "profile_max_files", "warm_concurrency", "max_toc_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0 \

@@ -393,7 +393,7 @@ def _diff_ids(config_bytes: bytes, layer_count: int, digest: str) -> list[str]:
             raise TypeError
         for d in diff_ids:
             validate_digest(d)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise PullError(f"image config {digest} has no valid rootfs.diff_ids") from None
     if len(diff_ids) != layer_count:
         raise PullError(f"image config {digest} lists {len(diff_ids)} diff IDs for "

@@ -18,6 +18,8 @@ from .protocol import (
     NOT_LAZY,
     PROTOCOL_VERSION,
     UNAVAILABLE,
+    ManagerError,
+    answer_of,
     connected_socket,
     decode,
     encode,
@@ -112,16 +114,18 @@ class FuseManagerClient:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():
-                answer = decode(line)
-                future = self._pending.pop(answer.get("id"), None)  # type: ignore[arg-type]
+                answer = answer_of(decode(line))
+                # Ids are the ints this client sent; anything else answers nothing.
+                future = self._pending.pop(answer.id, None) \
+                    if isinstance(answer.id, int) else None
                 if future is None or future.done():
                     continue
-                if "error" in answer:
-                    error = answer["error"]
-                    future.set_exception(_error(error.get("kind", ""), error.get("message", "")))
+                if answer.error is not None:
+                    future.set_exception(_error(answer.error.kind, str(answer.error)))
                 else:
-                    future.set_result(answer.get("result"))
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
+                    future.set_result(answer.result)
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError, ManagerError) as exc:
+            # A malformed answer means the two sides no longer agree: start afresh.
             log.warning("FUSE manager connection: %s", exc)
         finally:
             self._lost()

@@ -11,11 +11,14 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
 # Metrics text and layer lists are the largest messages.
 MAX_LINE_BYTES = 64 << 20
+# An error's message is cut to this many characters: it may quote hostile input.
+MAX_ERROR_MESSAGE = 4096
 # sun_path holds 108 bytes; longer paths are reached through the directory's fd.
 _SUN_PATH_MAX = 100
 
@@ -45,9 +48,48 @@ def decode(line: bytes) -> dict[str, Any]:
         message = json.loads(line)
     except ValueError as exc:
         raise ManagerError(INVALID, f"malformed message: {exc}") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise ManagerError(INVALID, "malformed message: nested too deeply") from None
     if not isinstance(message, dict):
         raise ManagerError(INVALID, "malformed message: not an object")
     return message
+
+
+@dataclass(frozen=True)
+class Request:
+    id: Any  # echoed in the answer, whatever JSON value it is
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def request_of(message: dict[str, Any]) -> Request:
+    """The request a decoded line holds; ManagerError(INVALID) if it is not one."""
+    op, args = message.get("op"), message.get("args", {})
+    if not isinstance(op, str):
+        raise ManagerError(INVALID, f"op must be a string, not {op!r}"[:200])
+    if not isinstance(args, dict):
+        raise ManagerError(INVALID, "args must be an object")
+    return Request(message.get("id"), op, args)
+
+
+@dataclass(frozen=True)
+class Answer:
+    id: Any
+    result: Any = None
+    error: ManagerError | None = None
+
+
+def answer_of(message: dict[str, Any]) -> Answer:
+    """The answer a decoded line holds; ManagerError(INVALID) if it is not one."""
+    error = message.get("error")
+    if error is None:
+        return Answer(message.get("id"), message.get("result"))
+    if not isinstance(error, dict):
+        raise ManagerError(INVALID, "malformed answer: error is not an object")
+    kind, text = error.get("kind", INTERNAL), error.get("message", "")
+    if not isinstance(kind, str) or not isinstance(text, str):
+        raise ManagerError(INVALID, "malformed answer: error kind and message must be strings")
+    return Answer(message.get("id"), error=ManagerError(kind, text))
 
 
 @contextlib.contextmanager

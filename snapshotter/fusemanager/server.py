@@ -26,12 +26,13 @@ from ..lazy.profiles import ProfileRecorder
 from ..state_dir import StateDirError, ensure_private_dir, open_lock_file, write_pid_file
 from .protocol import (
     INTERNAL,
-    INVALID,
+    MAX_ERROR_MESSAGE,
     MAX_LINE_BYTES,
     ManagerError,
     bound_socket,
     decode,
     encode,
+    request_of,
 )
 from .service import FuseManagerService
 
@@ -108,17 +109,16 @@ class _Connection:
     async def _answer(self, line: bytes) -> None:
         answer: dict[str, Any] = {"id": None}
         try:
-            request = decode(line)
-            answer["id"] = request.get("id")
-            args = request.get("args", {})
-            if not isinstance(args, dict):
-                raise ManagerError(INVALID, "args must be an object")
-            answer["result"] = await self.service.handle(str(request.get("op")), args)
+            message = decode(line)
+            answer["id"] = message.get("id")  # so that even a refusal reaches its caller
+            request = request_of(message)
+            answer["result"] = await self.service.handle(request.op, request.args)
         except ManagerError as exc:
-            answer["error"] = {"kind": exc.kind, "message": str(exc)}
+            answer["error"] = {"kind": exc.kind, "message": str(exc)[:MAX_ERROR_MESSAGE]}
         except Exception as exc:  # a bug answers the request; it must not end the loop
             log.exception("%s failed", line[:200])
-            answer["error"] = {"kind": INTERNAL, "message": f"{type(exc).__name__}: {exc}"}
+            answer["error"] = {"kind": INTERNAL,
+                               "message": f"{type(exc).__name__}: {exc}"[:MAX_ERROR_MESSAGE]}
         with contextlib.suppress(ConnectionError):
             self.writer.write(encode(answer))
             await self.writer.drain()
@@ -130,7 +130,7 @@ async def serve(config: Config) -> None:
     _unmount_stale(config.fuse_mountpoint)
     lazy, client = lazy_layers(config)
     await lazy.start()
-    service = FuseManagerService(lazy)
+    service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes)
 
     connections: set[asyncio.Task[None]] = set()
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from estargz import Layer
+from estargz.toc import DEFAULT_MAX_TOC_SIZE
 from oci.reference import Reference, ReferenceError
 
 from ..errors import Unavailable
@@ -44,8 +45,9 @@ def _check_name(name: str) -> None:
 
 
 class FuseManagerService:
-    def __init__(self, lazy: LazyLayers):
+    def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE):
         self.lazy = lazy
+        self.max_toc_bytes = max_toc_bytes
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount,
@@ -107,7 +109,7 @@ class FuseManagerService:
         except (KeyError, TypeError, ReferenceError) as exc:
             raise ManagerError(INVALID, f"bad layer source: {exc}") from None
         try:
-            remote = await open_remote_layer(self.lazy.client, wanted,
+            remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
                                              index_path=os.path.join(directory, INDEX_FILE))
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
