@@ -35,7 +35,7 @@ class HotFilePlan:
     missing: list[str]  # listed paths or patterns that no layer shows
 
 
-def hiding_names(path: str) -> Iterator[str]:
+def _hiding_names(path: str) -> Iterator[str]:
     """The names whose presence in a layer hides `path` in the layers below: a
     whiteout of the path or of a parent, or an opaque marker in a parent."""
     parts = path.split("/")
@@ -74,7 +74,7 @@ class _Presence:
         itself, hides it; None if no layer shows it."""
         holding = self.masks.get(path, 0)
         hiding = 0
-        for name in hiding_names(path):
+        for name in _hiding_names(path):
             hiding |= self.masks.get(name, 0)
         either = holding | hiding
         if not either:
@@ -106,7 +106,7 @@ def plan(
     names: set[str] = set()
     for path in [*listed, *(path for path, _ in profiled)]:
         names.add(path)
-        names.update(hiding_names(path))
+        names.update(_hiding_names(path))
     presence = _Presence(layers, names)
 
     missing.extend(unmatched)
