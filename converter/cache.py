@@ -49,6 +49,8 @@ class ConversionCache:
     # -- listings ----------------------------------------------------------
 
     def _listing_path(self, layer_digest: str) -> str:
+        # Listings of the earlier form (one JSON document, .json.gz) are never read:
+        # loading one took memory for every path.
         return os.path.join(self.root, "listings", _name(layer_digest) + ".paths.gz")
 
     def get_listing(self, layer_digest: str, dest: str) -> bool:
