@@ -1,14 +1,13 @@
 """On-disk conversion cache, so converting the same image again is cheap.
 
 Two kinds of entries, both named by content:
-- the path listing of a source layer, keyed by the layer's digest;
+- the path listing of a source layer (see listing.py), keyed by the layer's digest;
 - a converted blob with its build result, keyed by the conversion key (source
   digest + format options + the hot files placed in that layer).
 Entries are written to a temporary name and renamed, so a crash never leaves a
 half-written entry that looks complete.
 """
 
-import gzip
 import hashlib
 import json
 import os
@@ -16,6 +15,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
+
+from .listing import is_sound
 
 
 def default_cache_dir() -> str:
@@ -47,21 +48,30 @@ class ConversionCache:
 
     # -- listings ----------------------------------------------------------
 
-    def get_listing(self, layer_digest: str) -> list[str] | None:
-        path = os.path.join(self.root, "listings", _name(layer_digest) + ".json.gz")
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                doc = json.load(f)
-        except (OSError, ValueError, EOFError):
-            return None
-        if doc.get("digest") != layer_digest or not isinstance(doc.get("paths"), list):
-            return None
-        return doc["paths"]
+    def _listing_path(self, layer_digest: str) -> str:
+        # Listings of the earlier form (one JSON document, .json.gz) are never read:
+        # loading one took memory for every path.
+        return os.path.join(self.root, "listings", _name(layer_digest) + ".paths.gz")
 
-    def put_listing(self, layer_digest: str, paths: list[str]) -> None:
-        data = gzip.compress(json.dumps({"digest": layer_digest, "paths": paths}).encode(), 6)
-        path = os.path.join(self.root, "listings", _name(layer_digest) + ".json.gz")
-        self._atomic_write(path, data)
+    def get_listing(self, layer_digest: str, dest: str) -> bool:
+        """Copy the layer's cached listing to `dest`, if there is a sound one. The copy
+        is the one checked, so what the caller reads is what was checked."""
+        try:
+            shutil.copyfile(self._listing_path(layer_digest), dest)
+        except OSError:
+            return False
+        if is_sound(dest, layer_digest):
+            return True
+        os.unlink(dest)
+        return False
+
+    def put_listing(self, layer_digest: str, listing_path: str) -> None:
+        """Keep a copy of the listing file at `listing_path`."""
+        path = self._listing_path(layer_digest)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(listing_path, tmp)
+        os.replace(tmp, path)
 
     # -- converted blobs ---------------------------------------------------
 

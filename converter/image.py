@@ -1,7 +1,7 @@
 """Convert one image (a manifest, or every chosen platform of an index).
 
 Per platform manifest:
-1. list every source layer's paths (from the cache, or by downloading and
+1. list every source layer's paths into a file (from the cache, or by downloading and
    decompressing it, checking its diff_id against the config);
 2. decide which hot files each layer places first;
 3. convert the layers in parallel (or take them from the cache, or pass through
@@ -32,8 +32,9 @@ from oci.store import ImageStore
 from . import hotfiles
 from .access_profile import AccessProfile, ImageProfile
 from .cache import ConversionCache
+from .listing import Listing, write_listing
 from .progress import NoProgress, Progress
-from .source_layer import LayerFormatError, decompress_layer, list_paths
+from .source_layer import LayerFormatError, decompress_layer, iter_paths
 
 T = TypeVar("T")
 CONVERSION_ANNOTATION = "dev.lazypull.conversion"
@@ -141,7 +142,6 @@ class _LayerWork:
         self.index = index
         self.descriptor = descriptor
         self.diff_id = diff_id
-        self.paths: list[str] = []
         self.tar_path: str | None = None
 
 
@@ -239,8 +239,8 @@ class ImageConverter:
         works = [_LayerWork(i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]
         for work in works:
             self._check_layer_type(image, work)
-        await _all_or_none(*(self._list_layer(image, w) for w in works))
-        plan = self._plan(works, manifest, source_digest)
+        listings = await _all_or_none(*(self._list_layer(image, w) for w in works))
+        plan = await self._plan(works, listings, source_digest)
         to_oci = self.options.compression is Compression.ZSTD
         layer_type = self._layer_media_type(manifest.media_type)
         results = await _all_or_none(
@@ -342,31 +342,34 @@ class ImageConverter:
         work.tar_path = tar_path
         return tar_path
 
-    async def _list_layer(self, image: str, work: _LayerWork) -> None:
-        cached = self.cache.get_listing(work.descriptor.digest) if self.cache else None
-        if cached is not None:
-            work.paths = cached
-            return
+    async def _list_layer(self, image: str, work: _LayerWork) -> Listing:
+        """The layer's paths, in a file of the workdir."""
+        digest = work.descriptor.digest
+        path = self._path(work, "paths.gz")
+        if self.cache and await asyncio.to_thread(self.cache.get_listing, digest, path):
+            return Listing(path, digest)
         async with self.limit:
             tar_path = await self._ensure_tar(image, work)
             try:
-                work.paths = await asyncio.to_thread(list_paths, tar_path)
+                await asyncio.to_thread(write_listing, path, digest, iter_paths(tar_path))
             except estargz.FormatError as exc:
-                raise ConversionError(f"{image}: layer {work.index} "
-                                      f"({work.descriptor.digest}): {exc}") from None
+                raise ConversionError(f"{image}: layer {work.index} ({digest}): {exc}") from None
         if self.cache:
-            self.cache.put_listing(work.descriptor.digest, work.paths)
+            await asyncio.to_thread(self.cache.put_listing, digest, path)
+        return Listing(path, digest)
 
-    def _plan(self, works: list[_LayerWork], manifest: Manifest,
-              source_digest: str) -> hotfiles.HotFilePlan:
+    async def _plan(self, works: list[_LayerWork], listings: list[Listing],
+                    source_digest: str) -> hotfiles.HotFilePlan:
         profile: ImageProfile | None = None
         if self.options.profile is not None:
             reference = getattr(self.source, "reference", None)  # registry stores have one
             repository = f"{reference.registry}/{reference.repository}" if reference else None
             profile = self.options.profile.for_image(repository, {source_digest})
-        layers = [hotfiles.LayerFiles(w.paths, frozenset({w.descriptor.digest, w.diff_id}))
-                  for w in works]
-        return hotfiles.plan(layers, list(self.options.prefetch_patterns), profile)
+        layers = [hotfiles.LayerFiles(listing, frozenset({w.descriptor.digest, w.diff_id}))
+                  for w, listing in zip(works, listings, strict=True)]
+        # Reading the listings takes a while for large layers: off the event loop.
+        return await asyncio.to_thread(hotfiles.plan, layers,
+                                       list(self.options.prefetch_patterns), profile)
 
     async def _convert_layer(self, image: str, work: _LayerWork, hot: list[str],
                              media_type: str) -> tuple[Descriptor, LayerReport, str]:

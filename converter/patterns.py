@@ -5,6 +5,7 @@ components. Paths are compared without a leading `/` or `./`.
 """
 
 import re
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 
@@ -52,24 +53,33 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def expand(patterns: list[str], paths: list[str]) -> tuple[list[str], list[str]]:
+def expand(patterns: Sequence[str], paths: Iterable[str]) -> tuple[list[str], list[str]]:
     """Paths matched by `patterns`, in pattern order (then path order within a glob),
-    each once; and the patterns that matched nothing."""
-    available = set(paths)
+    each once; and the patterns that matched nothing.
+
+    `paths` is read once, as a stream, and may name a path again (the layers of an
+    image one after another): a path's place is where it first appears. Memory holds
+    the matches, never the paths."""
+    plain = {normalize_path(p) for p in patterns if not is_glob(p)}
+    globs = [(p, compile_glob(p)) for p in dict.fromkeys(p for p in patterns if is_glob(p))]
+    present: set[str] = set()
+    hits: dict[str, dict[str, None]] = {pattern: {} for pattern, _ in globs}
+    for path in paths:
+        if path in plain:
+            present.add(path)
+        for pattern, regex in globs:
+            if regex.fullmatch(path):
+                hits[pattern].setdefault(path, None)
     ordered: dict[str, None] = {}
     unmatched: list[str] = []
     for pattern in patterns:
-        if not is_glob(pattern):
+        if is_glob(pattern):
+            found = list(hits[pattern])
+        else:
             path = normalize_path(pattern)
-            if path in available:
-                ordered.setdefault(path, None)
-            else:
-                unmatched.append(pattern)
-            continue
-        regex = compile_glob(pattern)
-        hits = [p for p in paths if regex.fullmatch(p)]
-        if not hits:
+            found = [path] if path in present else []
+        if not found:
             unmatched.append(pattern)
-        for path in hits:
+        for path in found:
             ordered.setdefault(path, None)
     return list(ordered), unmatched

@@ -1,7 +1,8 @@
-"""Turn a downloaded source layer into an uncompressed tar and list its paths."""
+"""Turn a downloaded source layer into an uncompressed tar and read its paths."""
 
 import hashlib
 import zlib
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -87,7 +88,10 @@ def decompress_layer(src_path: str, media_type: str, tar_path: str) -> tuple[str
     return "sha256:" + digest.hexdigest(), size
 
 
-def list_paths(tar_path: str) -> list[str]:
-    """Normalized paths of the tar's entries, in tar order (landmarks and TOCs left out)."""
+def iter_paths(tar_path: str) -> Iterator[str]:
+    """Normalized paths of the tar's entries, in tar order (landmarks and TOCs left out),
+    as the tar is read."""
     with open(tar_path, "rb") as f:
-        return [m.path for m in scan_tar(f) if m.path and not is_reserved(m.path)]
+        for member in scan_tar(f):
+            if member.path and not is_reserved(member.path):
+                yield member.path

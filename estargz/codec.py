@@ -85,16 +85,42 @@ def gzip_stream(pieces: Iterable[bytes], level: int) -> Iterator[bytes]:
     yield deflater.flush() + struct.pack("<II", crc, size & 0xFFFFFFFF)
 
 
+def zstd_stream(pieces: Iterable[bytes], size: int, level: int) -> Iterator[bytes]:
+    """One zstd frame of the pieces' concatenation, `size` bytes in all, given out as
+    the pieces come in. Its header records the content size, as a frame from
+    `zstd_frame` does (readers that decompress a frame in one call need it); for an
+    input larger than zstd's window its bytes differ from that frame's."""
+    compressor = zstandard.ZstdCompressor(level=level).compressobj(size=size)
+    for piece in pieces:
+        out = compressor.compress(piece)
+        if out:
+            yield out
+    yield compressor.flush()
+
+
+# A zstd frame of up to this much input is made in one call over the mapped file:
+# the bytes `zstd_frame` gives, which a frame made as a stream does not match. The
+# mapping's pages count in the process's memory, so larger inputs (the TOC of many
+# files, a member holding a long run of headers) are compressed as a stream.
+_ZSTD_ONE_CALL_MAX = 16 << 20
+
+
 def compress_file(compression: Compression, file: BinaryIO, level: int) -> Iterator[bytes]:
-    """`compress_member` of a file's whole content. It is compressed as a stream where
-    that gives the same bytes; otherwise (zstd, whose streaming compressor cuts its
-    input at its window, and gzip's level 0) the file is mapped and compressed in one
-    call, which takes page cache rather than heap for the input."""
+    """A member holding the file's whole content, compressed as a stream where that
+    gives `compress_member`'s bytes. Where it does not (deflate's stored blocks, at
+    gzip level 0, end where an output buffer ended; zstd's streaming compressor works
+    through its input a window at a time) the file is mapped and compressed in one
+    call, which takes page cache rather than heap for the input; but a zstd input
+    beyond `_ZSTD_ONE_CALL_MAX` is a `zstd_stream` frame."""
     file.flush()
-    if compression is Compression.GZIP and gzip_streams_exactly(level):
-        file.seek(0)
-        yield from gzip_stream(iter(lambda: file.read(_FILE_PIECE), b""), level)
-    elif file.seek(0, os.SEEK_END) == 0:
+    size = file.seek(0, os.SEEK_END)
+    file.seek(0)
+    pieces = iter(lambda: file.read(_FILE_PIECE), b"")
+    if compression is Compression.ZSTD and size > _ZSTD_ONE_CALL_MAX:
+        yield from zstd_stream(pieces, size, level)
+    elif compression is Compression.GZIP and gzip_streams_exactly(level):
+        yield from gzip_stream(pieces, level)
+    elif size == 0:
         yield compress_member(compression, b"", level)
     else:
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:

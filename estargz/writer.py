@@ -423,6 +423,22 @@ class _Builder:
             self.uncompressed += len(piece)
             yield piece
 
+    def _write_zstd_toc(self) -> tuple[int, str]:
+        """The TOC's frame in a skippable frame; returns the frame's size and digest.
+        The skippable frame's header says the size, so the frame is compressed into
+        a temporary file first and copied after it."""
+        with tempfile.TemporaryFile(dir=self.options.tmpdir) as frame:
+            digest = hashlib.sha256()
+            for piece in compress_file(Compression.ZSTD, self.toc_file, self.level):
+                frame.write(piece)
+                digest.update(piece)
+            size = frame.tell()
+            self._write(skippable_frame_header(size))
+            frame.seek(0)
+            while piece := frame.read(_TOC_PIECE):
+                self._write(piece)
+        return size, "sha256:" + digest.hexdigest()
+
     def _finish(self, missing: list[str]) -> BuildResult:
         marker = self.prefetch_marker
         prefetch_size = marker.offset if marker is not None else 0
@@ -444,14 +460,12 @@ class _Builder:
                         self._write(piece)
             self._write(gzip_footer(toc_offset))
         else:
-            compressed = b"".join(compress_file(self.compression, self.toc_file, self.level))
-            self._write(skippable_frame_header(len(compressed)))
-            self._write(compressed)
+            frame_size, frame_digest = self._write_zstd_toc()
             position = toc_offset + 8
-            self._write(zstd_footer(position, len(compressed), toc_size))
-            annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = sha256_digest(compressed)
+            self._write(zstd_footer(position, frame_size, toc_size))
+            annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = frame_digest
             annotations[ZSTD_MANIFEST_POSITION_ANNOTATION] = (
-                f"{position}:{len(compressed)}:{toc_size}:1"
+                f"{position}:{frame_size}:{toc_size}:1"
             )
         annotations[UNCOMPRESSED_SIZE_ANNOTATION] = str(self.uncompressed)
         return BuildResult(

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import gc
 import json
 import logging
 import os
@@ -757,6 +758,10 @@ class RegistryClient:
                 location = await self._patch_chunk(endpoint, reference, location, chunk, offset,
                                                    scopes, what)
                 offset += len(chunk)
+                # httpx's request and response objects form reference cycles that hold
+                # the chunk until the cyclic collector runs, which it seldom does: left
+                # to it, pushing a blob of 164 MB took 112 MiB more, not 48.
+                gc.collect()
         try:
             digester.verify(f"{what}: local file {path}")
         except DigestMismatchError as exc:

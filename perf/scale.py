@@ -19,9 +19,10 @@ Every layer holds a single directory at its root, named after the layer, so each
 layer's directory in the FUSE mount is told apart by listing it. The gzip layouts are
 cached under --workdir (keyed by scenario, sizes and a version), so re-runs only push.
 
-Per scenario, on a fresh node (containerd with a fresh service root as its proxy
-snapshotter, through perf/cold_start.py's start_node; the service's defaults apart
-from hosts_dir and --service-option lines):
+With --convert-only the run stops after the conversions (no root, containerd or FUSE
+needed). Otherwise, per scenario, on a fresh node (containerd with a fresh service
+root as its proxy snapshotter, through perf/cold_start.py's start_node; the service's
+defaults apart from hosts_dir and --service-option lines):
 
 - mount time: wall time of `lazypull pull` of the eStargz image (and its own figure),
   which returns once every layer is committed (lazy layers: mounted in FUSE);
@@ -838,6 +839,8 @@ def run_scenario(ctx: Context, name: str) -> dict:
     if any("error" in c for c in conversions):
         result["skipped"] = "conversion failed"
         return result
+    if args.convert_only:
+        return result
     if name in ("many-files", "huge-file"):
         blob = ctx.registry.blob_data_path(conversions[0]["layers"][0]["digest"])
         result["toc_parse"] = {}
@@ -1025,6 +1028,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"(default: {FULL['images']})")
     parser.add_argument("--only", action="append", choices=SCENARIOS, metavar="SCENARIO",
                         help=f"run only this scenario (repeatable; of {', '.join(SCENARIOS)})")
+    parser.add_argument("--convert-only", action="store_true",
+                        help="generate, push and convert the images, and stop there: no "
+                             "TOC parse, no node, no pulls")
     parser.add_argument("--samples", type=int, default=2000,
                         help="paths lstat'ed per phase; a tenth as many directories listed, "
                              "a quarter as many files read (default: 2000)")
@@ -1048,11 +1054,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def machine_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "scale needs root (containerd, FUSE mounts, drop_caches)"
-    missing = [t for t in ("skopeo", "ctr", "containerd", "docker-registry")
-               if shutil.which(t) is None]
+def machine_problem(convert_only: bool = False) -> str | None:
+    if convert_only:
+        needed: tuple[str, ...] = ("skopeo", "docker-registry")
+    else:
+        if os.geteuid() != 0:
+            return "scale needs root (containerd, FUSE mounts, drop_caches)"
+        needed = ("skopeo", "ctr", "containerd", "docker-registry")
+    missing = [t for t in needed if shutil.which(t) is None]
     return f"missing tools: {', '.join(missing)} (apt-get install them)" if missing else None
 
 
@@ -1092,6 +1101,7 @@ def run(args: argparse.Namespace, workdir: Path, registry: RegistryServer | None
             "sizes_label": f"{sizes['files']} files, {sizes['huge_bytes'] / MIB:.0f} MiB "
                            f"file, {sizes['layers']} layers, {sizes['images']} images",
             "scenarios": args.scenarios,
+            "convert_only": args.convert_only,
             "samples": args.samples, "seed": args.seed,
             "service_config": service_config_text,
             "node": "fresh containerd + snapshotter service (own root) per scenario, "
@@ -1118,7 +1128,7 @@ def run(args: argparse.Namespace, workdir: Path, registry: RegistryServer | None
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    problem = machine_problem()
+    problem = machine_problem(args.convert_only)
     if problem:
         print(problem, file=sys.stderr)
         return 1

@@ -30,7 +30,10 @@ from pathlib import Path
 import pytest
 
 import estargz
+from estargz import codec, writer
 from estargz.verify import verify_blob
+
+from .test_writer_memory import many_files_tar
 
 CHECKER_SOURCE = Path(__file__).parent / "interop" / "estargz-checker"
 REFERENCE_GOPATH = "/usr/share/gocode"
@@ -333,6 +336,37 @@ def test_other_tar_formats_pass_reference_verify(
     report = checker.verify(blob, result.toc_digest, prioritized)
     assert report["diffID"] == result.diff_id
     assert report["prefetchLandmarkOffset"] == result.prefetch_size > 0
+
+
+def test_streamed_zstd_frames_pass_reference_verify(
+    checker: Checker, realistic_tar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames compressed as a stream (a TOC or a member too large for one call) are
+    frames the reference reads. Here every frame compressed from a file is one: the
+    TOC, and each member that holds headers after its chunk."""
+    monkeypatch.setattr(codec, "_ZSTD_ONE_CALL_MAX", 0)
+    monkeypatch.setattr(writer, "_MEMBER_SPILL", 0)
+    blob = tmp_path / "ours.blob"
+    result = build_ours(realistic_tar, blob, estargz.Compression.ZSTD, PRIORITIZED)
+    report = checker.verify(blob, result.toc_digest, PRIORITIZED)
+    assert report["diffID"] == result.diff_id
+    with estargz.FileSource.open(str(blob)) as source:
+        assert verify_blob(source, result.toc_digest).diff_id == result.diff_id
+
+
+def test_zstd_blob_of_many_files_passes_reference_verify(checker: Checker, tmp_path: Path) -> None:
+    """A TOC of 100,000 files is too large to compress in one call: streamed."""
+    tar_path = tmp_path / "many.tar"
+    many_files_tar(tar_path, 100_000)
+    blob = tmp_path / "ours.blob"
+    prioritized = ["d0042/f0042042"]
+    result = build_ours(tar_path, blob, estargz.Compression.ZSTD, prioritized)
+    toc_size = int(result.annotations["io.containers.zstd-chunked.manifest-position"]
+                   .split(":")[2])
+    assert toc_size > codec._ZSTD_ONE_CALL_MAX
+    report = checker.verify(blob, result.toc_digest, prioritized)
+    assert report["diffID"] == result.diff_id
+    assert report["entries"] == result.entry_count
 
 
 def test_checker_rejects_what_it_should(

@@ -98,3 +98,18 @@ def test_scale_benchmark_end_to_end(registry, tmp_path: Path) -> None:
     text = scale.report(data)
     assert "| many-files | lstat |" in text and "## Targets" in text
     assert "Problems seen" not in text
+
+
+def test_convert_only_stops_after_the_conversions(registry, tmp_path: Path) -> None:
+    assert scale.machine_problem(convert_only=True) is None
+    args = scale.parse_args([*TINY, "--only", "many-files", "--convert-only",
+                             "--workdir", str(tmp_path), "--json", str(tmp_path / "s.json")])
+    data = scale.run(args, tmp_path, registry)
+    assert data["method"]["convert_only"] is True
+    result = data["results"]["many-files"]
+    (conversion,) = result["conversions"]
+    assert conversion["exit_code"] == 0 and conversion["peak_rss_bytes"] > 0
+    assert not {"toc_parse", "pulls", "memory_idle", "fuse_latency"} & set(result)
+    converter = [t for t in data["targets"] if t["what"] == "converter peak RSS, many-files"]
+    assert converter[0]["measured"] == conversion["peak_rss_bytes"] / scale.MB
+    assert "Problems seen" not in scale.report(data)

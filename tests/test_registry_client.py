@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+import tracemalloc
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,28 @@ def test_chunked_push_sends_patches_with_content_range(registry, tmp_path):
             final_put = [r for r in log.requests if r.method == "PUT"][-1]
             assert final_put.url.params["digest"] == descriptor.digest
             assert await read_stream(client, reference, descriptor) == data
+
+    run(scenario())
+
+
+def test_chunked_push_holds_one_chunk_at_a_time(registry, tmp_path):
+    chunk = 2 << 20
+    data = os.urandom(16 * chunk)
+    descriptor, path = write_blob(tmp_path, data)
+    reference = ref(registry, "blobs/chunked-memory:v1")
+
+    async def scenario():
+        async with make_client(chunk_size=chunk) as client:
+            tracemalloc.start()
+            try:
+                result = await client.push_blob(reference, descriptor, path)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert result is PushResult.UPLOADED
+            # The chunk being sent and what the HTTP stack copies of it; the chunks
+            # before it are gone.
+            assert peak < 4 * chunk, f"peak of {peak / chunk:.1f} chunks"
 
     run(scenario())
 
