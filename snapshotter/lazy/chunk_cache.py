@@ -314,8 +314,12 @@ class ChunkCache:
         key = bytes.fromhex(hex_digest)
         with self._lock:
             mark = self._memory.mark()
-        with self._reading() as db:
-            row = one(db, "SELECT data IS NULL, data FROM chunks WHERE digest = ?", (key,))
+        try:
+            with self._reading() as db:
+                row = one(db, "SELECT data IS NULL, data FROM chunks WHERE digest = ?", (key,))
+        except sqlite3.DatabaseError as exc:  # a damaged index: fetched again, not served
+            log.warning("chunk cache: cannot read the index: %s", exc)
+            return self._miss()
         if row is None:
             return self._miss()
         is_file, data = row

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1  # bumped whenever the tables change: an index of another format is rebuilt
 PAGE_CACHE_KIB = 2048
+WAL_LIMIT = 64 << 20
 
 _SCHEMA = """
 CREATE TABLE chunks (
@@ -64,6 +65,9 @@ def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
     db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
     db.execute("PRAGMA synchronous = NORMAL")
+    # A large transaction (protecting a million chunks) grows the WAL; once it is
+    # checkpointed, the file shrinks back to this.
+    db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
     return db
 
 
