@@ -13,14 +13,22 @@ def chunk(index: int) -> tuple[str, bytes]:
 def test_the_budget_counts_each_entry_with_its_overhead() -> None:
     tier = MemoryTier(max_bytes=4 * COST, item_limit=1000)
     for index in range(10):
-        tier.admit_stored(*chunk(index))
+        tier.admit_read(*chunk(index), since=tier.mark())
     assert tier.used_bytes == 4 * COST
     assert [chunk(i)[0] in tier for i in range(10)] == [False] * 6 + [True] * 4
-    tier.admit_stored("sha256:" + "f" * 64, b"x" * 1001)  # over the item limit
+    tier.admit_read("sha256:" + "f" * 64, b"x" * 1001, since=tier.mark())  # over the limit
     assert "sha256:" + "f" * 64 not in tier and tier.used_bytes == 4 * COST
 
 
-def test_stored_chunks_give_way_to_read_ones_beyond_their_share() -> None:
+def test_chunks_only_stored_take_at_most_their_share() -> None:
+    tier = MemoryTier(max_bytes=8 * COST, item_limit=1000, probation_share=0.25)
+    for index in range(100):  # a background fetch, nothing read: the share, not more
+        tier.admit_stored(*chunk(index))
+    assert tier.used_bytes == 2 * COST
+    assert [chunk(i)[0] in tier for i in (97, 98, 99)] == [False, True, True]
+
+
+def test_stored_chunks_give_way_to_read_ones() -> None:
     tier = MemoryTier(max_bytes=8 * COST, item_limit=1000, probation_share=0.25)
     for index in range(6):
         tier.admit_read(*chunk(index), since=tier.mark())
@@ -28,11 +36,17 @@ def test_stored_chunks_give_way_to_read_ones_beyond_their_share() -> None:
         tier.admit_stored(*chunk(index))
     assert all(chunk(i)[0] in tier for i in range(6))
     assert [chunk(i)[0] in tier for i in (197, 198, 199)] == [False, True, True]
-    # A stored chunk read again joins the read ones; the oldest read one gives way.
+    # A stored chunk read again joins the read ones, and stays.
     assert tier.get(chunk(198)[0]) == chunk(198)[1]
     for index in range(200, 210):
         tier.admit_stored(*chunk(index))
-    assert chunk(198)[0] in tier and chunk(0)[0] not in tier
+    assert all(chunk(i)[0] in tier for i in (*range(6), 198))
+    assert [chunk(i)[0] in tier for i in (208, 209)] == [False, True]
+    # More read chunks than fit: the stored one goes first, then the oldest read.
+    tier.admit_read(*chunk(7), since=tier.mark())
+    assert chunk(209)[0] not in tier and chunk(0)[0] in tier
+    tier.admit_read(*chunk(8), since=tier.mark())
+    assert chunk(0)[0] not in tier
     assert tier.used_bytes == 8 * COST
 
 

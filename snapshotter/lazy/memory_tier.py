@@ -1,11 +1,12 @@
 """The chunk cache's memory tier: recently used chunks' bytes, within a byte budget.
 
 Two LRU segments share the budget. Chunks that were only stored (`admit_stored`: a
-fetch, often a background one) wait in a probation segment; a chunk read from the
-cache (`admit_read`, or a hit on a probationary chunk) moves to the main segment. When
-the tier is full, probation gives way first whenever it holds more than its share: a
-background fetch storing a million chunks churns that share and leaves the chunks that
-readers use in place.
+fetch, often a background one) wait in a probation segment of at most
+`probation_share` of the budget; a chunk read from the cache (`admit_read`, or a hit
+on a probationary chunk, as when a read follows the fetch it caused) moves to the
+main segment. When the tier is full, probation gives way first. So a background
+fetch storing a million chunks costs at most the probation share of memory, and the
+chunks that readers use stay in place.
 
 Each entry is charged ENTRY_OVERHEAD bytes beside its data (the key, the bytes
 object's header, the links of the LRU), so the budget bounds the real memory even
@@ -65,6 +66,8 @@ class MemoryTier:
             return
         self._probation[digest] = data
         self._probation_bytes += _cost(data)
+        while self._probation_bytes > self.probation_max:
+            self._pop(main=False)
         self._shrink()
 
     def mark(self) -> int:
@@ -105,11 +108,12 @@ class MemoryTier:
 
     def _shrink(self) -> None:
         while self.used_bytes > self.max_bytes:
-            from_probation = bool(self._probation) and (
-                self._probation_bytes > self.probation_max or not self._main)
-            segment = self._probation if from_probation else self._main
-            _, data = segment.popitem(last=False)
-            self._charge(not from_probation, -_cost(data))
+            self._pop(main=not self._probation)
+
+    def _pop(self, main: bool) -> None:
+        """Drop the least recently used chunk of a segment."""
+        _, data = (self._main if main else self._probation).popitem(last=False)
+        self._charge(main, -_cost(data))
 
     def _charge(self, main: bool, amount: int) -> None:
         if main:
