@@ -105,10 +105,29 @@ def run_tiny(cache_class: type, root: str, count: int, memory_mib: int, traced: 
     return {**figures, **disk_use(root)}
 
 
+def run_protect(cache_class: type, root: str, count: int, traced: bool) -> dict:
+    """Protect `count` digests (a warm image's layer of that many chunks), release."""
+    cache = cache_class(root, max_bytes=1 << 40, memory_bytes=0)
+    digests = ("sha256:" + hashlib.sha256(tiny(i)).hexdigest() for i in range(count))
+    if traced:
+        tracemalloc.start()
+    start = time.perf_counter()
+    cache.protect(digests, "image")
+    figures = {"protect_seconds": time.perf_counter() - start}
+    if traced:
+        return {"traced_peak_bytes": tracemalloc.get_traced_memory()[1]}
+    figures["rss_bytes"] = rss_now()
+    start = time.perf_counter()
+    cache.release("image")
+    return {**figures, "release_seconds": time.perf_counter() - start}
+
+
 def child(impl: str, case: str, root: str, a: int, b: int, traced: bool) -> dict:
     cache_class = load_cache_class(impl)
     if case == "throughput":
         return run_throughput(cache_class, root, a, b)
+    if case == "protect":
+        return run_protect(cache_class, root, a, traced)
     return run_tiny(cache_class, root, a, b, traced)
 
 
@@ -121,6 +140,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="counts of tiny chunks (default: %(default)s)")
     p.add_argument("--memory-mib", type=int, nargs="+", default=[0, 256],
                    help="memory tier sizes for the tiny cases (256: the config default)")
+    p.add_argument("--cases", nargs="+", default=["throughput", "tiny", "protect"],
+                   choices=["throughput", "tiny", "protect"])
+    p.add_argument("--protect", type=int, default=1_000_000, help="digests protected at once")
     p.add_argument("--repeat", type=int, default=3, help="runs of each throughput case")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -139,8 +161,10 @@ def main(argv: list[str]) -> int:
     old.write_text(subprocess.run(["git", "show", f"{args.old}:snapshotter/lazy/chunk_cache.py"],
                                   check=True, capture_output=True, text=True,
                                   cwd=Path(__file__).parent).stdout)
-    cases = [("throughput", 4096, 20_000), ("throughput", MIB, 256)]
-    cases += [("tiny", n, mib) for n in args.tiny for mib in args.memory_mib]
+    groups = {"throughput": [("throughput", 4096, 20_000), ("throughput", MIB, 256)],
+              "tiny": [("tiny", n, mib) for n in args.tiny for mib in args.memory_mib],
+              "protect": [("protect", args.protect, 0)]}
+    cases = [case for group in args.cases for case in groups[group]]
     results = []
     for case, a, b in cases:
         for impl in (str(old), "new"):
