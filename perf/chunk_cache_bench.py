@@ -142,6 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="memory tier sizes for the tiny cases (256: the config default)")
     p.add_argument("--cases", nargs="+", default=["throughput", "tiny", "protect"],
                    choices=["throughput", "tiny", "protect"])
+    p.add_argument("--impl", nargs="+", default=["old", "new"], choices=["old", "new"])
     p.add_argument("--protect", type=int, default=1_000_000, help="digests protected at once")
     p.add_argument("--repeat", type=int, default=3, help="runs of each throughput case")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -167,8 +168,9 @@ def main(argv: list[str]) -> int:
     cases = [case for group in args.cases for case in groups[group]]
     results = []
     for case, a, b in cases:
-        for impl in (str(old), "new"):
-            figures = {"impl": "old" if impl != "new" else "new", "case": case, "a": a, "b": b}
+        for name in args.impl:
+            impl = str(old) if name == "old" else "new"
+            figures = {"impl": name, "case": case, "a": a, "b": b}
             runs = [False] * args.repeat if case == "throughput" else [False, True]
             for traced in runs:
                 root = args.workdir / f"{figures['impl']}-{case}-{a}-{b}-{int(traced)}"
