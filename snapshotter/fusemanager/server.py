@@ -159,6 +159,7 @@ async def serve(config: Config) -> None:
         task.cancel()
     await asyncio.gather(*connections, return_exceptions=True)
     await lazy.close()
+    await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
     await client.aclose()
     for path in (config.fuse_manager_address, config.fuse_manager_pidfile):
         with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ blob digest.
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -159,24 +160,27 @@ class FuseManagerService:
         return list(await asyncio.to_thread(bytes_cached, self._layer(digest), self.lazy.cache))
 
     async def protect(self, owner: str, digests: list[str], full: bool) -> None:
-        """Protect the wanted chunks of these layers (the mounted ones) for `owner`."""
-        chunks: list[str] = []
+        """Protect the wanted chunks of these layers (the mounted ones) for `owner`.
+        In a worker thread, the digests streamed from the layers' indexes into the
+        cache's: a layer of a million chunks is never a list in memory."""
+        layers: list[Layer] = []
         for digest in digests:
             with contextlib.suppress(ManagerError):
-                chunks.extend(await asyncio.to_thread(wanted_digests, self._layer(digest), full))
-        self.lazy.cache.protect(chunks, owner)
+                layers.append(self._layer(digest))
+        chunks = itertools.chain.from_iterable(wanted_digests(layer, full) for layer in layers)
+        await asyncio.to_thread(self.lazy.cache.protect, chunks, owner)
 
     async def release(self, owner: str) -> None:
-        self.lazy.cache.release(owner)
+        await asyncio.to_thread(self.lazy.cache.release, owner)
 
     async def release_others(self, prefix: str, keep: list[str]) -> list[str]:
         """Release every owner that starts with `prefix` but with none of `keep`: a
         restarted warm set drops what its predecessor protected for images or digests
         it no longer has."""
-        dropped = [o for o in self.lazy.cache.owners()
+        dropped = [o for o in await asyncio.to_thread(self.lazy.cache.owners)
                    if o.startswith(prefix) and not any(o.startswith(k) for k in keep)]
         for owner in dropped:
-            self.lazy.cache.release(owner)
+            await asyncio.to_thread(self.lazy.cache.release, owner)
         return dropped
 
     async def metrics(self) -> str:

@@ -1,58 +1,91 @@
 """A content-addressed cache of verified chunks on local disk, shared by all layers.
 
 The key is a chunk's sha256 digest from the TOC, so a chunk that several layers or
-images hold is stored once. Each chunk is one file, ROOT/sha256/<2 hex>/<64 hex>.
+images hold is stored once.
 
-Bytes are hashed on the way in (a mismatch is refused) and again on every read from
-disk: a file that no longer matches its name is deleted, counted and reads as a miss,
-so the cache never returns bytes that were not verified.
+Where chunks live. An SQLite index, ROOT/chunks.db (see chunk_index), has a row per
+chunk: its size, its LRU clock and, for a chunk of at most PACK_LIMIT bytes, the bytes
+themselves ("packed"). Larger chunks are files, ROOT/sha256/<2 hex>/<64 hex>, with a
+row that says so. A layer of a million tiny files has a million tiny chunks: as files
+they cost a 4 KiB block and an inode each, and an index of Python objects cost about
+470 bytes of memory each; packed, they cost their bytes and a few dozen bytes of
+B-tree on disk, and memory does not grow with their number (each connection keeps at
+most 2 MiB of pages). The directory used to be the index (a file per chunk, mtimes as
+the LRU order, one stat per chunk at start); that needed the whole index in memory
+and a scan of every chunk to start.
 
-Persistence uses the directory itself as the index, with the files' mtime as the LRU
-order, rather than a SQLite index: a chunk is stored if and only if its file exists, so
-there is no second structure that a crash could leave disagreeing with the files, and
-a start-up scan (one stat per chunk) rebuilds sizes and order. atime is not used because
-nodes mount with noatime/relatime; a hit refreshes the mtime at most once a minute, so
-hot chunks cost no metadata write per read.
+Verification. Bytes are hashed on the way in (a mismatch is refused) and again on
+every read from disk, packed or not: a row or file that no longer matches its digest
+is deleted, counted and reads as a miss, so the cache never returns bytes that were
+not verified.
 
-Writes go to a temp file in ROOT/tmp and are renamed into place (same filesystem), so
-a crash leaves at worst a temp file, which the next start removes. There is no fsync:
-a chunk that a power loss left short reads as corrupt, is deleted and is fetched again.
+Crashes. Rows change in transactions (WAL, synchronous=NORMAL: no fsync per chunk; a
+power loss may lose the last transactions, never tear one). A file is written to
+ROOT/tmp and renamed into place before the transaction that adds its row commits; an
+evicted file is unlinked after the transaction that removes its row. So a crash
+leaves at worst a temp file (removed at the next start), a file without its row
+(adopted at the next start) or, if files were removed behind the cache's back, a row
+without its file (dropped at the next start, or when a read or `on_disk` finds it
+gone). The start scans the rows of file chunks and the files, never the packed rows.
 
-Small chunks are also kept in memory (a bounded LRU of their own). Memory holds only
-chunks that are on disk, so evicting a chunk from disk drops it from memory as well.
+LRU. Each chunk's `used` clock orders eviction. A hit does not write: it notes the
+chunk in a bounded buffer of touches (TOUCH_BUFFER; beyond it, touches are dropped and
+only the LRU order's precision suffers), which the next write, or a reader finding
+the writer idle, writes out in one statement; eviction always writes them out first.
 
-`protect(digests, owner)` keeps chunks (e.g. an image's warm set) from eviction, up to
-`protected_share` of `max_bytes`; beyond that the chunks protected longest ago are
-evictable again, so protection can never fill the cache.
+Memory tier. Recently used chunks' bytes are also kept in memory (memory_tier: a
+probation segment for chunks just stored, a main one for chunks read; per-entry
+overhead counted). It holds only chunks that are on disk: forgetting a chunk drops
+it from memory as well. `get_from_memory` never touches the disk or the index, so an
+event loop may call it directly.
 
-Thread-safe: one lock guards the index; file reads and writes happen outside it (the
-rename and unlinks that change what the index describes happen under it). One process
-owns a root at a time.
+Protection. `protect(digests, owner)` keeps chunks (e.g. an image's warm set) from
+eviction, up to `protected_share` of `max_bytes`; beyond that the chunks protected
+longest ago are evictable again, so protection can never fill the cache. Who
+protects what is kept in the index (it survives restarts until released), and the
+set of shielded chunks is never listed: chunk_shield keeps its boundary.
+
+Threads. One writer connection, under a write lock, makes every change to the index
+and to the files (renames, unlinks); reads use a small pool of reader connections and
+never wait for the writer. One process owns a root at a time.
 """
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import os
 import re
 import secrets
+import sqlite3
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from estargz import DigestMismatch
 
 from ..prometheus import Counter, Gauge
+from .chunk_index import connect, one, open_index
+from .chunk_shield import Shield
+from .memory_tier import MemoryTier
 from .metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 _PREFIX = "sha256:"
-TOUCH_INTERVAL = 60.0  # seconds between mtime refreshes of one chunk
+PACK_LIMIT = 64 << 10  # chunks up to this size are stored in the index, larger ones as files
+TOUCH_BUFFER = 16384  # LRU touches kept in memory until a write
+TOUCH_FLUSH = 1024  # a reader writes the touches out from this many, if the writer is idle
+EVICT_BATCH = 1024  # chunks evicted per transaction
+READERS = 4  # reader connections kept open
+REPAIR_BATCH = 1000  # rows or files checked per transaction at start
+_LOOKUP_BATCH = 64  # digests per membership query (a fixed count: one prepared statement)
+_LOOKUP_LIST = "(" + ", ".join("?" * _LOOKUP_BATCH) + ")"
+# Both answered from an index alone: reading the rows, data inline, costs several times more.
+_STORED_SQL = "SELECT digest FROM chunks WHERE digest IN " + _LOOKUP_LIST
+_FILES_SQL = ("SELECT digest FROM chunks INDEXED BY chunk_files "
+              "WHERE data IS NULL AND digest IN " + _LOOKUP_LIST)
 
 CACHE_HITS = Counter("lazypull_chunk_cache_hits_total", "Chunk cache hits, by tier",
                      ["tier"], registry=REGISTRY)
@@ -79,13 +112,16 @@ class CacheStats:
     corrupt: int = 0
 
 
-@dataclass(eq=False)
-class _Entry:
-    """A chunk on disk. A new object per stored file, so a reader can tell whether the
-    file it read is still the one the index describes."""
+@dataclass
+class _Changes:
+    """What a write transaction did; counted once it commits."""
 
-    size: int
-    touched: float  # wall-clock time of the last mtime refresh
+    bytes: int = 0
+    count: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    unlinks: list[str] = field(default_factory=list)  # files of forgotten chunks
+    admit: dict[str, bytes] = field(default_factory=dict)  # stored, for the memory tier
 
 
 def _hex_of(digest: str) -> str:
@@ -93,6 +129,18 @@ def _hex_of(digest: str) -> str:
             or not _HEX.fullmatch(digest[len(_PREFIX):]):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest[len(_PREFIX):]
+
+
+def _key_of(digest: object) -> bytes | None:
+    """The index key of a digest, None for anything that could never be one."""
+    try:
+        return bytes.fromhex(_hex_of(digest))  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 class ChunkCache:
@@ -109,17 +157,43 @@ class ChunkCache:
         self.protected_share = protected_share
         self.temp_dir = os.path.join(root, "tmp")
         self._chunk_dir = os.path.join(root, "sha256")
+        self._index_path = os.path.join(root, "chunks.db")
         self.stats = CacheStats()
-        self._lock = threading.Lock()
-        self._disk: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self._disk_bytes = 0
-        self._memory: OrderedDict[str, bytes] = OrderedDict()
-        self._memory_used = 0
-        self._holders: dict[str, dict[str, int]] = {}  # digest -> owner -> protection order
-        self._owned: dict[str, set[str]] = {}  # owner -> digests
-        self._protection_order = itertools.count()
-        self._shielded: frozenset[str] | None = None  # protected within the share; lazily
+        self._lock = threading.Lock()  # the memory tier, touches, counters, reader pool
+        self._write_lock = threading.Lock()  # the writer connection, renames and unlinks
+        self._memory = MemoryTier(memory_bytes, memory_item_limit)
+        self._touches: dict[str, int] = {}  # digest -> LRU clock not yet written
+        self._clock = 0
+        self._readers: list[sqlite3.Connection] = []
+        self._shield = Shield(protected_share * max_bytes)
+        self._rank = 0  # the latest protection's rank
+        self._bytes = 0
+        self._count = 0
+        self._closed = False
+        self._db = self._open_index()
         self._load()
+
+    def close(self) -> None:
+        """Write out the pending LRU touches and close the index."""
+        with self._write_lock:
+            if self._closed:
+                return
+            try:
+                with self._transaction():
+                    self._write_touches()
+            finally:
+                with self._lock:
+                    self._closed = True
+                    readers, self._readers = self._readers, []
+                    CACHE_BYTES.dec(self._bytes)
+                for db in (self._db, *readers):
+                    db.close()
+
+    def __enter__(self) -> "ChunkCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- queries ---------------------------------------------------------------------
 
@@ -127,40 +201,94 @@ class ChunkCache:
     def size_bytes(self) -> int:
         """Bytes of chunks on disk."""
         with self._lock:
-            return self._disk_bytes
+            return self._bytes
 
     @property
     def memory_size_bytes(self) -> int:
+        """Bytes the memory tier holds, its per-entry overhead included."""
         with self._lock:
-            return self._memory_used
+            return self._memory.used_bytes
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._disk)
+            return self._count
 
     def __contains__(self, digest: object) -> bool:
+        key = _key_of(digest)
+        if key is None:
+            return False
         with self._lock:
-            return digest in self._disk
+            if digest in self._memory:
+                return True
+        with self._reading() as db:
+            return one(db, "SELECT 1 FROM chunks WHERE digest = ?", (key,)) is not None
+
+    def stored_among(self, digests: Iterable[str], check_files: bool = False) -> set[str]:
+        """Which of these digests are stored. One read of the index for all of them:
+        asked one at a time, each question costs a transaction of its own, several
+        times the lookup. With `check_files`, a file chunk counts only if its file is
+        really there, as in `on_disk`."""
+        found: set[str] = set()
+        wanted: dict[bytes, str] = {}
+        for digest in digests:
+            key = _key_of(digest)
+            if key is not None:
+                wanted[key] = digest
+        if not check_files:
+            with self._lock:
+                for key, digest in list(wanted.items()):
+                    if digest in self._memory:
+                        found.add(digest)
+                        del wanted[key]
+        if not wanted:
+            return found
+        keys = list(wanted)
+        gone: list[bytes] = []
+        with self._reading() as db:
+            db.execute("BEGIN")
+            try:
+                for start in range(0, len(keys), _LOOKUP_BATCH):
+                    batch = keys[start:start + _LOOKUP_BATCH]
+                    batch += [batch[0]] * (_LOOKUP_BATCH - len(batch))  # one statement for all
+                    stored = {key for (key,) in db.execute(_STORED_SQL, batch)}
+                    if check_files:
+                        for (key,) in db.execute(_FILES_SQL, batch):
+                            if not os.path.exists(self.path_of(wanted[key])):
+                                stored.discard(key)
+                                gone.append(key)
+                    found.update(wanted[key] for key in stored)
+            finally:
+                db.execute("COMMIT")
+        for key in gone:
+            self._forget_missing_file(key, self.path_of(wanted[key]))
+        return found
 
     def on_disk(self, digest: str) -> bool:
-        """Whether the chunk's file is really there. The index alone goes stale when
-        files are removed behind the cache's back (disk cleaners, an operator); a file
-        found gone is forgotten."""
-        with self._lock:
-            entry = self._disk.get(digest)
-        if entry is None:
+        """Whether the chunk is really there. A file chunk's row alone goes stale when
+        files are removed behind the cache's back (disk cleaners, an operator); a row
+        whose file is found gone is forgotten."""
+        key = _key_of(digest)
+        if key is None:
             return False
-        if os.path.exists(self.path_of(digest)):
+        with self._reading() as db:
+            row = one(db, "SELECT data IS NULL FROM chunks WHERE digest = ?", (key,))
+        if row is None:
+            return False
+        path = self.path_of(digest)
+        if not row[0] or os.path.exists(path):
             return True
-        with self._lock:
-            if self._disk.get(digest) is entry:
-                self._forget(digest)
+        self._forget_missing_file(key, path)
         return False
 
     def path_of(self, digest: str) -> str:
-        """Where the chunk's file is (or would be)."""
+        """Where the chunk's file is (or would be, for a chunk too large to pack)."""
         hex_digest = _hex_of(digest)
         return os.path.join(self._chunk_dir, hex_digest[:2], hex_digest)
+
+    def owners(self) -> list[str]:
+        """The owners that protect chunks now."""
+        with self._reading() as db:
+            return [name for (name,) in db.execute("SELECT name FROM owners ORDER BY id")]
 
     # -- reading ---------------------------------------------------------------------
 
@@ -171,119 +299,441 @@ class ChunkCache:
             data = self._memory.get(digest)
             if data is None:
                 return None
-            entry = self._use(digest)
+            self._touch(digest)
             self.stats.memory_hits += 1
         CACHE_HITS.labels("memory").inc()
-        self._touch_if_due(digest, entry)
         return data
 
     def get(self, digest: str) -> bytes | None:
-        """The verified chunk, or None. A chunk file that fails its hash is deleted."""
+        """The verified chunk, or None. A chunk that fails its hash is deleted."""
         hex_digest = _hex_of(digest)
         data = self.get_from_memory(digest)
         if data is not None:
             return data
+        key = bytes.fromhex(hex_digest)
         with self._lock:
-            entry = self._disk.get(digest)
-        if entry is None:
-            return self._miss()
-        path = os.path.join(self._chunk_dir, hex_digest[:2], hex_digest)
+            mark = self._memory.mark()
         try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:  # evicted since the lookup, or removed behind our back
-            with self._lock:
-                if self._disk.get(digest) is entry:
-                    self._forget(digest)
+            with self._reading() as db:
+                row = one(db, "SELECT data IS NULL, data FROM chunks WHERE digest = ?", (key,))
+        except sqlite3.DatabaseError as exc:  # a damaged index: fetched again, not served
+            log.warning("chunk cache: cannot read the index: %s", exc)
             return self._miss()
+        if row is None:
+            return self._miss()
+        is_file, data = row
+        identity = None
+        if is_file:
+            path = self.path_of(digest)
+            try:
+                with open(path, "rb") as file:
+                    data = file.read()
+                    identity = _identity(os.fstat(file.fileno()))
+            except FileNotFoundError:  # evicted since the lookup, or removed behind our back
+                self._forget_missing_file(key, path)
+                return self._miss()
         if hashlib.sha256(data).hexdigest() != hex_digest:
-            self._drop_corrupt(digest, entry, path)
+            self._drop_corrupt(key, data, identity)
             return self._miss()
         with self._lock:
-            if self._disk.get(digest) is entry:
-                self._use(digest)
-                self._remember_in_memory(digest, data)
+            self._touch(digest)
+            self._memory.admit_read(digest, data, since=mark)
             self.stats.disk_hits += 1
+            write_touches = len(self._touches) >= TOUCH_FLUSH
         CACHE_HITS.labels("disk").inc()
-        self._touch_if_due(digest, entry)
+        if write_touches:
+            self._write_touches_if_idle()
         return data
 
     # -- writing ---------------------------------------------------------------------
 
     def put(self, digest: str, data: bytes) -> None:
-        """Store a chunk after checking that it hashes to `digest` (DigestMismatch if not)."""
-        hex_digest = _hex_of(digest)
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != hex_digest:
-            raise DigestMismatch(f"chunk hashes to sha256:{actual}, not {digest}")
+        """Store a chunk after checking that it hashes to `digest` (DigestMismatch if
+        not). A failure of the disk or the index raises OSError."""
+        self.put_many([(digest, data)])
+
+    def put_many(self, chunks: Iterable[tuple[str, bytes]]) -> None:
+        """Store (digest, bytes) pairs in one transaction: one commit for all rather
+        than one each. Every chunk is hashed first; a mismatch refuses them all
+        (DigestMismatch) before anything is stored. A failure of the disk or the
+        index raises OSError."""
+        incoming: dict[str, tuple[bytes, bytes]] = {}  # digest -> (key, data)
+        for digest, data in chunks:
+            hex_digest = _hex_of(digest)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != hex_digest:
+                raise DigestMismatch(f"chunk hashes to sha256:{actual}, not {digest}")
+            incoming[digest] = (bytes.fromhex(hex_digest), data)
         with self._lock:
-            if digest in self._disk:  # the same chunk from another layer: stored once
-                self._use(digest)
-                self._remember_in_memory(digest, data)
-                return
-        directory = os.path.join(self._chunk_dir, hex_digest[:2])
-        os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(self.temp_dir, f"{hex_digest}.{secrets.token_hex(6)}")
-        renamed = False
+            for digest in list(incoming):
+                if digest in self._memory:  # the same chunk from another layer: stored once
+                    self._touch(digest)
+                    del incoming[digest]
+        if not incoming:
+            return
+        temps: dict[str, str] = {}  # digest -> temp file, for chunks too large to pack
+        try:
+            large = [d for d, (_, data) in incoming.items() if len(data) > PACK_LIMIT]
+            for digest in self._absent_files(large):
+                temps[digest] = self._write_temp(incoming[digest][0], incoming[digest][1])
+            with self._write_lock:
+                with self._transaction() as changes:
+                    for digest, (key, data) in incoming.items():
+                        if len(data) <= PACK_LIMIT:
+                            stored = self._insert(changes, key, len(data), data)
+                        else:
+                            stored = self._place_file(changes, digest, key, data, temps)
+                        if not stored:
+                            self._touch_now(digest)
+                        changes.admit[digest] = data
+                    over = self._evict(changes)
+                self._evict_rest(over)
+        except sqlite3.DatabaseError as exc:  # a full disk, an I/O error, a damaged index
+            raise OSError(f"chunk cache index: {exc}") from exc
+        finally:
+            for temp in temps.values():
+                _unlink_quietly(temp)
+
+    def _absent_files(self, digests: list[str]) -> list[str]:
+        """The large chunks among these that need writing (no temp file for the rest)."""
+        if not digests:
+            return []
+        present = self.stored_among(digests, check_files=True)
+        return [digest for digest in digests if digest not in present]
+
+    def _write_temp(self, key: bytes, data: bytes) -> str:
+        temp = os.path.join(self.temp_dir, f"{key.hex()}.{secrets.token_hex(6)}")
         try:
             with open(temp, "xb") as file:
                 file.write(data)
-            with self._lock:
-                if digest in self._disk:  # another thread stored it meanwhile
-                    self._use(digest)
-                    return
-                os.replace(temp, os.path.join(directory, hex_digest))
-                renamed = True
-                self._disk[digest] = _Entry(len(data), time.time())
-                self._disk_bytes += len(data)
-                CACHE_BYTES.inc(len(data))
-                if digest in self._holders:
-                    self._shielded = None
-                self._remember_in_memory(digest, data)
-                self._evict_over_limit()
-        finally:
-            if not renamed:
-                _unlink_quietly(temp)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        return temp
+
+    def _place_file(self, changes: _Changes, digest: str, key: bytes, data: bytes,
+                    temps: dict[str, str]) -> bool:
+        """Rename a large chunk's temp file into place and add its row; False if it is
+        stored already."""
+        path = self.path_of(digest)
+        row = one(self._db, "SELECT data IS NULL FROM chunks WHERE digest = ?", (key,))
+        if _present(row, path):
+            return False
+        if digest not in temps:  # its file went away since we looked: write it now
+            temps[digest] = self._write_temp(key, data)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Renamed before the row commits: a crash leaves a file without a row, which
+        # the next start adopts.
+        os.replace(temps[digest], path)
+        del temps[digest]
+        if row is None:
+            self._insert(changes, key, len(data), None)
+        return True
 
     # -- protection ------------------------------------------------------------------
 
     def protect(self, digests: Iterable[str], owner: str) -> None:
         """Keep these chunks from eviction until `owner` releases them (adds to what
-        `owner` protects already). Chunks not stored yet are protected once stored."""
-        wanted = list(digests)
-        for digest in wanted:
-            _hex_of(digest)  # refuse anything that could never be a key
-        with self._lock:
-            order = next(self._protection_order)
-            owned = self._owned.setdefault(owner, set())
-            for digest in wanted:
-                self._holders.setdefault(digest, {})[owner] = order
-                owned.add(digest)
-            self._shielded = None
-
-    def owners(self) -> list[str]:
-        """The owners that protect chunks now."""
-        with self._lock:
-            return list(self._owned)
+        `owner` protects already). Chunks not stored yet are protected once stored.
+        `digests` may be an iterator of any length: it is staged on disk, not in
+        memory. A bad digest refuses the whole call (ValueError)."""
+        staging = connect(self._index_path)
+        try:
+            staging.execute("CREATE TEMP TABLE staged (digest BLOB NOT NULL)")
+            staging.execute("BEGIN")
+            staging.executemany("INSERT INTO temp.staged VALUES (?)",
+                                ((bytes.fromhex(_hex_of(d)),) for d in digests))
+            # Sorted once, after the fact: the merges below then read it in order and
+            # fill the index's B-trees in order (several times faster than unsorted).
+            staging.execute("CREATE INDEX temp.staged_by_digest ON staged (digest)")
+            staging.execute("COMMIT")
+            with self._write_lock:
+                self._rank += 1
+                self._merge_protection(staging, owner, self._rank)
+                self._shield.recompute(self._db)
+        finally:
+            staging.close()
 
     def release(self, owner: str) -> None:
+        with self._write_lock:
+            with self._transaction() as changes:
+                row = one(self._db, "SELECT id FROM owners WHERE name = ?", (owner,))
+                if row is not None:
+                    _drop_owner(self._db, row[0])
+                    self._shield.recompute(self._db)
+                over = self._evict(changes)
+            self._evict_rest(over)
+
+    def _merge_protection(self, staging: sqlite3.Connection, owner: str, rank: int) -> None:
+        """The staged digests become `owner`'s holds, all ranked `rank` (the highest
+        yet). Sorted first, so the B-trees are filled in order."""
+        staging.execute("BEGIN IMMEDIATE")
+        try:
+            staging.execute("""
+                INSERT INTO owners (name, last_rank) VALUES (?, ?)
+                ON CONFLICT (name) DO UPDATE SET last_rank = excluded.last_rank""",
+                            (owner, rank))
+            owner_id = one(staging, "SELECT id FROM owners WHERE name = ?", (owner,))[0]
+            staging.execute("""
+                INSERT INTO holds (digest, owner, rank)
+                SELECT DISTINCT digest, ?, ? FROM temp.staged WHERE true ORDER BY digest
+                ON CONFLICT (digest, owner) DO UPDATE SET rank = excluded.rank""",
+                            (owner_id, rank))
+            staging.execute("""
+                INSERT INTO shield (digest, rank, size)
+                SELECT s.digest, ?, c.size
+                FROM (SELECT DISTINCT digest FROM temp.staged) s
+                LEFT JOIN chunks c ON c.digest = s.digest
+                WHERE true ORDER BY s.digest
+                ON CONFLICT (digest) DO UPDATE SET rank = excluded.rank""", (rank,))
+            staging.execute("COMMIT")
+        except BaseException:
+            if staging.in_transaction:
+                staging.execute("ROLLBACK")
+            raise
+
+    # -- the write path (the callers hold the write lock) ----------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[_Changes]:
+        """A write transaction. What it changed is counted, and the files of the
+        chunks it forgot are unlinked, once it commits; if it fails, the shield's
+        state is put back as it was."""
+        changes = _Changes()
+        shield_before = self._shield.snapshot()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield changes
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._shield.restore(shield_before)
+            raise
+        for path in changes.unlinks:
+            _unlink_quietly(path)
         with self._lock:
-            for digest in self._owned.pop(owner, set()):
-                holders = self._holders.get(digest, {})
-                holders.pop(owner, None)
-                if not holders:
-                    self._holders.pop(digest, None)
-            self._shielded = None
-            self._evict_over_limit()
+            self._bytes += changes.bytes
+            self._count += changes.count
+            self.stats.evictions += changes.evictions
+            self.stats.corrupt += changes.corrupt
+            for digest, data in changes.admit.items():
+                self._memory.admit_stored(digest, data)
+        CACHE_BYTES.inc(changes.bytes)
+        CACHE_EVICTIONS.inc(changes.evictions)
+        CACHE_CORRUPT.inc(changes.corrupt)
 
-    # -- internals (the callers hold the lock unless said otherwise) ------------------
+    def _insert(self, changes: _Changes, key: bytes, size: int, data: bytes | None) -> bool:
+        """Add a chunk's row (data None: a file); False if it is stored already."""
+        with self._lock:
+            used = self._tick()
+        cursor = self._db.execute("""
+            INSERT INTO chunks (digest, size, used, data) VALUES (?, ?, ?, ?)
+            ON CONFLICT (digest) DO NOTHING""", (key, size, used, data))
+        if cursor.rowcount != 1:
+            return False
+        changes.bytes += size
+        changes.count += 1
+        if self._shield.state.active:
+            row = one(self._db, "UPDATE shield SET size = ? WHERE digest = ? RETURNING rank",
+                      (size, key))
+            if row is not None:
+                self._shield.stored(self._db, row[0], key, size)
+        return True
 
-    def _load(self) -> None:
+    def _forget(self, changes: _Changes, key: bytes, size: int, is_file: bool) -> None:
+        """Remove a chunk's row (and, once committed, its file)."""
+        self._db.execute("DELETE FROM chunks WHERE digest = ?", (key,))
+        changes.bytes -= size
+        changes.count -= 1
+        if self._shield.state.active:
+            row = one(self._db, "UPDATE shield SET size = NULL WHERE digest = ? RETURNING rank",
+                      (key,))
+            if row is not None:
+                self._shield.removed(self._db, row[0], key, size)
+        digest = _PREFIX + key.hex()
+        if is_file:
+            changes.unlinks.append(self.path_of(digest))
+        changes.admit.pop(digest, None)  # stored and evicted at once
+        with self._lock:
+            self._memory.forget(digest)
+            self._touches.pop(digest, None)
+
+    def _evict(self, changes: _Changes) -> bool:
+        """Forget least recently used chunks that the shield does not cover until
+        under `max_bytes`, at most EVICT_BATCH of them; True if more must go."""
+        excess = self._bytes + changes.bytes - self.max_bytes
+        if excess <= 0:
+            return False
+        self._write_touches()
+        shield = self._shield
+        evicted = 0
+        while excess > 0 and evicted < EVICT_BATCH:
+            floor = shield.state.floor
+            if floor is None:
+                evictable, floor_key = "s.rank IS NULL", ()
+            else:
+                evictable, floor_key = "(s.rank IS NULL OR (s.rank, s.digest) <= (?, ?))", \
+                    floor.key
+            rows = self._db.execute(f"""
+                SELECT c.digest, c.size, c.used, c.rowid, c.data IS NULL, s.rank
+                FROM chunks c LEFT JOIN shield s ON s.digest = c.digest
+                WHERE (c.used, c.size, c.rowid) > (?, ?, ?) AND {evictable}
+                ORDER BY c.used, c.size, c.rowid LIMIT 64""",
+                                    (*shield.state.hand, *floor_key)).fetchall()
+            if not rows:
+                break  # the rest is shielded
+            for key, size, used, rowid, is_file, rank in rows:
+                if excess <= 0 or evicted >= EVICT_BATCH:
+                    break
+                if not shield.covers(rank, key):  # it may have joined the shield meanwhile
+                    self._forget(changes, key, size, bool(is_file))
+                    excess -= size
+                    evicted += 1
+                shield.state.hand = (used, size, rowid)
+        changes.evictions += evicted
+        return excess > 0 and evicted >= EVICT_BATCH
+
+    def _evict_rest(self, over: bool) -> None:
+        while over:
+            with self._transaction() as changes:
+                over = self._evict(changes)
+
+    def _write_touches(self) -> None:
+        with self._lock:
+            if not self._touches:
+                return
+            touches, self._touches = self._touches, {}
+        self._db.executemany("UPDATE chunks SET used = ? WHERE digest = ?",
+                             ((used, bytes.fromhex(digest[len(_PREFIX):]))
+                              for digest, used in touches.items()))
+
+    def _write_touches_if_idle(self) -> None:
+        if not self._write_lock.acquire(blocking=False):
+            return  # the writer will write them out with its next change
+        try:
+            with self._transaction():
+                self._write_touches()
+        except sqlite3.Error as exc:  # a read must not fail over LRU bookkeeping
+            log.warning("chunk cache: cannot record recent uses: %s", exc)
+        finally:
+            self._write_lock.release()
+
+    # -- bookkeeping from the read path --------------------------------------------------
+
+    def _drop_corrupt(self, key: bytes, data: bytes,
+                      identity: tuple[int, int, int] | None) -> None:
+        """Delete a chunk that failed its hash, unless it was replaced since it was
+        read (identity: the file's, None for a packed chunk)."""
+        path = self.path_of(_PREFIX + key.hex())
+        with self._write_lock, self._transaction() as changes:
+            if identity is None:
+                row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data = ?",
+                          (key, data))
+            else:
+                row = one(self._db, "SELECT size FROM chunks WHERE digest = ? "
+                          "AND data IS NULL", (key,))
+                with contextlib.suppress(FileNotFoundError):
+                    if _identity(os.stat(path)) != identity:
+                        row = None
+            if row is not None:
+                self._forget(changes, key, row[0], is_file=identity is not None)
+                changes.corrupt += 1
+        if changes.corrupt:
+            log.warning("chunk cache: sha256:%s failed its hash on read; deleted", key.hex())
+
+    def _forget_missing_file(self, key: bytes, path: str) -> None:
+        with self._write_lock, self._transaction() as changes:
+            row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data IS NULL",
+                      (key,))
+            if row is not None and not os.path.exists(path):
+                self._forget(changes, key, row[0], is_file=False)
+
+    def _touch(self, digest: str) -> None:
+        """Note a use of the chunk (the caller holds the lock)."""
+        if digest in self._touches or len(self._touches) < TOUCH_BUFFER:
+            self._touches[digest] = self._tick()
+
+    def _touch_now(self, digest: str) -> None:
+        with self._lock:
+            self._touch(digest)
+
+    def _tick(self) -> int:
+        """The LRU clock: microseconds, strictly increasing (the caller holds the lock)."""
+        self._clock = max(self._clock + 1, time.time_ns() // 1000)
+        return self._clock
+
+    def _miss(self) -> None:
+        with self._lock:
+            self.stats.misses += 1
+        CACHE_MISSES.inc()
+        return None
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection from the pool (a new one if all are in use)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the chunk cache is closed")
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = connect(self._index_path)
+        try:
+            yield db
+        finally:
+            with self._lock:
+                keep = not self._closed and len(self._readers) < READERS
+                if keep:
+                    self._readers.append(db)
+            if not keep:
+                db.close()
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _open_index(self) -> sqlite3.Connection:
         os.makedirs(self._chunk_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
         for leftover in os.scandir(self.temp_dir):  # writes that a crash interrupted
             _remove_quietly(leftover.path)
-        found: list[tuple[float, str, int]] = []
+        return open_index(self._index_path)
+
+    def _load(self) -> None:
+        with self._write_lock:
+            self._drop_rows_without_files()
+            self._adopt_files_without_rows()
+            count, total = one(self._db, "SELECT count(*), coalesce(sum(size), 0) FROM chunks")
+            self._count, self._bytes = count, total
+            CACHE_BYTES.inc(total)
+            self._clock = one(self._db, "SELECT coalesce(max(used), 0) FROM chunks")[0]
+            self._rank = one(self._db, "SELECT coalesce(max(last_rank), 0) FROM owners")[0]
+            self._shield.recompute(self._db)
+            self._evict_rest(True)  # the limit may have shrunk since the last run
+
+    def _drop_rows_without_files(self) -> None:
+        """Rows of file chunks whose files are gone (removed while we were down)."""
+        after = b""
+        while True:
+            keys = [key for (key,) in self._db.execute(
+                "SELECT digest FROM chunks WHERE data IS NULL AND digest > ? "
+                "ORDER BY digest LIMIT ?", (after, REPAIR_BATCH))]
+            if not keys:
+                return
+            after = keys[-1]
+            gone = [key for key in keys
+                    if not os.path.exists(self.path_of(_PREFIX + key.hex()))]
+            if gone:
+                log.info("chunk cache: %d chunk files are gone; forgetting them", len(gone))
+                with self._transaction():
+                    for key in gone:
+                        self._db.execute("DELETE FROM chunks WHERE digest = ?", (key,))
+                        self._db.execute("UPDATE shield SET size = NULL WHERE digest = ?",
+                                         (key,))
+
+    def _adopt_files_without_rows(self) -> None:
+        """Files whose rows never committed (a crash between the rename and the
+        commit) or that an older cache wrote: small ones are verified and packed,
+        large ones get a row (and are verified when read). Strays are removed."""
+        batch: list[os.DirEntry[str]] = []
         for prefix in os.scandir(self._chunk_dir):
             if not prefix.is_dir(follow_symlinks=False):
                 _remove_quietly(prefix.path)
@@ -294,108 +744,60 @@ class ChunkCache:
                     log.info("chunk cache: removing stray %s", item.path)
                     _remove_quietly(item.path)
                     continue
+                batch.append(item)
+                if len(batch) >= REPAIR_BATCH:
+                    self._adopt(batch)
+                    batch = []
+        self._adopt(batch)
+
+    def _adopt(self, items: list[os.DirEntry[str]]) -> None:
+        redundant: list[str] = []  # files whose chunks are packed (once committed)
+        with self._transaction():
+            for item in items:
+                key = bytes.fromhex(item.name)
+                row = one(self._db, "SELECT data IS NULL FROM chunks WHERE digest = ?",
+                          (key,))
+                if row is not None:
+                    if not row[0]:
+                        redundant.append(item.path)
+                    continue
                 stat = item.stat(follow_symlinks=False)
-                found.append((stat.st_mtime, _PREFIX + item.name, stat.st_size))
-        found.sort()
-        with self._lock:
-            for mtime, digest, size in found:
-                self._disk[digest] = _Entry(size, mtime)
-                self._disk_bytes += size
-            CACHE_BYTES.inc(self._disk_bytes)
-            self._evict_over_limit()  # the limit may have shrunk since the last run
-
-    def _use(self, digest: str) -> _Entry | None:
-        """Mark a chunk as just used in both tiers."""
-        if digest in self._memory:
-            self._memory.move_to_end(digest)
-        entry = self._disk.get(digest)
-        if entry is not None:
-            self._disk.move_to_end(digest)
-        return entry
-
-    def _remember_in_memory(self, digest: str, data: bytes) -> None:
-        size = len(data)
-        if size > self.memory_item_limit or size > self.memory_bytes:
-            return
-        if digest in self._memory:
-            self._memory.move_to_end(digest)
-            return
-        self._memory[digest] = data
-        self._memory_used += size
-        while self._memory_used > self.memory_bytes:
-            _, dropped = self._memory.popitem(last=False)
-            self._memory_used -= len(dropped)
-
-    def _forget(self, digest: str) -> None:
-        entry = self._disk.pop(digest)
-        self._disk_bytes -= entry.size
-        CACHE_BYTES.dec(entry.size)
-        data = self._memory.pop(digest, None)
-        if data is not None:
-            self._memory_used -= len(data)
-        if digest in self._holders:
-            self._shielded = None
-
-    def _shielded_digests(self) -> frozenset[str]:
-        """Protected chunks on disk, most recently protected first, up to the share."""
-        if self._shielded is None:
-            budget = self.protected_share * self.max_bytes
-            ranked = sorted(((max(holders.values()), digest)
-                             for digest, holders in self._holders.items()
-                             if digest in self._disk), reverse=True)
-            shielded, used = set(), 0
-            for _, digest in ranked:
-                used += self._disk[digest].size
-                if used > budget:
-                    break  # this one and everything protected before it is evictable
-                shielded.add(digest)
-            self._shielded = frozenset(shielded)
-        return self._shielded
-
-    def _evict_over_limit(self) -> None:
-        excess = self._disk_bytes - self.max_bytes
-        if excess <= 0:
-            return
-        shielded = self._shielded_digests()
-        victims = []
-        for digest, entry in self._disk.items():
-            if excess <= 0:
-                break
-            if digest not in shielded:
-                victims.append(digest)
-                excess -= entry.size
-        for digest in victims:
-            # Under the lock, so a concurrent put of the same chunk cannot lose its file.
-            _unlink_quietly(self.path_of(digest))
-            self._forget(digest)
-        self.stats.evictions += len(victims)
-        CACHE_EVICTIONS.inc(len(victims))
-
-    # -- bookkeeping without the lock held ---------------------------------------------
-
-    def _drop_corrupt(self, digest: str, entry: _Entry, path: str) -> None:
-        with self._lock:
-            if self._disk.get(digest) is not entry:
-                return  # replaced or removed since we read it
+                data = None
+                if stat.st_size <= PACK_LIMIT:
+                    with open(item.path, "rb") as file:
+                        data = file.read()
+                    redundant.append(item.path)
+                    if hashlib.sha256(data).hexdigest() != item.name:
+                        log.warning("chunk cache: %s failed its hash; deleted", item.path)
+                        continue
+                self._db.execute(
+                    "INSERT INTO chunks (digest, size, used, data) VALUES (?, ?, ?, ?)",
+                    (key, stat.st_size, stat.st_mtime_ns // 1000, data))
+                self._db.execute("UPDATE shield SET size = ? WHERE digest = ?",
+                                 (stat.st_size, key))
+        for path in redundant:
             _unlink_quietly(path)
-            self._forget(digest)
-            self.stats.corrupt += 1
-        CACHE_CORRUPT.inc()
-        log.warning("chunk cache: %s failed its hash on read; deleted", digest)
 
-    def _touch_if_due(self, digest: str, entry: _Entry | None) -> None:
-        now = time.time()
-        if entry is None or now - entry.touched < TOUCH_INTERVAL:
-            return
-        entry.touched = now
-        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
-            os.utime(self.path_of(digest), (now, now))
 
-    def _miss(self) -> None:
-        with self._lock:
-            self.stats.misses += 1
-        CACHE_MISSES.inc()
-        return None
+def _present(row: tuple | None, path: str) -> bool:
+    """Whether a chunk with this `data IS NULL` row (None: no row) is stored."""
+    return row is not None and (not row[0] or os.path.exists(path))
+
+
+def _drop_owner(db: sqlite3.Connection, owner_id: int) -> None:
+    """Remove an owner's holds; each digest keeps the rank of its latest other holder,
+    or leaves the shield table."""
+    db.execute("""
+        DELETE FROM shield
+        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)
+          AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.digest = shield.digest
+                                                  AND h.owner != ?)""", (owner_id, owner_id))
+    db.execute("""
+        UPDATE shield SET rank = (SELECT max(h.rank) FROM holds h
+                                  WHERE h.digest = shield.digest AND h.owner != ?)
+        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)""", (owner_id, owner_id))
+    db.execute("DELETE FROM holds WHERE owner = ?", (owner_id,))
+    db.execute("DELETE FROM owners WHERE id = ?", (owner_id,))
 
 
 def _unlink_quietly(path: str) -> None:

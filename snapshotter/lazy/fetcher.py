@@ -35,9 +35,10 @@ no on-demand or prefetch request waits for one, and hold at most one slot.
 """
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ DEMAND, PREFETCH, BACKGROUND = "demand", "prefetch", "background"
 # event loop, span by span: over a layer of tiny files, 8 MiB of spans took long enough
 # to delay FUSE lookups by milliseconds.
 RUN_CHUNKS = 2048
+# Planning asks the cache about spans' chunks a block at a time (one query each: asked
+# one by one, each question costs an index transaction), in blocks growing from the
+# first to the last size, so a short run looks up little beyond its end.
+LOOKUP_BLOCKS = (16, 64, 256)
 
 FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
                       "Compressed blob bytes fetched from registries, by kind of fetch",
@@ -275,7 +280,11 @@ class LayerFetcher:
 
     def is_complete(self) -> bool:
         """Whether every chunk of the layer is in the cache."""
-        return all(digest in self.cache for digest in self.layer.chunk_digests())
+        digests = self.layer.chunk_digests()
+        while block := list(itertools.islice(digests, 1024)):
+            if len(self.cache.stored_among(block)) < len(set(block)):
+                return False
+        return True
 
     async def _gather(self, chunks: Iterable[Chunk],
                       deadline: float | None = None) -> dict[str, bytes]:
@@ -342,6 +351,7 @@ class LayerFetcher:
         index = self.layer.span_index(chunk.blob_offset)
         if index is None:  # not a chunk of a reachable file: fetch just its span
             run = [Span(chunk.blob_offset, chunk.blob_end, (chunk,), chunk.size)]
+            cached = self._cached_in(run)
         else:
             span = self.layer.span(index)
             max_chunks = None
@@ -351,38 +361,72 @@ class LayerFetcher:
                 budget = min(self.max_request_bytes, span.size + self.demand_readahead_bytes)
             else:
                 budget = self.max_request_bytes
-            run = self._run_from(index, budget, self.layer.span_count, max_chunks)
-        futures = self._register(run, must=chunk.digest)
+            run, cached = self._run_from(index, budget, self.layer.span_count, max_chunks)
+        futures = self._register(run, cached, must=chunk.digest)
         self._start(run, futures, kind)
         return futures[chunk.digest]
 
-    def _needed(self, span: Span, as_neighbour: bool = False) -> bool:
+    def _needed(self, span: Span, cached: set[str], as_neighbour: bool = False) -> bool:
+        """Whether a chunk of `span` is neither in flight nor in `cached` (the span's
+        chunks that the cache holds)."""
         # A chunk that failed verification is fetched again only when asked for itself,
         # not as every neighbour's passenger.
-        return any(c.digest not in self._inflight and c.digest not in self.cache
+        return any(c.digest not in self._inflight and c.digest not in cached
                    and not (as_neighbour and c.digest in self._refused)
                    for c in span.chunks)
 
+    def _cached_in(self, spans: Iterable[Span]) -> set[str]:
+        return self.cache.stored_among(c.digest for span in spans for c in span.chunks)
+
+    def _spans_from(self, index: int, stop: int) -> Iterator[tuple[int, Span, set[str]]]:
+        """(index, span, cached chunks of its block) for the spans `index .. stop`."""
+        for size in itertools.chain(LOOKUP_BLOCKS, itertools.repeat(LOOKUP_BLOCKS[-1])):
+            if index >= stop:
+                return
+            block = [self.layer.span(i) for i in range(index, min(stop, index + size))]
+            cached = self._cached_in(block)
+            for span in block:
+                yield index, span, cached
+                index += 1
+
+    def _next_needed(self, index: int, stop: int) -> int:
+        """The first span from `index` (`stop` if none) that has a chunk to fetch."""
+        for found, span, cached in self._spans_from(index, stop):
+            if self._needed(span, cached):
+                return found
+        return stop
+
+    def _next_uncached(self, index: int, stop: int) -> int:
+        """The first span from `index` (`stop` if none) with a chunk the cache lacks.
+        Only asks the cache: a worker thread may run it."""
+        for found, span, cached in self._spans_from(index, stop):
+            if any(c.digest not in cached for c in span.chunks):
+                return found
+        return stop
+
     def _run_from(self, index: int, budget: int, stop: int,
-                  max_chunks: int | None = None) -> list[Span]:
+                  max_chunks: int | None = None) -> tuple[list[Span], set[str]]:
         """Span `index` and the adjacent needed spans after it (before `stop`) that fit
-        in `budget` bytes, and in `max_chunks` chunks, together."""
+        in `budget` bytes, and in `max_chunks` chunks, together; and which of their
+        chunks are cached."""
         run = [self.layer.span(index)]
+        cached = self._cached_in(run)
         total, chunks = run[0].size, len(run[0].chunks)
-        for following in range(index + 1, stop):
-            span = self.layer.span(following)
+        for _, span, block_cached in self._spans_from(index + 1, stop):
             if span.offset != run[-1].end or total + span.size > budget \
                     or (max_chunks is not None and chunks + len(span.chunks) > max_chunks) \
-                    or not self._needed(span, as_neighbour=True):
+                    or not self._needed(span, block_cached, as_neighbour=True):
                 break
             run.append(span)
+            cached |= block_cached
             total += span.size
             chunks += len(span.chunks)
-        return run
+        return run, cached
 
-    def _register(self, run: list[Span], must: str | None = None
+    def _register(self, run: list[Span], cached: set[str], must: str | None = None
                   ) -> dict[str, asyncio.Future[bytes]]:
-        """Futures for the chunks of `run` that nobody has or fetches yet."""
+        """Futures for the chunks of `run` that nobody has (`cached`: those the cache
+        holds) or fetches yet."""
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[bytes]] = {}
         for span in run:
@@ -390,7 +434,7 @@ class LayerFetcher:
                 digest = chunk.digest
                 if digest in futures or digest in self._inflight:
                     continue
-                if digest != must and digest in self.cache:
+                if digest != must and digest in cached:
                     continue
                 future = loop.create_future()
                 future.add_done_callback(_retrieve)
@@ -489,11 +533,11 @@ class LayerFetcher:
                     failed[chunk.digest] = str(exc)
                     continue
                 failed.pop(chunk.digest, None)  # the same bytes at another place were fine
-                try:
-                    self.cache.put(chunk.digest, chunk_bytes)
-                except OSError as exc:  # a full disk must not fail the read that needs it
-                    log.warning("cannot cache chunk %s: %s", chunk.digest, exc)
                 good[chunk.digest] = chunk_bytes
+        try:  # in one transaction: a commit per chunk costs more than storing it
+            self.cache.put_many(good.items())
+        except OSError as exc:  # a full disk must not fail the read that needs it
+            log.warning("cannot cache %d chunks: %s", len(good), exc)
         return good, failed
 
     def _fail(self, futures: dict[str, asyncio.Future[bytes]], error: BaseException) -> None:
@@ -514,11 +558,11 @@ class LayerFetcher:
         tasks, futures = [], {}
         index = 0
         while index < stop:  # plan and register everything before the first await
-            if not self._needed(self.layer.span(index)):
-                index += 1
-                continue
-            run = self._run_from(index, self.max_request_bytes, stop, RUN_CHUNKS)
-            run_futures = self._register(run)
+            index = self._next_needed(index, stop)
+            if index == stop:
+                break
+            run, cached = self._run_from(index, self.max_request_bytes, stop, RUN_CHUNKS)
+            run_futures = self._register(run, cached)
             futures.update(run_futures)
             tasks.append(self._start(run, run_futures, PREFETCH))
             index += len(run)
@@ -563,12 +607,19 @@ class LayerFetcher:
             # Planned once the slot is ours, so chunks that reads fetched meanwhile are
             # skipped and no reader waits for a request that is still queued.
             spans = self.layer.span_count
-            while index < spans and not self._needed(self.layer.span(index)):
+            # Over a layer mostly cached, skipping asks the cache about every chunk: in
+            # a worker thread, so reads are served meanwhile. What is in flight is
+            # skipped on the loop, one span at a time.
+            while True:
+                index = await asyncio.to_thread(self._next_uncached, index, spans)
+                if index == spans or self._needed(self.layer.span(index),
+                                                  self._cached_in([self.layer.span(index)])):
+                    break
                 index += 1
             if index == spans:
                 return index, 0, {}
-            run = self._run_from(index, self.max_request_bytes, spans, RUN_CHUNKS)
-            futures = self._register(run)
+            run, cached = self._run_from(index, self.max_request_bytes, spans, RUN_CHUNKS)
+            futures = self._register(run, cached)
             nbytes = await self._transfer(run, futures, BACKGROUND)
             return index + len(run), nbytes, futures
 

@@ -2,10 +2,12 @@
 are cached, and how many blob bytes are local. The warm set asks these questions.
 
 Each answer walks the layer's spans from its index, so none holds the whole list of a
-layer's chunks in memory.
+layer's chunks in memory, and asks the cache about a block of spans at a time (one
+index transaction per block, not per chunk).
 """
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 
 from estargz import Layer, Span
 
@@ -21,24 +23,37 @@ def wanted(layer: Layer, full: bool) -> Iterator[Span]:
         yield span
 
 
-def wanted_digests(layer: Layer, full: bool) -> list[str]:
-    return [chunk.digest for span in wanted(layer, full) for chunk in span.chunks]
+def wanted_digests(layer: Layer, full: bool) -> Iterator[str]:
+    for span in wanted(layer, full):
+        for chunk in span.chunks:
+            yield chunk.digest
 
 
 def chunks_missing(layer: Layer, full: bool, cache: ChunkCache) -> bool:
     """True if a wanted chunk is not on disk. Every chunk is looked at (no early
-    return): on_disk also drops index entries whose files are gone, so the fetch that
+    return): looking also drops index entries whose files are gone, so the fetch that
     follows gets them again."""
-    present = [cache.on_disk(chunk.digest) for span in wanted(layer, full)
-               for chunk in span.chunks]
-    return not all(present)
+    missing = False
+    for block in _blocks(wanted(layer, full)):
+        digests = {chunk.digest for span in block for chunk in span.chunks}
+        if len(cache.stored_among(digests, check_files=True)) < len(digests):
+            missing = True
+    return missing
 
 
 def bytes_cached(layer: Layer, cache: ChunkCache) -> tuple[int, int]:
     """(blob bytes whose chunks are all cached, blob bytes of the layer)."""
     cached = total = 0
-    for span in layer.iter_spans():
-        total += span.size
-        if all(chunk.digest in cache for chunk in span.chunks):
-            cached += span.size
+    for block in _blocks(layer.iter_spans()):
+        stored = cache.stored_among(chunk.digest for span in block for chunk in span.chunks)
+        for span in block:
+            total += span.size
+            if all(chunk.digest in stored for chunk in span.chunks):
+                cached += span.size
     return cached, total
+
+
+def _blocks(spans: Iterable[Span], size: int = 256) -> Iterator[list[Span]]:
+    spans = iter(spans)
+    while block := list(itertools.islice(spans, size)):
+        yield block
