@@ -8,7 +8,9 @@ method.
 
 import argparse
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import subprocess
 import time
@@ -23,6 +25,7 @@ from perf.harness import (
     NAMESPACE,
     REPO_ROOT,
     Registry,
+    drop_caches,
     lazy_pull,
     lazypull_argv,
     log,
@@ -181,9 +184,11 @@ def _resolve_in(rootfs: Path, path: str, depth: int = 0) -> str | None:
 
 
 def strace_prefetch_list(setup: Setup, image: WorkspaceImage) -> tuple[Path, dict]:
-    """Run the workload under strace in a chroot of the fully pulled image: the regular
-    files it opened or executed, in first-access order, and their total size (`bytes`,
-    an upper bound of what the workload read: it may read only part of a file)."""
+    """Run the workload under strace in a chroot of the fully pulled image, page cache
+    dropped first: the regular files it opened or executed, in first-access order; their
+    total size (`file_bytes`); and what of them the run brought into the page cache
+    (`bytes`: what the workload read, in pages, with the kernel's readahead, as a start
+    from a local disk reads it; a workload maps or reads only parts of large files)."""
     ref = setup.ref(image.name, PLAIN_TAG)
     node = start_node(setup.next_base("strace"), False, setup.service_config)
     out = setup.workdir / f"{image.name}.prefetch.txt"
@@ -201,6 +206,7 @@ def strace_prefetch_list(setup: Setup, image: WorkspaceImage) -> tuple[Path, dic
             run(["mount", *how, str(rootfs / name)])
             mounted.append(rootfs / name)
         trace = node.base / "strace.txt"
+        drop_caches()
         run(["strace", "-f", "-qq", "-e", "trace=openat,execve", "-o", str(trace),
              "chroot", str(rootfs), *image.command], what="strace of the workload")
         seen: dict[str, None] = {}
@@ -219,6 +225,7 @@ def strace_prefetch_list(setup: Setup, image: WorkspaceImage) -> tuple[Path, dic
             if real is not None:
                 seen.setdefault(real, None)
         sizes = {p: os.stat(rootfs / p.lstrip("/")).st_size for p in seen}
+        resident = {p: resident_bytes(rootfs / p.lstrip("/")) for p in seen}
     finally:
         for point in reversed(mounted):
             subprocess.run(["umount", "-l", str(point)], capture_output=True)
@@ -227,7 +234,37 @@ def strace_prefetch_list(setup: Setup, image: WorkspaceImage) -> tuple[Path, dic
     out.write_text(f"# files `{' '.join(image.command)}` opened or executed, first access "
                    "order (strace -f -e trace=openat,execve)\n" + "\n".join(files) + "\n")
     return out, {"source": "strace", "file": str(out), "files": len(files),
-                 "bytes": sum(sizes[p] for p in files), "first_files": files[:10]}
+                 "bytes": sum(resident[p] for p in files),
+                 "file_bytes": sum(sizes[p] for p in files), "first_files": files[:10]}
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache (mincore over a shared read-only mapping)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            pages = (size + page - 1) // page
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vector) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            return min(size, sum(1 for v in vector if v & 1) * page)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
 
 
 def chain_id_of(image: WorkspaceImage) -> str:
