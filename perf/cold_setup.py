@@ -235,7 +235,19 @@ def strace_prefetch_list(setup: Setup, image: WorkspaceImage) -> tuple[Path, dic
                    "order (strace -f -e trace=openat,execve)\n" + "\n".join(files) + "\n")
     return out, {"source": "strace", "file": str(out), "files": len(files),
                  "bytes": sum(resident[p] for p in files),
-                 "file_bytes": sum(sizes[p] for p in files), "first_files": files[:10]}
+                 "file_bytes": sum(sizes[p] for p in files),
+                 "read_ahead_kb": read_ahead_kb(setup.workdir), "first_files": files[:10]}
+
+
+def read_ahead_kb(path: Path) -> int | None:
+    """The readahead of the block device under `path`: pages read past what the workload
+    asked for count in its `bytes` read."""
+    device = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}").resolve()
+    for queue in (block / "queue", block.parent / "queue"):
+        with contextlib.suppress(OSError, ValueError):
+            return int((queue / "read_ahead_kb").read_text())
+    return None
 
 
 def resident_bytes(path: Path) -> int:
