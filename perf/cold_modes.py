@@ -22,6 +22,7 @@ kept from each system's own counters.
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from perf import stargz
@@ -137,7 +138,8 @@ class Clock:
 
 
 def timed_run(setup: Setup, node: Node, image: WorkspaceImage, ref: str, snapshotter: str | None,
-              clock: Clock, sample: Sample, wire0: int, read_counters) -> None:
+              clock: Clock, sample: Sample, wire0: int,
+              read_counters: Callable[[], dict[str, float]]) -> None:
     """`ctr run` to READY on `clock`; fills the container-start and run phases, READY,
     exit, wire bytes (to READY and to exit) and the system's counters at READY."""
     run_started = clock.now()
@@ -151,8 +153,7 @@ def timed_run(setup: Setup, node: Node, image: WorkspaceImage, ref: str, snapsho
     assert node.events is not None
     node.events.first.pop("/tasks/start", None)
     ready, ended, _ = run_to_ready(node, ref, f"cs{setup.seq}-{sample.mode}", image.command,
-                                   snapshotter,
-                                   clock.started, on_ready)
+                                   snapshotter, clock.started, on_ready)
     task_start = node.events.wait_for("/tasks/start")
     # containerd publishes /tasks/start once `runc start` returned: a workload quicker
     # than that has printed READY before it, and its run counts as container start

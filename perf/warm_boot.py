@@ -2,7 +2,7 @@
 service's warm set, against a full pull of the same image, and how the first workspace
 start on the warmed node compares with one where the image is fully local.
 
-Network, registry and images as in perf/cold_start.py (whose set-up this reuses): the
+Network, registry and images as in perf/cold_start.py (set-up in perf/cold_setup.py): the
 registry in its own network namespace behind tbf at RATE and a forwarder that holds
 every frame DELAY ms each way. Untimed set-up before the link is shaped: push IMAGE
 (default gcc, the largest workspace image) as `ws/IMAGE:v1`, convert it to eStargz,
