@@ -58,6 +58,7 @@ PID, namespaces deleted.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -141,6 +142,13 @@ def _names(parser: argparse.ArgumentParser, text: str, known, what: str) -> list
     return names
 
 
+def charts_problem() -> str | None:
+    """The report's charts need matplotlib: say so before a long run, not after it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is missing: pip install -e '.[test]' (or matplotlib)"
+    return None
+
+
 def use_link(setup: Setup, link: Link) -> None:
     path = setup.path
     if path.shaped and (path.rate, path.delay_ms) == (link.rate, link.one_way_delay_ms):
@@ -184,7 +192,7 @@ def write_report(args: argparse.Namespace, data: dict) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    problem = machine_problem("cold-start")
+    problem = machine_problem("cold-start") or charts_problem()
     if problem:
         print(problem, file=sys.stderr)
         return 1

@@ -87,8 +87,10 @@ def ensure_built(cache: Path, source: Path = DEFAULT_SOURCE, log=print) -> Starg
         return StargzTools(out, key)
     log(f"building the stargz-snapshotter comparator into {out} (minutes) ...")
     out.mkdir(parents=True, exist_ok=True)
+    # Go needs a build cache; a CI environment may have no HOME to put it under
+    env = {**os.environ, "GOCACHE": os.environ.get("GOCACHE") or str(out / ".gocache")}
     done = subprocess.run(["sh", str(source / "build.sh"), str(out)], capture_output=True,
-                          text=True, timeout=BUILD_TIMEOUT)
+                          text=True, timeout=BUILD_TIMEOUT, env=env)
     if done.returncode != 0 or not all((out / p).is_file() for p in PROGRAMS):
         raise RuntimeError(f"{source / 'build.sh'} exited {done.returncode}:\n"
                            f"{(done.stderr or done.stdout)[-3000:]}")
