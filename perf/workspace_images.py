@@ -336,11 +336,13 @@ def _ancestors(name: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _rewrite_layer(source: Path, target: Path, lower_dirs: dict[str, tarfile.TarInfo]) -> None:
+def _rewrite_layer(source: Path, target: Path, lower_dirs: dict[str, tarfile.TarInfo]) -> int:
     """Copy a gzip layer tar, adding an entry for every ancestor directory that has none
-    before its first descendant. `lower_dirs` (directory entries of the layers below,
-    updated with this layer's) gives an added entry its metadata."""
+    before its first descendant; returns how many were added. `lower_dirs` (directory
+    entries of the layers below, updated with this layer's) gives an added entry its
+    metadata."""
     seen: set[str] = set()
+    added_count = 0
     with gzip.open(source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tin, \
             gzip.GzipFile(target, "wb", mtime=0) as packed, \
             tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as tout:
@@ -356,11 +358,13 @@ def _rewrite_layer(source: Path, target: Path, lower_dirs: dict[str, tarfile.Tar
                     added.mode = 0o755
                 added.type = tarfile.DIRTYPE
                 tout.addfile(added)
+                added_count += 1
             seen.add(name)
             if member.isdir():
                 lower_dirs[name] = _copy_info(member)
             data = tin.extractfile(member) if member.isreg() else None
             tout.addfile(member, data)
+    return added_count
 
 
 def _copy_info(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -371,9 +375,10 @@ def _copy_info(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def add_ancestor_entries(layout: Path) -> None:
+def add_ancestor_entries(layout: Path) -> list[int]:
     """Rewrite each layer of the layout's TAG image so that every ancestor directory is
-    an entry of its own; manifest, config (diff_ids) and index follow."""
+    an entry of its own; manifest, config (diff_ids) and index follow. Returns the
+    number of entries added to each layer."""
     blobs = layout / "blobs" / "sha256"
     index = json.loads((layout / "index.json").read_text())
     entry = next(m for m in index["manifests"]
@@ -382,9 +387,11 @@ def add_ancestor_entries(layout: Path) -> None:
     config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_text())
     lower_dirs: dict[str, tarfile.TarInfo] = {}
     diff_ids = []
+    added = []
     for layer in manifest["layers"]:
         staging = blobs / ".rewrite.tmp"
-        _rewrite_layer(blobs / layer["digest"].split(":")[1], staging, lower_dirs)
+        added.append(_rewrite_layer(blobs / layer["digest"].split(":")[1], staging,
+                                    lower_dirs))
         data = staging.read_bytes()
         staging.unlink()
         layer["digest"], layer["size"] = _write_json_blob(blobs, data)
@@ -396,6 +403,7 @@ def add_ancestor_entries(layout: Path) -> None:
     entry["digest"], entry["size"] = _write_json_blob(blobs, json.dumps(manifest).encode())
     (layout / "index.json").write_text(json.dumps(index))
     run("umoci", "gc", "--layout", layout)
+    return added
 
 
 def _write_json_blob(blobs: Path, data: bytes) -> tuple[str, int]:
@@ -405,8 +413,9 @@ def _write_json_blob(blobs: Path, data: bytes) -> tuple[str, int]:
 
 
 def _finish(layout: Path, final: Path) -> None:
-    add_ancestor_entries(layout)
-    (layout / "lazypull-perf.json").write_text(json.dumps({"tar_bytes": _tar_sizes(layout)}))
+    added = add_ancestor_entries(layout)
+    (layout / "lazypull-perf.json").write_text(json.dumps({
+        "tar_bytes": _tar_sizes(layout), "ancestor_entries_added": added}))
     if final.exists():
         shutil.rmtree(final)
     layout.rename(final)

@@ -119,7 +119,7 @@ def test_layers_get_every_ancestor_directory_entry(tmp_path: Path) -> None:
         member.size = len(data)
         tar.addfile(member, io.BytesIO(data))
     target = tmp_path / "out.tar.gz"
-    _rewrite_layer(source, target, {"usr": lower})
+    assert _rewrite_layer(source, target, {"usr": lower}) == 2
     with tarfile.open(target) as tar:
         members = tar.getmembers()
         assert [m.name for m in members] == ["usr", "usr/lib", "usr/lib/x", "usr/lib/x/f"]
