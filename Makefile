@@ -25,8 +25,11 @@ lint: deps
 test: lint
 	$(VENV)/bin/pytest
 
+# The cold-start benchmark: lazypull, stargz-snapshotter and a full pull side by side
+# (perf/results/cold-start.{json,md} and -ready.png, -phases.png); BENCH_ARGS adds options.
+BENCH_ARGS ?=
 bench: deps
-	$(PYTHON) -m perf
+	$(PYTHON) -m perf cold-start --with-stargz $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,7 +23,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "convert-e2e": Benchmark("perf.convert_e2e", "lazypull convert via registries vs skopeo copy"),
     "snapshotter": Benchmark("perf.snapshotter_bench", "lazypull snapshotter vs native overlayfs"),
-    "cold-start": Benchmark("perf.cold_start", "pull + run to READY, 100 Mbit/20 ms: lazy vs full"),
+    "cold-start": Benchmark("perf.cold_start", "pull + run to READY: lazypull, stargz, full pull"),
     "warm-boot": Benchmark("perf.warm_boot", "service start to /readyz (warm set) vs full pull"),
     "scale": Benchmark("perf.scale", "memory and latency with huge layers and many images"),
     "load": Benchmark("perf.load", "waves of containers at once from lazy images on one node"),

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf.cold_start import (
+from perf.harness import (
     Node,
     environment,
     lazy_pull,

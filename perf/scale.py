@@ -21,7 +21,7 @@ cached under --workdir (keyed by scenario, sizes and a version), so re-runs only
 
 With --convert-only the run stops after the conversions (no root, containerd or FUSE
 needed). Otherwise, per scenario, on a fresh node (containerd with a fresh service
-root as its proxy snapshotter, through perf/cold_start.py's start_node; the service's
+root as its proxy snapshotter, through perf/harness.py's start_node; the service's
 defaults apart from hosts_dir and --service-option lines):
 
 - mount time: wall time of `lazypull pull` of the eStargz image (and its own figure),
@@ -70,7 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf.cold_start import (
+from perf.harness import (
     MB,
     MIB,
     Node,
@@ -1105,7 +1105,7 @@ def run(args: argparse.Namespace, workdir: Path, registry: RegistryServer | None
             "samples": args.samples, "seed": args.seed,
             "service_config": service_config_text,
             "node": "fresh containerd + snapshotter service (own root) per scenario, "
-                    "perf/cold_start.py start_node; service log level info",
+                    "perf/harness.py start_node; service log level info",
             "rss": "VmRSS / VmHWM of /proc/PID/status: the service process and its FUSE "
                    "manager (ROOT/fuse-manager.pid)",
             "at_ready": "right after `lazypull pull` of the (first) image returned",

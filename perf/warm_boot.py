@@ -2,7 +2,7 @@
 service's warm set, against a full pull of the same image, and how the first workspace
 start on the warmed node compares with one where the image is fully local.
 
-Network, registry and images as in perf/cold_start.py (whose set-up this reuses): the
+Network, registry and images as in perf/cold_start.py (set-up in perf/cold_setup.py): the
 registry in its own network namespace behind tbf at RATE and a forwarder that holds
 every frame DELAY ms each way. Untimed set-up before the link is shaped: push IMAGE
 (default gcc, the largest workspace image) as `ws/IMAGE:v1`, convert it to eStargz,
@@ -47,30 +47,32 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf import cold_start
-from perf.cold_start import (
+from perf import harness
+from perf.cold_setup import (
+    Setup,
+    add_shaped_link_arguments,
+    network_method,
+    prefetch_source,
+    prepare,
+    shaped_registry,
+)
+from perf.harness import (
     MB,
     NAMESPACE,
     PROXY_CONFIG,
     Node,
-    Setup,
     _delta,
     _f,
     _table,
-    add_shaped_link_arguments,
     drop_caches,
     environment,
     fetch_metrics,
     fetch_summary,
     log,
     machine_problem,
-    network_method,
-    prefetch_source,
-    prepare,
     run,
     run_to_ready,
     schedule,
-    shaped_registry,
 )
 from perf.workspace_images import SPECS, WorkspaceImage
 from tests.fixtures.containerd import start_containerd
@@ -254,7 +256,7 @@ def full_pull_sample(setup: Setup, image: WorkspaceImage, s: Samples) -> str:
 
 
 def stop_node(node: Node, logs: Path | None) -> None:
-    """cold-start's stop_node, keeping the node's logs in `logs` first if asked to."""
+    """harness.stop_node, keeping the node's logs in `logs` first if asked to."""
     try:
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)
@@ -265,7 +267,7 @@ def stop_node(node: Node, logs: Path | None) -> None:
                 if source.exists():
                     shutil.copyfile(source, logs / f"{node.base.name}-{name}.log")
     finally:
-        cold_start.stop_node(node)
+        harness.stop_node(node)
 
 
 def measure(setup: Setup, image: WorkspaceImage, repeat: int) -> dict[str, Samples]:

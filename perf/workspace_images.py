@@ -16,15 +16,27 @@ CACHE/images/NAME-KEY, KEY being a hash of the recipe (suite, packages, workload
 files, BUILD_VERSION), and later runs reuse it as it is. Images are pushed with
 `skopeo copy --preserve-digests`, so a registry serves the cached bytes unchanged.
 
-A fourth image, `bigfile`, has one layer holding one large file of pseudo-random
+Every layer is then rewritten so that each path's ancestor directories are entries
+of their own (umoci leaves out the ones that did not change in that layer): stock
+`ctr-remote image optimize` of stargz-snapshotter 0.12 rejects layers without them.
+An added directory entry carries the metadata the directory has in a lower layer.
+
+`node` is minbase + nodejs + a few npm packages that Debian ships (node-*), whose
+workload `require`s them and prints READY. `tiny` is not Debian at all: busybox-static
+from this machine and a small workspace, built in a second with no mirror, for tests
+of the harness.
+
+A further image, `bigfile`, has one layer holding one large file of pseudo-random
 (incompressible) bytes from a fixed seed, for read-throughput measurements.
 """
 
+import gzip
 import hashlib
 import json
 import random
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +44,7 @@ from pathlib import Path
 DEFAULT_CACHE = Path("/var/cache/lazypull-perf")
 SUITE = "bookworm"
 TAG = "v1"
-BUILD_VERSION = 1  # bump to rebuild every cached image
+BUILD_VERSION = 2  # bump to rebuild every cached image
 DEBOOTSTRAP_TIMEOUT = 1800
 ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -88,6 +100,28 @@ echo READY
 """
 
 
+NODE_WORKLOAD = b"""\
+// Start a Node workspace: require a few packages, use them a little.
+const path = require("path");
+const semver = require("semver");
+const yargs = require("yargs/yargs");
+const _ = require("lodash");
+const debug = require("debug")("workspace");
+const argv = yargs(process.argv.slice(2)).option("name", { default: "workspace" }).parse();
+if (!semver.satisfies(process.versions.node, ">=12")) throw new Error("node too old");
+debug("starting %s", argv.name);
+console.log("READY", argv.name, _.kebabCase(path.basename(__filename)));
+"""
+
+TINY_WORKLOAD = b"""\
+#!/bin/sh
+set -e
+cat /workspace/config.txt > /dev/null
+head -c 65536 /workspace/data.bin | wc -c > /dev/null
+echo READY
+"""
+
+
 @dataclass(frozen=True)
 class WorkspaceSpec:
     name: str
@@ -95,12 +129,13 @@ class WorkspaceSpec:
     files: dict[str, tuple[bytes, int]]  # path in the image -> (content, mode)
     command: tuple[str, ...]
     workload: str  # what the command does, for reports
+    base: str = "debootstrap"  # or "busybox": busybox-static from this machine, no mirror
 
     def key(self) -> str:
         recipe = {
             "version": BUILD_VERSION,
             "suite": SUITE,
-            "variant": "minbase",
+            "variant": "minbase" if self.base == "debootstrap" else self.base,
             "packages": list(self.packages),
             "files": {p: [hashlib.sha256(d).hexdigest(), m] for p, (d, m) in self.files.items()},
             "command": list(self.command),
@@ -123,7 +158,27 @@ SPECS: dict[str, WorkspaceSpec] = {
         ("/bin/sh", "/workspace/run.sh"),
         "sh /workspace/run.sh: gcc -O2 hello.c, runs it, prints READY",
     ),
+    "node": WorkspaceSpec(
+        "node",
+        ("nodejs", "node-semver", "node-yargs", "node-lodash", "node-debug"),
+        {"workspace/start.js": (NODE_WORKLOAD, 0o644)},
+        ("/usr/bin/node", "/workspace/start.js"),
+        "node /workspace/start.js: requires semver, yargs, lodash, debug; prints READY",
+    ),
+    "tiny": WorkspaceSpec(
+        "tiny",
+        (),
+        {"workspace/run.sh": (TINY_WORKLOAD, 0o755),
+         "workspace/config.txt": (b"name = tiny\n" * 64, 0o644),
+         "workspace/data.bin": (random.Random(2).randbytes(1 << 20), 0o644),
+         "workspace/unread.bin": (random.Random(3).randbytes(2 << 20), 0o644)},
+        ("/bin/sh", "/workspace/run.sh"),
+        "sh /workspace/run.sh (busybox): reads 64 KiB of a 1 MiB file, prints READY",
+        base="busybox",
+    ),
 }
+BUSYBOX = Path("/bin/busybox")
+BUSYBOX_APPLETS = ("sh", "cat", "head", "wc", "echo", "true", "ls")
 
 
 @dataclass
@@ -234,7 +289,6 @@ def _load(layout: Path, name: str, command: tuple[str, ...], workload: str) -> W
 
 def _tar_sizes(layout: Path) -> list[int]:
     """Uncompressed size of each layer (read through gzip once, at build time)."""
-    import gzip
     index = json.loads((layout / "index.json").read_text())
     blobs = layout / "blobs" / "sha256"
     manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
@@ -277,8 +331,91 @@ def _umoci_image(layout: Path, trees: list[tuple[str, Path | None, dict]],
     shutil.rmtree(bundle)
 
 
+def _ancestors(name: str) -> list[str]:
+    parts = name.strip("/").split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _rewrite_layer(source: Path, target: Path, lower_dirs: dict[str, tarfile.TarInfo]) -> int:
+    """Copy a gzip layer tar, adding an entry for every ancestor directory that has none
+    before its first descendant; returns how many were added. `lower_dirs` (directory
+    entries of the layers below, updated with this layer's) gives an added entry its
+    metadata."""
+    seen: set[str] = set()
+    added_count = 0
+    with gzip.open(source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tin, \
+            gzip.GzipFile(target, "wb", mtime=0) as packed, \
+            tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin:
+            name = member.name.removeprefix("./").rstrip("/")
+            for parent in _ancestors(name):
+                if parent in seen:
+                    continue
+                seen.add(parent)
+                entry = lower_dirs.get(parent)
+                added = tarfile.TarInfo(parent) if entry is None else _copy_info(entry)
+                if entry is None:
+                    added.mode = 0o755
+                added.type = tarfile.DIRTYPE
+                tout.addfile(added)
+                added_count += 1
+            seen.add(name)
+            if member.isdir():
+                lower_dirs[name] = _copy_info(member)
+            data = tin.extractfile(member) if member.isreg() else None
+            tout.addfile(member, data)
+    return added_count
+
+
+def _copy_info(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(member.name.removeprefix("./").rstrip("/"))
+    for attr in ("mode", "uid", "gid", "uname", "gname", "mtime", "pax_headers"):
+        setattr(info, attr, getattr(member, attr))
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def add_ancestor_entries(layout: Path) -> list[int]:
+    """Rewrite each layer of the layout's TAG image so that every ancestor directory is
+    an entry of its own; manifest, config (diff_ids) and index follow. Returns the
+    number of entries added to each layer."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"]
+                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG)
+    manifest = json.loads((blobs / entry["digest"].split(":")[1]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_text())
+    lower_dirs: dict[str, tarfile.TarInfo] = {}
+    diff_ids = []
+    added = []
+    for layer in manifest["layers"]:
+        staging = blobs / ".rewrite.tmp"
+        added.append(_rewrite_layer(blobs / layer["digest"].split(":")[1], staging,
+                                    lower_dirs))
+        data = staging.read_bytes()
+        staging.unlink()
+        layer["digest"], layer["size"] = _write_json_blob(blobs, data)
+        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest())
+    config["rootfs"]["diff_ids"] = diff_ids
+    config_bytes = json.dumps(config).encode()
+    manifest["config"]["digest"], manifest["config"]["size"] = _write_json_blob(blobs,
+                                                                                config_bytes)
+    entry["digest"], entry["size"] = _write_json_blob(blobs, json.dumps(manifest).encode())
+    (layout / "index.json").write_text(json.dumps(index))
+    run("umoci", "gc", "--layout", layout)
+    return added
+
+
+def _write_json_blob(blobs: Path, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return f"sha256:{digest}", len(data)
+
+
 def _finish(layout: Path, final: Path) -> None:
-    (layout / "lazypull-perf.json").write_text(json.dumps({"tar_bytes": _tar_sizes(layout)}))
+    added = add_ancestor_entries(layout)
+    (layout / "lazypull-perf.json").write_text(json.dumps({
+        "tar_bytes": _tar_sizes(layout), "ancestor_entries_added": added}))
     if final.exists():
         shutil.rmtree(final)
     layout.rename(final)
@@ -289,6 +426,8 @@ def ensure_image(spec: WorkspaceSpec, cache: Path, mirror: str, log=print) -> Wo
     if (final / "lazypull-perf.json").exists():
         return _load(final, spec.name, spec.command, spec.workload)
     (cache / "images").mkdir(parents=True, exist_ok=True)
+    if spec.base == "busybox":
+        return _busybox_image(spec, cache, final, log)
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-", dir=cache) as tmp:
         work = Path(tmp)
         log(f"building image {spec.name}: debootstrap minbase {SUITE} from {mirror} ...")
@@ -302,6 +441,28 @@ def ensure_image(spec: WorkspaceSpec, cache: Path, mirror: str, log=print) -> Wo
              work / "full", {}),
             ("COPY workspace/", None, spec.files),
         ], spec.command, work)
+        _finish(layout, final)
+    image = _load(final, spec.name, spec.command, spec.workload)
+    image.built_now = True
+    return image
+
+
+def _busybox_image(spec: WorkspaceSpec, cache: Path, final: Path, log) -> WorkspaceImage:
+    """Two layers: busybox-static with a few applet links, then the workspace files."""
+    if not BUSYBOX.is_file():
+        raise RuntimeError(f"{BUSYBOX} is missing: apt-get install busybox-static")
+    log(f"building image {spec.name} from {BUSYBOX} ...")
+    with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-", dir=cache) as tmp:
+        work = Path(tmp)
+        base = work / "base"
+        (base / "bin").mkdir(parents=True)
+        (base / "tmp").mkdir(mode=0o1777)
+        shutil.copy2(BUSYBOX, base / "bin" / "busybox")
+        for applet in BUSYBOX_APPLETS:
+            (base / "bin" / applet).symlink_to("busybox")
+        layout = work / "layout"
+        _umoci_image(layout, [("busybox-static", base, {}), ("COPY workspace/", None,
+                                                           spec.files)], spec.command, work)
         _finish(layout, final)
     image = _load(final, spec.name, spec.command, spec.workload)
     image.built_now = True

@@ -13,8 +13,10 @@ packages=(
   docker-registry apache2-utils skopeo umoci containerd runc busybox-static
   # FUSE for lazy layers (pyfuse3 builds against libfuse3)
   fuse3 libfuse3-dev pkg-config
-  # the cold-start benchmark builds workspace images from Debian packages
-  debootstrap
+  # the cold-start benchmark builds workspace images from Debian packages, shapes a link
+  # (ip, tc) and records the files a workload opens (strace); its stargz-snapshotter
+  # comparator builds from golang-go and the two Go source packages above
+  debootstrap iproute2 strace
 )
 
 missing=()
