@@ -519,14 +519,19 @@ def test_a_registry_error_reaches_every_reader_and_is_not_remembered(
             fetcher = LayerFetcher(blob.layer, reader_of(client, blob, through_proxy),
                                    new_cache(tmp_path), name="sha256:registry-error")
             node = blob.node("app/etc/settings.toml")
+            wanted = blob.files["app/etc/settings.toml"][:100]
             results = await asyncio.gather(*(fetcher.read(node, 0, 100) for _ in range(5)),
                                            return_exceptions=True)
-            assert all(isinstance(r, NotFoundError) for r in results)
+            # Readers waiting on the failed request all get its error; one that came
+            # after it (a loaded machine can order them so) fetches anew. Never other bytes.
+            failed = [r for r in results if isinstance(r, NotFoundError)]
+            assert failed and all(r == wanted for r in results if r not in failed), results
             assert sample("lazypull_read_failures_total", layer="sha256:registry-error",
-                          reason="fetch") == 5
-            assert len(proxy.requests("GET", r"/blobs/")) == 1
-            assert await fetcher.read(node, 0, 100) == blob.files["app/etc/settings.toml"][:100]
-            assert len(proxy.requests("GET", r"/blobs/")) == 2
+                          reason="fetch") == len(failed)
+            asked = len(proxy.requests("GET", r"/blobs/"))
+            assert asked == (1 if len(failed) == 5 else 2)
+            assert await fetcher.read(node, 0, 100) == wanted  # the error is not remembered
+            assert len(proxy.requests("GET", r"/blobs/")) == asked + (asked == 1)
 
     run(scenario())
 
