@@ -100,6 +100,7 @@ CACHE_CORRUPT = Counter("lazypull_chunk_cache_corrupt_chunks_total",
                         registry=REGISTRY)
 CACHE_BYTES = Gauge("lazypull_chunk_cache_bytes", "Bytes of chunks stored on disk",
                     registry=REGISTRY)
+_MEMORY_HITS, _DISK_HITS = CACHE_HITS.labels("memory"), CACHE_HITS.labels("disk")
 
 
 @dataclass
@@ -302,7 +303,7 @@ class ChunkCache:
                 return None
             self._touch(digest)
             self.stats.memory_hits += 1
-        CACHE_HITS.labels("memory").inc()
+        _MEMORY_HITS.inc()
         return data
 
     def get(self, digest: str) -> bytes | None:
@@ -341,7 +342,7 @@ class ChunkCache:
             self._memory.admit_read(digest, data, since=mark)
             self.stats.disk_hits += 1
             write_touches = len(self._touches) >= TOUCH_FLUSH
-        CACHE_HITS.labels("disk").inc()
+        _DISK_HITS.inc()
         if write_touches:
             self._write_touches_if_idle()
         return data
