@@ -102,7 +102,8 @@ CACHE_EVICTIONS = Counter("lazypull_chunk_cache_evictions_total",
                           "Chunks evicted from disk to stay under the size limit",
                           registry=REGISTRY)
 CACHE_CORRUPT = Counter("lazypull_chunk_cache_corrupt_chunks_total",
-                        "Chunk files that no longer matched their digest and were deleted",
+                        "Chunks (packed or files) that no longer matched their digest and "
+                        "were deleted",
                         registry=REGISTRY)
 CACHE_BYTES = Gauge("lazypull_chunk_cache_bytes", "Bytes of chunks stored on disk",
                     registry=REGISTRY)
