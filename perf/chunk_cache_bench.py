@@ -1,13 +1,23 @@
-"""Chunk cache: put and get throughput, memory and disk use, against an older design.
+"""Chunk cache: throughput, warm reads during a fill, memory and disk use, against an
+older design.
 
 The older design is the chunk cache of a git revision (--old, default the one before
 the SQLite index: a file per chunk and an index of Python objects), loaded from
 `git show`. Each case runs in a child process, a fresh interpreter: the child
-reports its own figures. Memory is measured twice, in two children: the peak of
-Python allocations (tracemalloc, which slows the run and adds its own memory) and,
-untraced, RSS and time. Throughput is the best of --repeat runs (the machines are
-shared). Tiny chunks are shaped like the files of `perf scale`'s
-10^6-file layer (18 to 130 bytes). Figures are reported, never asserted.
+reports its own figures.
+
+- throughput: put then get (from disk) of 4 KiB and 1 MiB chunks, one at a time,
+  and put_many by 256 where the design has it (the fetcher stores a request so);
+- warm: reads of 4000 chunks read before (64 MiB memory tier), idle and while
+  another thread stores 20000 more;
+- tiny: 10^5 and 10^6 tiny chunks, shaped like the files of `perf scale`'s
+  10^6-file layer (18 to 130 bytes), with the memory tier off and at the config's
+  default: time, RSS, disk, files, a restart; and, in a second child, the peak of
+  Python allocations (tracemalloc slows the run and adds memory of its own);
+- protect: a million digests protected at once, then released.
+
+Rates are the best of --repeat runs (the machines are shared). Figures are
+reported, never asserted.
 """
 
 import argparse
@@ -18,8 +28,10 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "chunk-cache.json"
@@ -122,12 +134,57 @@ def run_protect(cache_class: type, root: str, count: int, traced: bool) -> dict:
     return {**figures, "release_seconds": time.perf_counter() - start}
 
 
+def run_warm(cache_class: type, root: str, warm: int, fill: int, memory_mib: int) -> dict:
+    """Reads of `warm` 4 KiB chunks, read once before, while another thread stores
+    `fill` more (as a background fetch does, a request's chunks at a time)."""
+    base = os.urandom(4096)
+    chunks = [(f"sha256:{hashlib.sha256(sized(i, base)).hexdigest()}", i)
+              for i in range(warm + fill)]
+    cache = cache_class(root, max_bytes=1 << 40, memory_bytes=memory_mib * MIB)
+    for digest, i in chunks[:warm]:
+        cache.put(digest, sized(i, base))
+        cache.get(digest)
+
+    def reads_per_s(until: Callable[[], bool]) -> float:
+        done, start = 0, time.perf_counter()
+        while not until():
+            for digest, _ in chunks[:warm:7]:
+                assert cache.get(digest) is not None
+            done += len(chunks[:warm:7])
+        return done / (time.perf_counter() - start)
+
+    idle_until = time.perf_counter() + 2
+    idle = reads_per_s(lambda: time.perf_counter() > idle_until)
+    filled = threading.Event()
+
+    def fill_cache() -> None:
+        batch = hasattr(cache, "put_many")
+        for first in range(warm, warm + fill, 256):
+            part = [(digest, sized(i, base)) for digest, i in chunks[first:first + 256]]
+            if batch:
+                cache.put_many(part)
+            else:
+                for digest, data in part:
+                    cache.put(digest, data)
+        filled.set()
+
+    start = time.perf_counter()
+    filler = threading.Thread(target=fill_cache)
+    filler.start()
+    during = reads_per_s(filled.is_set)
+    filler.join()
+    return {"warm_reads_idle_per_s": idle, "warm_reads_during_fill_per_s": during,
+            "fill_puts_per_s": fill / (time.perf_counter() - start)}
+
+
 def child(impl: str, case: str, root: str, a: int, b: int, traced: bool) -> dict:
     cache_class = load_cache_class(impl)
     if case == "throughput":
         return run_throughput(cache_class, root, a, b)
     if case == "protect":
         return run_protect(cache_class, root, a, traced)
+    if case == "warm":
+        return run_warm(cache_class, root, a, b, 64)
     return run_tiny(cache_class, root, a, b, traced)
 
 
@@ -140,8 +197,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="counts of tiny chunks (default: %(default)s)")
     p.add_argument("--memory-mib", type=int, nargs="+", default=[0, 256],
                    help="memory tier sizes for the tiny cases (256: the config default)")
-    p.add_argument("--cases", nargs="+", default=["throughput", "tiny", "protect"],
-                   choices=["throughput", "tiny", "protect"])
+    p.add_argument("--cases", nargs="+", default=["throughput", "warm", "tiny", "protect"],
+                   choices=["throughput", "warm", "tiny", "protect"])
     p.add_argument("--impl", nargs="+", default=["old", "new"], choices=["old", "new"])
     p.add_argument("--protect", type=int, default=1_000_000, help="digests protected at once")
     p.add_argument("--repeat", type=int, default=3, help="runs of each throughput case")
@@ -164,14 +221,15 @@ def main(argv: list[str]) -> int:
                                   cwd=Path(__file__).parent).stdout)
     groups = {"throughput": [("throughput", 4096, 20_000), ("throughput", MIB, 256)],
               "tiny": [("tiny", n, mib) for n in args.tiny for mib in args.memory_mib],
-              "protect": [("protect", args.protect, 0)]}
+              "protect": [("protect", args.protect, 0)],
+              "warm": [("warm", 4000, 20_000)]}
     cases = [case for group in args.cases for case in groups[group]]
     results = []
     for case, a, b in cases:
         for name in args.impl:
             impl = str(old) if name == "old" else "new"
             figures = {"impl": name, "case": case, "a": a, "b": b}
-            runs = [False] * args.repeat if case == "throughput" else [False, True]
+            runs = [False] * args.repeat if case in ("throughput", "warm") else [False, True]
             for traced in runs:
                 root = args.workdir / f"{figures['impl']}-{case}-{a}-{b}-{int(traced)}"
                 done = subprocess.run(

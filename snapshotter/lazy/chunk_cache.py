@@ -6,13 +6,19 @@ images hold is stored once.
 Where chunks live. An SQLite index, ROOT/chunks.db (see chunk_index), has a row per
 chunk: its size, its LRU clock and, for a chunk of at most PACK_LIMIT bytes, the bytes
 themselves ("packed"). Larger chunks are files, ROOT/sha256/<2 hex>/<64 hex>, with a
-row that says so. A layer of a million tiny files has a million tiny chunks: as files
-they cost a 4 KiB block and an inode each, and an index of Python objects cost about
-470 bytes of memory each; packed, they cost their bytes and a few dozen bytes of
-B-tree on disk, and memory does not grow with their number (each connection keeps at
-most 2 MiB of pages). The directory used to be the index (a file per chunk, mtimes as
-the LRU order, one stat per chunk at start); that needed the whole index in memory
-and a scan of every chunk to start.
+row that says so.
+
+Why SQLite now. The directory used to be the index: a file per chunk, mtimes as the
+LRU order, the index rebuilt in memory by a stat of every chunk at start. A layer of
+a million tiny files has a million tiny chunks, and that cost a 4 KiB block and an
+inode per chunk and about 310 bytes of Python objects per chunk (perf chunk-cache, a
+million chunks: 4.1 GB of disk, 367 MB of RSS, 15 s to start). Packed in a B-tree they
+cost their bytes and about 125 bytes of index each, memory does not grow with their
+number (each connection keeps at most 2 MiB of pages; nothing is listed in memory),
+a start reads an index rather than a file per chunk (0.1 s for a million), and a
+transaction changes rows, LRU order and protection together, so a crash cannot
+leave them disagreeing. The layer index (estargz.layer)
+made the same choice for the same reason.
 
 Verification. Bytes are hashed on the way in (a mismatch is refused) and again on
 every read from disk, packed or not: a row or file that no longer matches its digest
@@ -26,7 +32,8 @@ evicted file is unlinked after the transaction that removes its row. So a crash
 leaves at worst a temp file (removed at the next start), a file without its row
 (adopted at the next start) or, if files were removed behind the cache's back, a row
 without its file (dropped at the next start, or when a read or `on_disk` finds it
-gone). The start scans the rows of file chunks and the files, never the packed rows.
+gone). The start (chunk_repair) visits the rows of file chunks and the files, never the
+packed rows.
 
 LRU. Each chunk's `used` clock orders eviction. A hit does not write: it notes the
 chunk in a bounded buffer of touches (TOUCH_BUFFER; beyond it, touches are dropped and
@@ -54,7 +61,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -65,21 +71,19 @@ from dataclasses import dataclass, field
 from estargz import DigestMismatch
 
 from ..prometheus import Counter, Gauge
-from .chunk_index import connect, one, open_index
-from .chunk_shield import Shield
+from .chunk_index import HEX, PACK_LIMIT, connect, one, open_index
+from .chunk_repair import chunk_path, repair, unlink_quietly
+from .chunk_shield import Shield, add_holds, drop_owner
 from .memory_tier import MemoryTier
 from .metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
-_HEX = re.compile(r"[0-9a-f]{64}")
 _PREFIX = "sha256:"
-PACK_LIMIT = 64 << 10  # chunks up to this size are stored in the index, larger ones as files
 TOUCH_BUFFER = 16384  # LRU touches kept in memory until a write
 TOUCH_FLUSH = 1024  # a reader writes the touches out from this many, if the writer is idle
 EVICT_BATCH = 1024  # chunks evicted per transaction
 READERS = 4  # reader connections kept open
-REPAIR_BATCH = 1000  # rows or files checked per transaction at start
 _LOOKUP_BATCH = 64  # digests per membership query (a fixed count: one prepared statement)
 _LOOKUP_LIST = "(" + ", ".join("?" * _LOOKUP_BATCH) + ")"
 # Both answered from an index alone: reading the rows, data inline, costs several times more.
@@ -95,10 +99,12 @@ CACHE_EVICTIONS = Counter("lazypull_chunk_cache_evictions_total",
                           "Chunks evicted from disk to stay under the size limit",
                           registry=REGISTRY)
 CACHE_CORRUPT = Counter("lazypull_chunk_cache_corrupt_chunks_total",
-                        "Chunk files that no longer matched their digest and were deleted",
+                        "Chunks (packed or files) that no longer matched their digest and "
+                        "were deleted",
                         registry=REGISTRY)
 CACHE_BYTES = Gauge("lazypull_chunk_cache_bytes", "Bytes of chunks stored on disk",
                     registry=REGISTRY)
+_MEMORY_HITS, _DISK_HITS = CACHE_HITS.labels("memory"), CACHE_HITS.labels("disk")
 
 
 @dataclass
@@ -126,7 +132,7 @@ class _Changes:
 
 def _hex_of(digest: str) -> str:
     if not isinstance(digest, str) or not digest.startswith(_PREFIX) \
-            or not _HEX.fullmatch(digest[len(_PREFIX):]):
+            or not HEX.fullmatch(digest[len(_PREFIX):]):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest[len(_PREFIX):]
 
@@ -282,8 +288,7 @@ class ChunkCache:
 
     def path_of(self, digest: str) -> str:
         """Where the chunk's file is (or would be, for a chunk too large to pack)."""
-        hex_digest = _hex_of(digest)
-        return os.path.join(self._chunk_dir, hex_digest[:2], hex_digest)
+        return chunk_path(self._chunk_dir, _hex_of(digest))
 
     def owners(self) -> list[str]:
         """The owners that protect chunks now."""
@@ -301,7 +306,7 @@ class ChunkCache:
                 return None
             self._touch(digest)
             self.stats.memory_hits += 1
-        CACHE_HITS.labels("memory").inc()
+        _MEMORY_HITS.inc()
         return data
 
     def get(self, digest: str) -> bytes | None:
@@ -340,7 +345,7 @@ class ChunkCache:
             self._memory.admit_read(digest, data, since=mark)
             self.stats.disk_hits += 1
             write_touches = len(self._touches) >= TOUCH_FLUSH
-        CACHE_HITS.labels("disk").inc()
+        _DISK_HITS.inc()
         if write_touches:
             self._write_touches_if_idle()
         return data
@@ -392,7 +397,7 @@ class ChunkCache:
             raise OSError(f"chunk cache index: {exc}") from exc
         finally:
             for temp in temps.values():
-                _unlink_quietly(temp)
+                unlink_quietly(temp)
 
     def _absent_files(self, digests: list[str]) -> list[str]:
         """The large chunks among these that need writing (no temp file for the rest)."""
@@ -407,7 +412,7 @@ class ChunkCache:
             with open(temp, "xb") as file:
                 file.write(data)
         except BaseException:
-            _unlink_quietly(temp)
+            unlink_quietly(temp)
             raise
         return temp
 
@@ -449,7 +454,7 @@ class ChunkCache:
             staging.execute("COMMIT")
             with self._write_lock:
                 self._rank += 1
-                self._merge_protection(staging, owner, self._rank)
+                add_holds(staging, owner, self._rank)
                 self._shield.recompute(self._db)
         finally:
             staging.close()
@@ -459,38 +464,10 @@ class ChunkCache:
             with self._transaction() as changes:
                 row = one(self._db, "SELECT id FROM owners WHERE name = ?", (owner,))
                 if row is not None:
-                    _drop_owner(self._db, row[0])
+                    drop_owner(self._db, row[0])
                     self._shield.recompute(self._db)
                 over = self._evict(changes)
             self._evict_rest(over)
-
-    def _merge_protection(self, staging: sqlite3.Connection, owner: str, rank: int) -> None:
-        """The staged digests become `owner`'s holds, all ranked `rank` (the highest
-        yet). Sorted first, so the B-trees are filled in order."""
-        staging.execute("BEGIN IMMEDIATE")
-        try:
-            staging.execute("""
-                INSERT INTO owners (name, last_rank) VALUES (?, ?)
-                ON CONFLICT (name) DO UPDATE SET last_rank = excluded.last_rank""",
-                            (owner, rank))
-            owner_id = one(staging, "SELECT id FROM owners WHERE name = ?", (owner,))[0]
-            staging.execute("""
-                INSERT INTO holds (digest, owner, rank)
-                SELECT DISTINCT digest, ?, ? FROM temp.staged WHERE true ORDER BY digest
-                ON CONFLICT (digest, owner) DO UPDATE SET rank = excluded.rank""",
-                            (owner_id, rank))
-            staging.execute("""
-                INSERT INTO shield (digest, rank, size)
-                SELECT s.digest, ?, c.size
-                FROM (SELECT DISTINCT digest FROM temp.staged) s
-                LEFT JOIN chunks c ON c.digest = s.digest
-                WHERE true ORDER BY s.digest
-                ON CONFLICT (digest) DO UPDATE SET rank = excluded.rank""", (rank,))
-            staging.execute("COMMIT")
-        except BaseException:
-            if staging.in_transaction:
-                staging.execute("ROLLBACK")
-            raise
 
     # -- the write path (the callers hold the write lock) ----------------------------------
 
@@ -511,7 +488,7 @@ class ChunkCache:
             self._shield.restore(shield_before)
             raise
         for path in changes.unlinks:
-            _unlink_quietly(path)
+            unlink_quietly(path)
         with self._lock:
             self._bytes += changes.bytes
             self._count += changes.count
@@ -693,14 +670,11 @@ class ChunkCache:
     def _open_index(self) -> sqlite3.Connection:
         os.makedirs(self._chunk_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
-        for leftover in os.scandir(self.temp_dir):  # writes that a crash interrupted
-            _remove_quietly(leftover.path)
         return open_index(self._index_path)
 
     def _load(self) -> None:
         with self._write_lock:
-            self._drop_rows_without_files()
-            self._adopt_files_without_rows()
+            repair(self._db, self._chunk_dir, self.temp_dir)
             count, total = one(self._db, "SELECT count(*), coalesce(sum(size), 0) FROM chunks")
             self._count, self._bytes = count, total
             CACHE_BYTES.inc(total)
@@ -709,108 +683,7 @@ class ChunkCache:
             self._shield.recompute(self._db)
             self._evict_rest(True)  # the limit may have shrunk since the last run
 
-    def _drop_rows_without_files(self) -> None:
-        """Rows of file chunks whose files are gone (removed while we were down)."""
-        after = b""
-        while True:
-            keys = [key for (key,) in self._db.execute(
-                "SELECT digest FROM chunks WHERE data IS NULL AND digest > ? "
-                "ORDER BY digest LIMIT ?", (after, REPAIR_BATCH))]
-            if not keys:
-                return
-            after = keys[-1]
-            gone = [key for key in keys
-                    if not os.path.exists(self.path_of(_PREFIX + key.hex()))]
-            if gone:
-                log.info("chunk cache: %d chunk files are gone; forgetting them", len(gone))
-                with self._transaction():
-                    for key in gone:
-                        self._db.execute("DELETE FROM chunks WHERE digest = ?", (key,))
-                        self._db.execute("UPDATE shield SET size = NULL WHERE digest = ?",
-                                         (key,))
-
-    def _adopt_files_without_rows(self) -> None:
-        """Files whose rows never committed (a crash between the rename and the
-        commit) or that an older cache wrote: small ones are verified and packed,
-        large ones get a row (and are verified when read). Strays are removed."""
-        batch: list[os.DirEntry[str]] = []
-        for prefix in os.scandir(self._chunk_dir):
-            if not prefix.is_dir(follow_symlinks=False):
-                _remove_quietly(prefix.path)
-                continue
-            for item in os.scandir(prefix.path):
-                if not (_HEX.fullmatch(item.name) and item.name[:2] == prefix.name
-                        and item.is_file(follow_symlinks=False)):
-                    log.info("chunk cache: removing stray %s", item.path)
-                    _remove_quietly(item.path)
-                    continue
-                batch.append(item)
-                if len(batch) >= REPAIR_BATCH:
-                    self._adopt(batch)
-                    batch = []
-        self._adopt(batch)
-
-    def _adopt(self, items: list[os.DirEntry[str]]) -> None:
-        redundant: list[str] = []  # files whose chunks are packed (once committed)
-        with self._transaction():
-            for item in items:
-                key = bytes.fromhex(item.name)
-                row = one(self._db, "SELECT data IS NULL FROM chunks WHERE digest = ?",
-                          (key,))
-                if row is not None:
-                    if not row[0]:
-                        redundant.append(item.path)
-                    continue
-                stat = item.stat(follow_symlinks=False)
-                data = None
-                if stat.st_size <= PACK_LIMIT:
-                    with open(item.path, "rb") as file:
-                        data = file.read()
-                    redundant.append(item.path)
-                    if hashlib.sha256(data).hexdigest() != item.name:
-                        log.warning("chunk cache: %s failed its hash; deleted", item.path)
-                        continue
-                self._db.execute(
-                    "INSERT INTO chunks (digest, size, used, data) VALUES (?, ?, ?, ?)",
-                    (key, stat.st_size, stat.st_mtime_ns // 1000, data))
-                self._db.execute("UPDATE shield SET size = ? WHERE digest = ?",
-                                 (stat.st_size, key))
-        for path in redundant:
-            _unlink_quietly(path)
-
 
 def _present(row: tuple | None, path: str) -> bool:
     """Whether a chunk with this `data IS NULL` row (None: no row) is stored."""
     return row is not None and (not row[0] or os.path.exists(path))
-
-
-def _drop_owner(db: sqlite3.Connection, owner_id: int) -> None:
-    """Remove an owner's holds; each digest keeps the rank of its latest other holder,
-    or leaves the shield table."""
-    db.execute("""
-        DELETE FROM shield
-        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)
-          AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.digest = shield.digest
-                                                  AND h.owner != ?)""", (owner_id, owner_id))
-    db.execute("""
-        UPDATE shield SET rank = (SELECT max(h.rank) FROM holds h
-                                  WHERE h.digest = shield.digest AND h.owner != ?)
-        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)""", (owner_id, owner_id))
-    db.execute("DELETE FROM holds WHERE owner = ?", (owner_id,))
-    db.execute("DELETE FROM owners WHERE id = ?", (owner_id,))
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _remove_quietly(path: str) -> None:
-    """Remove a file or a directory tree that is not ours to keep (start-up cleaning)."""
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            for item in os.scandir(path):
-                _remove_quietly(item.path)
-            os.rmdir(path)
-        else:
-            os.unlink(path)

@@ -18,11 +18,14 @@ writer. Each connection keeps at most PAGE_CACHE_KIB of pages in memory.
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1  # bumped whenever the tables change: an index of another format is rebuilt
+PACK_LIMIT = 64 << 10  # chunks up to this size are stored in the index, larger ones as files
+HEX = re.compile(r"[0-9a-f]{64}")  # a digest's hex, as the files under sha256/ are named
 PAGE_CACHE_KIB = 2048
 WAL_LIMIT = 64 << 20
 

@@ -1,4 +1,6 @@
-"""Which protected chunks eviction skips, kept up to date without listing them.
+"""Protection in the chunk index: who holds which digests (`add_holds`,
+`drop_owner`), and which protected chunks eviction skips (`Shield`), kept up to date
+without listing them.
 
 Stored protected chunks are ranked by their latest protection, most recent first (ties
 by digest, larger first), and the longest prefix of that ranking that fits in `budget`
@@ -15,7 +17,7 @@ A chunk stored or forgotten moves the boundary by a few indexed queries (`stored
 instead of stepping over the same shielded chunks on every put. A chunk that leaves
 the shield moves the hand back before it.
 
-Not thread-safe: the cache uses it under its write lock, with its writer connection.
+Not thread-safe: the cache calls all of it under its write lock.
 """
 
 import sqlite3
@@ -130,3 +132,49 @@ def _next_below(db: sqlite3.Connection, key: Key) -> Floor | None:
         WHERE size IS NOT NULL AND (rank, digest) < (?, ?)
         ORDER BY rank DESC, digest DESC LIMIT 1""", key)
     return Floor(*row) if row else None
+
+
+def add_holds(staging: sqlite3.Connection, owner: str, rank: int) -> None:
+    """The digests in `staging`'s temp.staged table (indexed by digest) become
+    `owner`'s holds, all ranked `rank` (the highest yet), in one transaction. Read in
+    order, so the B-trees are filled in order."""
+    staging.execute("BEGIN IMMEDIATE")
+    try:
+        staging.execute("""
+            INSERT INTO owners (name, last_rank) VALUES (?, ?)
+            ON CONFLICT (name) DO UPDATE SET last_rank = excluded.last_rank""",
+                        (owner, rank))
+        owner_id = one(staging, "SELECT id FROM owners WHERE name = ?", (owner,))[0]
+        staging.execute("""
+            INSERT INTO holds (digest, owner, rank)
+            SELECT DISTINCT digest, ?, ? FROM temp.staged WHERE true ORDER BY digest
+            ON CONFLICT (digest, owner) DO UPDATE SET rank = excluded.rank""",
+                        (owner_id, rank))
+        staging.execute("""
+            INSERT INTO shield (digest, rank, size)
+            SELECT s.digest, ?, c.size
+            FROM (SELECT DISTINCT digest FROM temp.staged) s
+            LEFT JOIN chunks c ON c.digest = s.digest
+            WHERE true ORDER BY s.digest
+            ON CONFLICT (digest) DO UPDATE SET rank = excluded.rank""", (rank,))
+        staging.execute("COMMIT")
+    except BaseException:
+        if staging.in_transaction:
+            staging.execute("ROLLBACK")
+        raise
+
+
+def drop_owner(db: sqlite3.Connection, owner_id: int) -> None:
+    """Remove an owner's holds; each digest keeps the rank of its latest other holder,
+    or leaves the shield table."""
+    db.execute("""
+        DELETE FROM shield
+        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)
+          AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.digest = shield.digest
+                                                  AND h.owner != ?)""", (owner_id, owner_id))
+    db.execute("""
+        UPDATE shield SET rank = (SELECT max(h.rank) FROM holds h
+                                  WHERE h.digest = shield.digest AND h.owner != ?)
+        WHERE digest IN (SELECT digest FROM holds WHERE owner = ?)""", (owner_id, owner_id))
+    db.execute("DELETE FROM holds WHERE owner = ?", (owner_id,))
+    db.execute("DELETE FROM owners WHERE id = ?", (owner_id,))
