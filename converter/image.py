@@ -116,13 +116,6 @@ class ConvertReport:
         return asdict(self)
 
 
-def _platform_matches(descriptor: Descriptor, wanted: tuple[str, ...]) -> bool:
-    if not wanted:
-        return True
-    have = descriptor.platform_string
-    return any(have == w or have.startswith(w + "/") for w in wanted)
-
-
 def layer_settings(fingerprint: str, hot: list[str]) -> str:
     """How a layer was converted: recorded on it, so converting it again with the
     same settings passes it through."""
@@ -201,7 +194,7 @@ class ImageConverter:
                 self.progress.message(f"dropping attestation manifest {child.digest} "
                                       "(it describes the unconverted image)")
                 continue
-            if not _platform_matches(child, self.options.platforms):
+            if not child.matches_platforms(self.options.platforms):
                 continue
             data, media_type, digest = await self.source.get_manifest(child.digest)
             try:

@@ -84,13 +84,6 @@ class IndexReport:
         return asdict(self)
 
 
-def _platform_matches(descriptor: Descriptor, wanted: tuple[str, ...]) -> bool:
-    if not wanted:
-        return True
-    have = descriptor.platform_string
-    return any(have == w or have.startswith(w + "/") for w in wanted)
-
-
 def skip_reason(layer: Descriptor) -> str | None:
     """Why a layer gets no gzip index, or None if it gets one."""
     if layer.media_type in mt.FOREIGN_LAYERS or layer.urls:
@@ -162,7 +155,7 @@ class ImageIndexer:
                 continue  # nested indexes, artifacts
             if child.annotations.get("vnd.docker.reference.type") == _ATTESTATION:
                 continue
-            if not _platform_matches(child, self.options.platforms):
+            if not child.matches_platforms(self.options.platforms):
                 continue
             data, media_type, digest = await self.client.get_manifest(self.reference,
                                                                       child.digest)

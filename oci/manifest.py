@@ -75,6 +75,12 @@ class Descriptor:
         text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
         return f"{text}/{p['variant']}" if p.get("variant") else text
 
+    def matches_platforms(self, wanted: tuple[str, ...]) -> bool:
+        """Whether this manifest's platform is one of `wanted` (`os/arch` matches every
+        variant of it); an empty `wanted` matches every platform."""
+        have = self.platform_string
+        return not wanted or any(have == w or have.startswith(w + "/") for w in wanted)
+
 
 @dataclass
 class Manifest:

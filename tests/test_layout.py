@@ -252,6 +252,11 @@ def test_two_platform_index(tmp_path: Path) -> None:
     index = parse_manifest(data, media_type)
     assert isinstance(index, Index)
     assert [d.platform_string for d in index.manifests] == ["linux/amd64", "linux/arm64"]
+    amd, arm64 = index.manifests
+    assert amd.matches_platforms(()) and amd.matches_platforms(("linux/amd64",))
+    assert arm64.matches_platforms(("linux/amd64", "linux/arm64"))
+    assert not arm64.matches_platforms(("linux/amd64",))
+    assert not amd.matches_platforms(("linux/amd",))  # whole components only
     child = asyncio.run(store.get_manifest(index.manifests[1].digest))
     assert child[1] == mt.OCI_MANIFEST
 
