@@ -287,14 +287,10 @@ class _PieceStream(io.RawIOBase):
         return size
 
 
-def decode_span(index: GzipIndex, span: Span, compressed: bytes) -> bytes:
-    """The span's uncompressed bytes, inflated from `compressed` (the blob's bytes at
-    `span.compressed_range`) and verified against the span's digest."""
-    where = f"span {span.index} of layer {index.layer_digest}"
-    if len(compressed) != span.compressed_end - span.compressed_offset:
-        raise SpanDigestMismatch(f"{where}: got {len(compressed)} compressed bytes, "
-                                 f"expected {span.compressed_end - span.compressed_offset}")
-    window = index.window(span)
+def inflate_span(span: Span, window: bytes, compressed: bytes) -> tuple[bytes, str | None]:
+    """Inflate a span from its checkpoint (`window`, the bits to skip) without
+    verifying it: the bytes produced, and zlib's complaint if it stopped on an error.
+    Callers that serve bytes use `decode_span`, which checks size and digest."""
     inflater = RawInflater()
     try:
         data = compressed
@@ -309,15 +305,26 @@ def decode_span(index: GzipIndex, span: Span, compressed: bytes) -> bytes:
         stream.next_out = ctypes.addressof(out)
         stream.avail_out = span.uncompressed_size
         ret = inflater.inflate(0)
-        if ret not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
-            raise SpanDigestMismatch(f"{where} does not inflate: {inflater.message}")
+        error = None if ret in (Z_OK, Z_STREAM_END, Z_BUF_ERROR) else inflater.message
         produced = span.uncompressed_size - stream.avail_out
     finally:
         inflater.close()
-    if produced != span.uncompressed_size:
-        raise SpanDigestMismatch(f"{where} inflates to {produced} bytes, not "
+    return ctypes.string_at(out, produced), error
+
+
+def decode_span(index: GzipIndex, span: Span, compressed: bytes) -> bytes:
+    """The span's uncompressed bytes, inflated from `compressed` (the blob's bytes at
+    `span.compressed_range`) and verified against the span's digest."""
+    where = f"span {span.index} of layer {index.layer_digest}"
+    if len(compressed) != span.compressed_end - span.compressed_offset:
+        raise SpanDigestMismatch(f"{where}: got {len(compressed)} compressed bytes, "
+                                 f"expected {span.compressed_end - span.compressed_offset}")
+    result, error = inflate_span(span, index.window(span), compressed)
+    if error is not None:
+        raise SpanDigestMismatch(f"{where} does not inflate: {error}")
+    if len(result) != span.uncompressed_size:
+        raise SpanDigestMismatch(f"{where} inflates to {len(result)} bytes, not "
                                  f"{span.uncompressed_size}")
-    result = ctypes.string_at(out, produced)
     if hashlib.sha256(result).digest() != span.digest:
         raise SpanDigestMismatch(f"{where} does not match its digest")
     return result

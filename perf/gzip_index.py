@@ -9,7 +9,6 @@ Figures are reported, never asserted.
 """
 
 import argparse
-import ctypes
 import glob
 import gzip
 import json
@@ -23,8 +22,7 @@ import zlib
 from pathlib import Path
 
 import gzindex
-from gzindex.reader import Span
-from gzindex.zlib_api import RawInflater
+from gzindex.reader import Span, inflate_span
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "gzip-index.json"
 DEFAULT_WORKDIR = Path("/tmp/lazypull-perf-gzip-index")
@@ -68,21 +66,7 @@ def _shift_resume(span: Span, window: bytes, compressed: bytes) -> bytes:
 
 def _prime_resume(span: Span, window: bytes, compressed: bytes) -> bytes:
     """Resume with zlib's inflatePrime and inflateSetDictionary (what gzindex does)."""
-    inflater = RawInflater()
-    data = compressed
-    if span.skip_bits:
-        inflater.prime(8 - span.skip_bits, compressed[0] >> span.skip_bits)
-        data = compressed[1:]
-    inflater.set_window(window)
-    out = ctypes.create_string_buffer(span.uncompressed_size)
-    stream = inflater.stream
-    stream.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    stream.avail_in = len(data)
-    stream.next_out = ctypes.addressof(out)
-    stream.avail_out = span.uncompressed_size
-    inflater.inflate(0)
-    inflater.close()
-    return ctypes.string_at(out, span.uncompressed_size - stream.avail_out)
+    return inflate_span(span, window, compressed)[0]
 
 
 def measure(layer: Path, spacing: int, workdir: Path, random_reads: int) -> dict[str, object]:
