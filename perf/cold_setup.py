@@ -365,7 +365,8 @@ def shaped_registry(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
     path.open()
     registry = None
     try:
-        registry = start_registry_in_namespace(workdir / "registry", path.registry_address)
+        registry = start_registry_in_namespace(workdir / "registry", path.ns_registry,
+                                               path.registry_address)
         hosts_dir = workdir / "hosts"
         write_hosts(hosts_dir, registry.host)
         service_config = workdir / "service.toml"

@@ -10,7 +10,6 @@ import os
 import secrets
 import selectors
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.convert_throughput import _cpu_model, _first_line, _row
-from perf.netem import NS_REGISTRY
+from perf.processes import stop_process
 from perf.stargz import PROXY_CONFIG as STARGZ_PROXY_CONFIG
 from perf.stargz import StargzDaemon, StargzTools
 from tests.fixtures.containerd import Containerd, start_containerd, stop_containerd, unmount_below
@@ -92,16 +91,10 @@ class Registry:
     root: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # by PID
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
-def start_registry_in_namespace(workdir: Path, address: str) -> Registry:
+def start_registry_in_namespace(workdir: Path, namespace: str, address: str) -> Registry:
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
     root.mkdir(exist_ok=True)
@@ -116,7 +109,7 @@ def start_registry_in_namespace(workdir: Path, address: str) -> Registry:
     path.write_text(json.dumps(config, indent=2))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir)}
     with open(workdir / "registry.log", "ab") as out:
-        process = subprocess.Popen(["ip", "netns", "exec", NS_REGISTRY, "docker-registry",
+        process = subprocess.Popen(["ip", "netns", "exec", namespace, "docker-registry",
                                     "serve", str(path)], stdout=out, stderr=subprocess.STDOUT,
                                    env=env, cwd=workdir)
     registry = Registry(f"{address}:{REGISTRY_PORT}", process, root)
@@ -218,13 +211,7 @@ class TaskEvents:
         return self.first.get(topic)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # by PID
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=5)
 
 
 def parse_go_time(date: str, clock: str, offset: str) -> float:

@@ -3,11 +3,12 @@
 This kernel has no netem (and no modules to load), so the delay is a userspace
 forwarder. The topology, all of it in namespaces this module creates:
 
-    root namespace          namespace lpperf-fwd                 namespace lpperf-reg
-    lpp-h 10.203.77.1/30 -- lpp-fa  [forwarder: holds every  -- lpp-fb ... lpp-r 10.203.77.2/30
+    root namespace          namespace lpperf0-fwd                namespace lpperf0-reg
+    lpp0-h 10.203.77.1/30 - lpp0-fa [forwarder: holds every  -- lpp0-fb .. lpp0-r 10.203.77.2/30
     (tbf: client -> reg)            frame DELAY ms, both ways]           (tbf: reg -> client)
 
-`lpp-h`/`lpp-fa` and `lpp-fb`/`lpp-r` are veth pairs. The forwarder bridges `lpp-fa`
+`lpp0-h`/`lpp0-fa` and `lpp0-fb`/`lpp0-r` are veth pairs (slot 0; a second run
+beside it takes slot 1, and so on). The forwarder bridges `lpp-fa`
 and `lpp-fb` at layer 2 with AF_PACKET sockets (PACKET_VNET_HDR, so 64 KiB GSO frames
 pass whole with their checksum-offload state, and PACKET_IGNORE_OUTGOING, so it never
 reads back what it sent). Every frame waits DELAY ms in a queue before it is sent on:
@@ -31,12 +32,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-NS_FORWARD = "lpperf-fwd"
-NS_REGISTRY = "lpperf-reg"
-HOST_IF, FWD_A, FWD_B, REG_IF = "lpp-h", "lpp-fa", "lpp-fb", "lpp-r"
+from perf.processes import stop_process
+
+# Each path takes a free slot, so runs side by side (a benchmark beside the tests) do not
+# meet: slot N names its namespaces lpperfN-fwd / lpperfN-reg and its veths lppN-*.
+SLOTS = 4
 SUBNET_CANDIDATES = ("10.203.77.0/30", "10.203.78.0/30", "10.231.5.0/30", "10.117.9.0/30")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,8 +63,10 @@ def in_ns(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProces
     return sh("ip", "netns", "exec", ns, *args, check=check)
 
 
-def free_subnet() -> ipaddress.IPv4Network:
-    """The first candidate /30 that no address or route of the root namespace overlaps."""
+def free_subnet(first: int = 0) -> ipaddress.IPv4Network:
+    """The first candidate /30, from candidate `first` on (a slot's own, so runs that
+    start together pick different ones), that no address or route of the root
+    namespace overlaps."""
     used = []
     for line in sh("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
         word = line.split()[0] if line.split() else ""
@@ -71,7 +76,7 @@ def free_subnet() -> ipaddress.IPv4Network:
             used.append(ipaddress.ip_network(word, strict=False))
         except ValueError:
             continue
-    for text in SUBNET_CANDIDATES:
+    for text in SUBNET_CANDIDATES[first:] + SUBNET_CANDIDATES[:first]:
         net = ipaddress.ip_network(text)
         if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
             return net
@@ -145,44 +150,67 @@ class ShapedPath:
     rate: str  # tc rate, e.g. "100mbit"
     delay_ms: float  # one way
     workdir: Path
-    subnet: ipaddress.IPv4Network = field(default_factory=free_subnet)
+    subnet: ipaddress.IPv4Network | None = None  # chosen at open
     forwarder: subprocess.Popen | None = None
     shaped: bool = False
+    slot: int | None = None  # taken at open
+
+    @property
+    def ns_forward(self) -> str:
+        return f"lpperf{self.slot}-fwd"
+
+    @property
+    def ns_registry(self) -> str:
+        return f"lpperf{self.slot}-reg"
+
+    def _if(self, role: str) -> str:
+        return f"lpp{self.slot}-{role}"
 
     @property
     def host_address(self) -> str:
+        assert self.subnet is not None, "open() first"
         return str(self.subnet.network_address + 1)
 
     @property
     def registry_address(self) -> str:
+        assert self.subnet is not None, "open() first"
         return str(self.subnet.network_address + 2)
+
+    def _take_slot(self) -> None:
+        """The first slot whose forwarding namespace this call creates: `ip netns add`
+        fails when the name exists, so two runs starting together never share one."""
+        for slot in range(SLOTS):
+            if sh("ip", "netns", "add", f"lpperf{slot}-fwd", check=False).returncode == 0:
+                self.slot = slot
+                return
+        raise RuntimeError(f"all {SLOTS} shaped-path slots are taken (namespaces lpperfN-fwd): "
+                           "other runs, or leftovers (`ip netns del` them if none is going on)")
 
     def open(self) -> "ShapedPath":
         """Namespaces, veths, addresses and the forwarder; no rate limit yet (see shape)."""
-        for ns in (NS_FORWARD, NS_REGISTRY):
-            if ns in sh("ip", "netns", "list").stdout.split():
-                raise RuntimeError(f"network namespace {ns} exists: another run, or a "
-                                   f"leftover (`ip netns del {ns}` if no run is going on)")
-        sh("ip", "netns", "add", NS_FORWARD)
+        self._take_slot()
+        host_if, fwd_a, fwd_b, reg_if = (self._if(r) for r in ("h", "fa", "fb", "r"))
         try:
-            sh("ip", "netns", "add", NS_REGISTRY)
-            sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", FWD_A,
-               "netns", NS_FORWARD)
-            in_ns(NS_FORWARD, "ip", "link", "add", FWD_B, "type", "veth", "peer", "name",
-                  REG_IF, "netns", NS_REGISTRY)
+            if self.subnet is None:
+                self.subnet = free_subnet(self.slot or 0)
+            sh("ip", "netns", "add", self.ns_registry)
+            sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", fwd_a,
+               "netns", self.ns_forward)
+            in_ns(self.ns_forward, "ip", "link", "add", fwd_b, "type", "veth", "peer", "name",
+                  reg_if, "netns", self.ns_registry)
             prefix = self.subnet.prefixlen
-            sh("sysctl", "-qw", f"net.ipv6.conf.{HOST_IF}.disable_ipv6=1")
-            sh("ip", "addr", "add", f"{self.host_address}/{prefix}", "dev", HOST_IF)
-            sh("ip", "link", "set", HOST_IF, "up")
-            for ns in (NS_FORWARD, NS_REGISTRY):
+            sh("sysctl", "-qw", f"net.ipv6.conf.{host_if}.disable_ipv6=1")
+            sh("ip", "addr", "add", f"{self.host_address}/{prefix}", "dev", host_if)
+            sh("ip", "link", "set", host_if, "up")
+            for ns in (self.ns_forward, self.ns_registry):
                 in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
                 in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
                 in_ns(ns, "ip", "link", "set", "lo", "up")
-            for name in (FWD_A, FWD_B):
-                in_ns(NS_FORWARD, "ip", "link", "set", name, "up")
-            in_ns(NS_REGISTRY, "ip", "addr", "add", f"{self.registry_address}/{prefix}",
-                  "dev", REG_IF)
-            in_ns(NS_REGISTRY, "ip", "link", "set", REG_IF, "up")
+            for name in (fwd_a, fwd_b):
+                in_ns(self.ns_forward, "ip", "link", "set", name, "up")
+            in_ns(self.ns_registry, "ip", "addr", "add", f"{self.registry_address}/{prefix}",
+                  "dev", reg_if)
+            in_ns(self.ns_registry, "ip", "link", "set", reg_if, "up")
             self.start_forwarder(0.0)
         except BaseException:
             self.close()
@@ -193,21 +221,16 @@ class ShapedPath:
         self.stop_forwarder()
         log = open(self.workdir / "forwarder.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.forwarder = subprocess.Popen(
-            ["ip", "netns", "exec", NS_FORWARD, sys.executable, "-m", "perf.netem", "forward",
-             FWD_A, FWD_B, str(delay_ms)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log)
+            ["ip", "netns", "exec", self.ns_forward, sys.executable, "-m", "perf.netem",
+             "forward", self._if("fa"), self._if("fb"), str(delay_ms)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log)
         log.close()
         assert self.forwarder.stdout is not None
         if self.forwarder.stdout.readline().strip() != b"forwarding":
             raise RuntimeError(f"the forwarder did not start: {self.workdir / 'forwarder.log'}")
 
     def stop_forwarder(self) -> None:
-        if self.forwarder is not None and self.forwarder.poll() is None:
-            self.forwarder.send_signal(signal.SIGTERM)  # by PID
-            try:
-                self.forwarder.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.forwarder.kill()
-                self.forwarder.wait()
+        stop_process(self.forwarder)
         self.forwarder = None
 
     def shape(self) -> None:
@@ -218,31 +241,34 @@ class ShapedPath:
         """
         latency = f"{max(20.0, 2 * self.delay_ms):g}ms"
         tbf = ["tbf", "rate", self.rate, "burst", "128kb", "latency", latency]
-        sh("tc", "qdisc", "replace", "dev", HOST_IF, "root", *tbf)
-        in_ns(NS_REGISTRY, "tc", "qdisc", "replace", "dev", REG_IF, "root", *tbf)
+        sh("tc", "qdisc", "replace", "dev", self._if("h"), "root", *tbf)
+        in_ns(self.ns_registry, "tc", "qdisc", "replace", "dev", self._if("r"), "root", *tbf)
         self.start_forwarder(self.delay_ms)
         self.shaped = True
 
     def unshape(self) -> None:
-        sh("tc", "qdisc", "del", "dev", HOST_IF, "root", check=False)
-        in_ns(NS_REGISTRY, "tc", "qdisc", "del", "dev", REG_IF, "root", check=False)
+        sh("tc", "qdisc", "del", "dev", self._if("h"), "root", check=False)
+        in_ns(self.ns_registry, "tc", "qdisc", "del", "dev", self._if("r"), "root", check=False)
         self.start_forwarder(0.0)
         self.shaped = False
 
     def bytes_to_host(self) -> int:
         """Bytes the registry's side has sent towards the host (tbf's counter, frames
         with their headers): what a sample downloaded, as a difference."""
-        out = in_ns(NS_REGISTRY, "tc", "-s", "qdisc", "show", "dev", REG_IF).stdout
+        out = in_ns(self.ns_registry, "tc", "-s", "qdisc", "show", "dev", self._if("r")).stdout
         words = out.split()
         if "Sent" in words:
             return int(words[words.index("Sent") + 1])
-        return int(in_ns(NS_REGISTRY, "cat", f"/sys/class/net/{REG_IF}/statistics/tx_bytes")
+        stats = f"/sys/class/net/{self._if('r')}/statistics/tx_bytes"
+        return int(in_ns(self.ns_registry, "cat", stats)
                    .stdout.strip())
 
     def close(self) -> None:
         self.stop_forwarder()
-        sh("ip", "link", "del", HOST_IF, check=False)
-        for ns in (NS_REGISTRY, NS_FORWARD):
+        if self.slot is None:
+            return
+        sh("ip", "link", "del", self._if("h"), check=False)
+        for ns in (self.ns_registry, self.ns_forward):
             sh("ip", "netns", "del", ns, check=False)
 
 

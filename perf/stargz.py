@@ -18,12 +18,13 @@ Everything runs as a child process stopped by its PID.
 import hashlib
 import os
 import re
-import signal
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from perf.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "comparators" / "stargz"
@@ -131,14 +132,7 @@ class StargzDaemon:
 
     def stop(self) -> None:
         """SIGTERM (it unmounts its FUSE layers on the way out), then SIGKILL."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)  # by PID
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout=30)
 
     def metrics(self) -> dict[str, float]:
         """stargz's own counters, summed over layers: `mount_ms`, `stargz_toc_get_ms`,
