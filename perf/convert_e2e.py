@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from perf import convert_throughput
-from perf.convert_throughput import Timing, _first_line, _row, environment, timing
+from perf.convert_throughput import Timing, environment, timing
 from perf.images import BuiltImage, LayerSpec, build_image, default_layer_specs, python_stdlib
+from perf.machine import describe, text_table
 from tests.fixtures.registry import RegistryServer, start_registry
 from tests.images import push_layout_image
 
@@ -353,9 +354,7 @@ def table(summaries: list[Summary]) -> str:
         row += [f"{s.time_vs_baseline[b]:.2f}" if b in s.time_vs_baseline else "-"
                 for b in baselines]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [_row(r, widths) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows)
     lines.append("")
     lines += [f"{s.name:<16} {s.label}" for s in summaries]
     return "\n".join(lines)
@@ -538,8 +537,7 @@ def main(argv: list[str]) -> int:
             source.stop()
     summaries = summarize(found, samples, image)
     env = environment(os.cpu_count() or 1)
-    env["skopeo"] = _first_line(["skopeo", "--version"])
-    env["docker_registry"] = _first_line(["docker-registry", "--version"])
+    env |= {k: v for k, v in describe("skopeo", "docker-registry").items() if k not in env}
     data = report(args, image, summaries, samples, warmup, hot, env)
     print_report(image, summaries, data, args.repeat)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ instead of biasing whichever runs last. Only medians are reported, never asserte
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -30,6 +29,7 @@ import zstandard
 
 import estargz
 from perf.corpus import LayerTar, Source, build_layer_tar, default_sources
+from perf.machine import describe, text_table
 
 MB = 1_000_000
 READ_BLOCK = 1 << 20
@@ -208,12 +208,6 @@ def deterministic(samples: dict[str, Samples]) -> bool:
     return len(digests) == 1
 
 
-def _row(cells: list[str], widths: list[int]) -> str:
-    # Name left-aligned, numbers right-aligned so their digits line up.
-    first = cells[0].ljust(widths[0])
-    return "  ".join([first] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
-
-
 def table(summaries: list[Summary]) -> str:
     baselines = [s.name for s in summaries if s.baseline]
     head = ["variant", "median s", "min-max s", "MB/s", "CPU s", "out MB", "ratio"]
@@ -231,9 +225,7 @@ def table(summaries: list[Summary]) -> str:
         ]
         row += [f"{s.vs_baseline[b]:.2f}" if b in s.vs_baseline else "-" for b in baselines]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [_row(r, widths) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows)
     lines.append("")
     lines += [f"{s.name:<16} {s.label}" for s in summaries]
     return "\n".join(lines)
@@ -242,37 +234,12 @@ def table(summaries: list[Summary]) -> str:
 # -- report -----------------------------------------------------------------
 
 
-def _first_line(command: list[str]) -> str | None:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.splitlines()[0] if done.stdout else None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def environment(workers: int) -> dict[str, object]:
-    repo = Path(__file__).resolve().parent.parent
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
+    return describe("gzip") | {
         "estargz_default_workers": workers,
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "zstandard": zstandard.__version__,
         "libzstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
-        "gzip": _first_line(["gzip", "--version"]),
-        "git_commit": _first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
     }
 
 

@@ -23,11 +23,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from perf.convert_throughput import _cpu_model, _first_line, _row
+from perf.machine import describe
 from perf.processes import stop_process
 from perf.stargz import PROXY_CONFIG as STARGZ_PROXY_CONFIG
 from perf.stargz import StargzDaemon, StargzTools
-from tests.fixtures.containerd import Containerd, start_containerd, stop_containerd, unmount_below
+from tests.fixtures.containerd import (
+    Containerd,
+    start_containerd,
+    stop_containerd,
+    unmount_below,
+    with_own_runc_root,
+)
 from tests.fixtures.snapshotter import SnapshotterProcess, free_tcp_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +145,8 @@ class Node:
     events: "TaskEvents | None" = None
 
     def ctr(self, *args: str) -> list[str]:
-        return ["ctr", "--address", self.daemon.address, "--namespace", NAMESPACE, *args]
+        return ["ctr", "--address", self.daemon.address, "--namespace", NAMESPACE,
+                *with_own_runc_root(args, self.daemon.runc_root)]
 
 
 def start_node(base: Path, lazy: bool, service_config: Path,
@@ -364,13 +371,6 @@ def _f(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [_row(r, widths) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def _dirty_files() -> int | None:
     done = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
                           capture_output=True, text=True)
@@ -378,19 +378,8 @@ def _dirty_files() -> int | None:
 
 
 def environment() -> dict[str, object]:
-    import platform
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "containerd": _first_line(["containerd", "--version"]),
-        "runc": _first_line(["runc", "--version"]),
-        "docker_registry": _first_line(["docker-registry", "--version"]),
-        "umoci": _first_line(["umoci", "--version"]),
-        "git_commit": _first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
-        "git_dirty_files": _dirty_files(),
-    }
+    return describe("containerd", "runc", "docker-registry", "umoci") | {
+        "git_dirty_files": _dirty_files()}
 
 
 def machine_problem(benchmark: str) -> str | None:

@@ -11,7 +11,6 @@ from perf.harness import (
     MIB,
     Node,
     _delta,
-    _table,
     drop_caches,
     fetch_metrics,
     lazy_pull,
@@ -20,6 +19,7 @@ from perf.harness import (
     start_node,
     stop_node,
 )
+from perf.machine import text_table
 
 
 def read_file(path: Path) -> tuple[float, int]:
@@ -116,5 +116,5 @@ def throughput_report(throughput: dict, warm_reads: int) -> str:
         f"view, link unshaped: warm page cache (median of {warm_reads}); first read (page "
         "cache cold, lazy: fetched); reread with the page cache dropped (lazy: from the "
         "service's chunk cache)",
-        *_table(rows),
+        *text_table(rows),
         f"lazy-fuse / native-overlayfs (warm): {throughput['warm_ratio_lazy_over_native']:.3f}"])

@@ -33,7 +33,6 @@ asserted. Everything stays on this machine (unix sockets only).
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from perf.convert_throughput import _cpu_model, _first_line, _row
+from perf.machine import describe, first_line, text_table
 from tests.fixtures.containerd import Containerd, start_containerd, stop_containerd
 from tests.fixtures.snapshotter import SnapshotterProcess
 
@@ -283,13 +282,6 @@ def ratios(summaries: list[Summary]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [_row(r, widths) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def table(summaries: list[Summary], ratio: dict[str, dict[str, float]]) -> str:
     head = ["variant", "it/s", "min-max it/s"]
     for op in OPS:
@@ -302,7 +294,7 @@ def table(summaries: list[Summary], ratio: dict[str, dict[str, float]]) -> str:
         for op in OPS:
             row += [f"{s.p50_ms[op]:.2f}", f"{s.p99_ms[op]:.2f}"]
         rows.append(row)
-    lines = ["latencies in ms (median over runs of each run's percentile)", *_table(rows), ""]
+    lines = ["latencies in ms (median over runs of each run's percentile)", *text_table(rows), ""]
 
     names = sorted({n for s in summaries for n in s.cpu_ms_per_iteration})
     rows = [["variant", *[f"CPU ms/it {n}" for n in names], "iter p50 first 10%",
@@ -311,7 +303,7 @@ def table(summaries: list[Summary], ratio: dict[str, dict[str, float]]) -> str:
         rows.append([s.name, *[f"{s.cpu_ms_per_iteration[n]:.2f}" for n in names],
                      f"{s.iteration_p50_ms_first_tenth:.2f}",
                      f"{s.iteration_p50_ms_last_tenth:.2f}", s.last_mount])
-    lines += [*_table(rows), ""]
+    lines += [*text_table(rows), ""]
 
     head = ["lazypull / overlayfs", "it/s"]
     for op in OPS:
@@ -323,7 +315,7 @@ def table(summaries: list[Summary], ratio: dict[str, dict[str, float]]) -> str:
         for op in OPS:
             row += [f"{r[f'{op}_p50']:.2f}", f"{r[f'{op}_p99']:.2f}"]
         rows.append(row)
-    lines += _table(rows)
+    lines += text_table(rows)
     return "\n".join(lines)
 
 
@@ -331,15 +323,7 @@ def table(summaries: list[Summary], ratio: dict[str, dict[str, float]]) -> str:
 
 
 def environment() -> dict[str, object]:
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "go": _first_line(["go", "version"]),
-        "containerd": _first_line(["containerd", "--version"]),
-        "git_commit": _first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
-    }
+    return describe("containerd", go=["go", "version"])
 
 
 def report(args: argparse.Namespace, summaries: list[Summary], ratio: dict,
@@ -393,7 +377,7 @@ def print_report(args: argparse.Namespace, summaries: list[Summary], ratio: dict
 
 
 def _filesystem(path: Path) -> str | None:
-    out = _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(path)])
+    out = first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(path)])
     return " ".join(out.split()) if out else None
 
 

@@ -63,7 +63,6 @@ from perf.harness import (
     Node,
     _delta,
     _f,
-    _table,
     drop_caches,
     environment,
     fetch_metrics,
@@ -74,6 +73,7 @@ from perf.harness import (
     run_to_ready,
     schedule,
 )
+from perf.machine import text_table
 from perf.workspace_images import SPECS, WorkspaceImage
 from tests.fixtures.containerd import start_containerd
 from tests.fixtures.snapshotter import SnapshotterProcess, free_tcp_port
@@ -366,7 +366,7 @@ def table(summary: dict) -> str:
                      _f(wire / MB if wire is not None else None, ".1f"), str(runs[variant])])
     ratios = summary["ratios"]
     return "\n".join([
-        *_table(rows), "",
+        *text_table(rows), "",
         f"warm-boot-to-ready / full-pull:       "
         f"{_f(ratios['warm_boot_to_ready_over_full_pull'], '.3f')}",
         f"first-start-warmed / first-start-local: "
