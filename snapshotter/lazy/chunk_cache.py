@@ -58,6 +58,7 @@ never wait for the writer. One process owns a root at a time.
 """
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -70,6 +71,7 @@ from dataclasses import dataclass, field
 
 from estargz import DigestMismatch
 
+from ..crash_points import crash_point
 from ..prometheus import Counter, Gauge
 from .chunk_index import HEX, PACK_LIMIT, connect, one, open_index
 from .chunk_repair import chunk_path, repair, unlink_quietly
@@ -102,6 +104,10 @@ CACHE_CORRUPT = Counter("lazypull_chunk_cache_corrupt_chunks_total",
                         "Chunks (packed or files) that no longer matched their digest and "
                         "were deleted",
                         registry=REGISTRY)
+CACHE_WRITE_FAILURES = Counter("lazypull_chunk_cache_write_failures_total",
+                               "Stores of chunks that failed (reason: disk-full or error); "
+                               "their chunks were handed out without being cached",
+                               ["reason"], registry=REGISTRY)
 CACHE_BYTES = Gauge("lazypull_chunk_cache_bytes", "Bytes of chunks stored on disk",
                     registry=REGISTRY)
 _MEMORY_HITS, _DISK_HITS = CACHE_HITS.labels("memory"), CACHE_HITS.labels("disk")
@@ -377,24 +383,39 @@ class ChunkCache:
         if not incoming:
             return
         temps: dict[str, str] = {}  # digest -> temp file, for chunks too large to pack
+        placed: list[str] = []  # files renamed into place whose rows are not committed
         try:
             large = [d for d, (_, data) in incoming.items() if len(data) > PACK_LIMIT]
             for digest in self._absent_files(large):
                 temps[digest] = self._write_temp(incoming[digest][0], incoming[digest][1])
+            if temps:
+                crash_point("chunk.written")
             with self._write_lock:
                 with self._transaction() as changes:
                     for digest, (key, data) in incoming.items():
                         if len(data) <= PACK_LIMIT:
                             stored = self._insert(changes, key, len(data), data)
+                            crash_point("chunk.packed")
                         else:
-                            stored = self._place_file(changes, digest, key, data, temps)
+                            stored = self._place_file(changes, digest, key, data, temps,
+                                                      placed)
                         if not stored:
                             self._touch_now(digest)
                         changes.admit[digest] = data
                     over = self._evict(changes)
+                placed.clear()
+                crash_point("chunk.committed")
                 self._evict_rest(over)
-        except sqlite3.DatabaseError as exc:  # a full disk, an I/O error, a damaged index
-            raise OSError(f"chunk cache index: {exc}") from exc
+        except (OSError, sqlite3.DatabaseError) as exc:
+            # A full disk, an I/O error, a damaged index: nothing of this call is
+            # stored. Files placed for rows that were rolled back go too, so that a
+            # full disk is not filled further by chunks that no row counts.
+            for path in placed:
+                unlink_quietly(path)
+            _count_write_failure(exc)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise OSError(f"chunk cache index: {exc}") from exc
+            raise
         finally:
             for temp in temps.values():
                 unlink_quietly(temp)
@@ -417,7 +438,7 @@ class ChunkCache:
         return temp
 
     def _place_file(self, changes: _Changes, digest: str, key: bytes, data: bytes,
-                    temps: dict[str, str]) -> bool:
+                    temps: dict[str, str], placed: list[str]) -> bool:
         """Rename a large chunk's temp file into place and add its row; False if it is
         stored already."""
         path = self.path_of(digest)
@@ -431,6 +452,8 @@ class ChunkCache:
         # the next start adopts.
         os.replace(temps[digest], path)
         del temps[digest]
+        placed.append(path)
+        crash_point("chunk.renamed")
         if row is None:
             self._insert(changes, key, len(data), None)
         return True
@@ -682,6 +705,12 @@ class ChunkCache:
             self._rank = one(self._db, "SELECT coalesce(max(last_rank), 0) FROM owners")[0]
             self._shield.recompute(self._db)
             self._evict_rest(True)  # the limit may have shrunk since the last run
+
+
+def _count_write_failure(exc: BaseException) -> None:
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    CACHE_WRITE_FAILURES.labels("disk-full" if full else "error").inc()
 
 
 def _present(row: tuple | None, path: str) -> bool:

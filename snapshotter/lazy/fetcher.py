@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from estargz import Chunk, FormatError, Layer, Node, Span, decode_chunk
 
+from ..crash_points import crash_point
 from ..prometheus import Counter, Histogram
 from .chunk_cache import ChunkCache
 from .metrics import REGISTRY
@@ -586,6 +587,8 @@ class LayerFetcher:
             # Shielded: if fetch_all is cancelled, the request under way still serves
             # the readers that wait for its chunks.
             index, nbytes, step_futures = await asyncio.shield(task)
+            if nbytes:
+                crash_point("fetch.background")
             fetched += nbytes
             futures.update(step_futures)
             for future in step_futures.values():
