@@ -382,6 +382,22 @@ class ChunkCache:
                     del incoming[digest]
         if not incoming:
             return
+        try:
+            self._store(incoming)
+        except OSError as exc:
+            if not _disk_full(exc) or not self._make_room(
+                    sum(len(data) for _, data in incoming.values())):
+                CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(exc) else "error").inc()
+                raise
+            try:  # once more, now that least recently used chunks made room
+                self._store(incoming)
+            except OSError as again:
+                CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(again) else "error").inc()
+                raise
+
+    def _store(self, incoming: dict[str, tuple[bytes, bytes]]) -> None:
+        """Write chunks already verified: large ones as files, then every row in one
+        transaction. OSError if the disk or the index fails; nothing is stored then."""
         temps: dict[str, str] = {}  # digest -> temp file, for chunks too large to pack
         placed: list[str] = []  # files renamed into place whose rows are not committed
         try:
@@ -407,18 +423,39 @@ class ChunkCache:
                 crash_point("chunk.committed")
                 self._evict_rest(over)
         except (OSError, sqlite3.DatabaseError) as exc:
-            # A full disk, an I/O error, a damaged index: nothing of this call is
-            # stored. Files placed for rows that were rolled back go too, so that a
-            # full disk is not filled further by chunks that no row counts.
+            # Files placed for rows that were rolled back go too, so that a full disk
+            # is not filled further by chunks that no row counts.
             for path in placed:
                 unlink_quietly(path)
-            _count_write_failure(exc)
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise OSError(f"chunk cache index: {exc}") from exc
-            raise
+            raise _cache_error(self.root, exc) from exc
         finally:
             for temp in temps.values():
                 unlink_quietly(temp)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """After the disk was found full: evict least recently used chunks (never
+        shielded ones) worth twice `nbytes`, so that new chunks replace old ones rather
+        than go uncached. True if any were evicted."""
+        try:
+            with self._write_lock, self._transaction() as changes:
+                self._evict(changes, limit=max(0, self._bytes - 2 * nbytes))
+                # The commit needs room in the WAL, which a full disk may not have: the
+                # evicted files go first. A crash (or a failed commit) in between leaves
+                # rows without files, which reads and the next start drop.
+                for path in changes.unlinks:
+                    unlink_quietly(path)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            log.warning("chunk cache %s: the disk is full and evicting failed too: %s",
+                        self.root, exc)
+            return False
+        with self._write_lock, contextlib.suppress(sqlite3.Error):
+            # The WAL holds a second copy of recent pages until a checkpoint: on a
+            # full disk, give that room back too.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if changes.evictions:
+            log.warning("chunk cache %s: the disk is full; evicted %d chunks (%d bytes) to "
+                        "make room", self.root, changes.evictions, -changes.bytes)
+        return changes.evictions > 0
 
     def _absent_files(self, digests: list[str]) -> list[str]:
         """The large chunks among these that need writing (no temp file for the rest)."""
@@ -559,10 +596,11 @@ class ChunkCache:
             self._memory.forget(digest)
             self._touches.pop(digest, None)
 
-    def _evict(self, changes: _Changes) -> bool:
+    def _evict(self, changes: _Changes, limit: int | None = None) -> bool:
         """Forget least recently used chunks that the shield does not cover until
-        under `max_bytes`, at most EVICT_BATCH of them; True if more must go."""
-        excess = self._bytes + changes.bytes - self.max_bytes
+        under `limit` (default `max_bytes`), at most EVICT_BATCH of them; True if more
+        must go."""
+        excess = self._bytes + changes.bytes - (self.max_bytes if limit is None else limit)
         if excess <= 0:
             return False
         self._write_touches()
@@ -707,10 +745,17 @@ class ChunkCache:
             self._evict_rest(True)  # the limit may have shrunk since the last run
 
 
-def _count_write_failure(exc: BaseException) -> None:
-    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    CACHE_WRITE_FAILURES.labels("disk-full" if full else "error").inc()
+def _disk_full(exc: BaseException) -> bool:
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (getattr(cause, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _cache_error(root: str, exc: OSError | sqlite3.DatabaseError) -> OSError:
+    """An OSError that names the cache (an index error becomes one too)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return OSError(f"chunk cache {root}: index: {exc}")
+    return OSError(exc.errno, f"chunk cache {root}: {exc.strerror or exc}")
 
 
 def _present(row: tuple | None, path: str) -> bool:

@@ -538,7 +538,7 @@ class LayerFetcher:
         try:  # in one transaction: a commit per chunk costs more than storing it
             self.cache.put_many(good.items())
         except OSError as exc:  # a full disk must not fail the read that needs it
-            log.warning("cannot cache %d chunks: %s", len(good), exc)
+            log.warning("cannot cache %d chunks (handed out uncached): %s", len(good), exc)
         return good, failed
 
     def _fail(self, futures: dict[str, asyncio.Future[bytes]], error: BaseException) -> None:
