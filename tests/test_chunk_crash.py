@@ -118,6 +118,10 @@ def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
     died = time.monotonic()
     assert once.exists(), f"the manager never reached {step}: {first}\n{service.log}"
     assert any(value != files[name] for name, value in first.items()) or background, first
+    # A read that failed failed with an error: never other bytes.
+    assert all(isinstance(value, str) or value == files[name]
+               for name, value in first.items()), first
+    print("\n" + "; ".join(sorted({v for v in first.values() if isinstance(v, str)})))
 
     # The service starts a new manager, which serves the layer again.
     while time.monotonic() < deadline:
@@ -139,6 +143,7 @@ def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
             time.sleep(0.5)
     count, bad = chunks_that_do_not_hash(service.root / "cache")
     assert count >= len(files) and not bad, (count, bad)
+    assert os.listdir(service.root / "cache" / "tmp") == []  # no write left half done
     failed_first = sorted(name for name, value in first.items() if value != files[name])
     print(f"\n| `{step}` | {len(failed_first)} of {len(files)} failed "
           f"({', '.join(failed_first) or '-'}) | {recovered - died:.1f} s | {count} | 0 |")
