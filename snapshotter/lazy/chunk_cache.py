@@ -664,6 +664,16 @@ class ChunkCache:
         """Delete a chunk that failed its hash, unless it was replaced since it was
         read (identity: the file's, None for a packed chunk)."""
         path = self.path_of(_PREFIX + key.hex())
+        try:
+            changes = self._forget_corrupt(key, data, identity, path)
+        except sqlite3.Error as exc:  # a full disk: the read is a miss all the same
+            log.warning("chunk cache: cannot forget corrupt sha256:%s: %s", key.hex(), exc)
+            return
+        if changes.corrupt:
+            log.warning("chunk cache: sha256:%s failed its hash on read; deleted", key.hex())
+
+    def _forget_corrupt(self, key: bytes, data: bytes, identity: tuple[int, int, int] | None,
+                        path: str) -> _Changes:
         with self._write_lock, self._transaction() as changes:
             if identity is None:
                 row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data = ?",
@@ -677,15 +687,18 @@ class ChunkCache:
             if row is not None:
                 self._forget(changes, key, row[0], is_file=identity is not None)
                 changes.corrupt += 1
-        if changes.corrupt:
-            log.warning("chunk cache: sha256:%s failed its hash on read; deleted", key.hex())
+        return changes
 
     def _forget_missing_file(self, key: bytes, path: str) -> None:
-        with self._write_lock, self._transaction() as changes:
-            row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data IS NULL",
-                      (key,))
-            if row is not None and not os.path.exists(path):
-                self._forget(changes, key, row[0], is_file=False)
+        try:
+            with self._write_lock, self._transaction() as changes:
+                row = one(self._db, "SELECT size FROM chunks WHERE digest = ? "
+                          "AND data IS NULL", (key,))
+                if row is not None and not os.path.exists(path):
+                    self._forget(changes, key, row[0], is_file=False)
+        except sqlite3.Error as exc:  # a full disk: the chunk reads as a miss all the same
+            log.warning("chunk cache: cannot forget sha256:%s, whose file is gone: %s",
+                        key.hex(), exc)
 
     def _touch(self, digest: str) -> None:
         """Note a use of the chunk (the caller holds the lock)."""
