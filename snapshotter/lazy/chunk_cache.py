@@ -35,6 +35,14 @@ without its file (dropped at the next start, or when a read or `on_disk` finds i
 gone). The start (chunk_repair) visits the rows of file chunks and the files, never the
 packed rows.
 
+A full disk. A store that fails stores nothing (its temp files, and files renamed
+into place for a transaction that rolled back, are removed), is counted in
+lazypull_chunk_cache_write_failures_total and raises OSError: the fetcher hands the
+verified chunks out uncached. First, though, least recently used chunks worth twice
+the store are evicted and the store tried once more, so a disk smaller than
+`max_bytes` keeps the newest chunks. That eviction unlinks its files before its commit
+(which needs room in the WAL), then checkpoints the WAL.
+
 LRU. Each chunk's `used` clock orders eviction. A hit does not write: it notes the
 chunk in a bounded buffer of touches (TOUCH_BUFFER; beyond it, touches are dropped and
 only the LRU order's precision suffers), which the next write, or a reader finding
@@ -768,6 +776,8 @@ def _cache_error(root: str, exc: OSError | sqlite3.DatabaseError) -> OSError:
     """An OSError that names the cache (an index error becomes one too)."""
     if isinstance(exc, sqlite3.DatabaseError):
         return OSError(f"chunk cache {root}: index: {exc}")
+    if exc.errno is None:
+        return OSError(f"chunk cache {root}: {exc}")
     return OSError(exc.errno, f"chunk cache {root}: {exc.strerror or exc}")
 
 
