@@ -13,10 +13,12 @@ EXIT_USAGE = 2
 
 DESCRIPTION = """\
 Compare the snapshot metadata with the snapshot directories, the lazy layers' files
-and the FUSE mount under the service's root, and report every disagreement a crash
-or a hand could have left. With --repair, remove what nothing names (directories of
-interrupted operations, stale layer indexes, a disconnected FUSE mount); what cannot
-be repaired is reported. Repairs are refused while the service answers on its socket.
+and the FUSE mount under the service's root, hash every chunk in the chunk cache, and
+report every disagreement a crash or a hand could have left. With --repair, remove
+what nothing names (directories of interrupted operations, stale layer indexes, a
+disconnected FUSE mount) and chunks whose bytes do not match their digest (only while
+no FUSE manager runs on the root); what cannot be repaired is reported. Repairs are
+refused while the service answers on its socket.
 Exit status: 0 consistent (after repairs), 1 problems remain, 2 usage error.
 """
 

@@ -7,6 +7,8 @@ What a crash can leave, and what is done about it with `repair`:
   from the layer's TOC when it is served again;
 - the FUSE mount left disconnected by a killed manager: unmounted (the next manager
   mounts it again).
+- a chunk in the cache (ROOT/cache) whose bytes do not match its digest, or a row
+  whose file is gone: dropped (check_chunks), once no FUSE manager runs on the root.
 What cannot be repaired here is reported: a snapshot whose directory is gone, a lazy
 layer whose record or TOC is unreadable, a metadata database that fails SQLite's
 integrity check. Repairs are refused while the service runs on the root: it is the
@@ -19,22 +21,11 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from dataclasses import asdict, dataclass
 
+from .check_chunks import check_chunk_cache, manager_holds, repair_chunk
+from .check_types import Finding
 from .lazy.layer_files import INDEX_FILE, LAYER_FILE, TOC_FILE, LayerRecord, read_layer_record
 from .metadata import Kind
-
-
-@dataclass
-class Finding:
-    problem: str
-    path: str
-    detail: str
-    repairable: bool
-    repaired: bool = False
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def check(root: str, repair: bool = False) -> list[Finding]:
@@ -45,11 +36,21 @@ def check(root: str, repair: bool = False) -> list[Finding]:
     if snapshots is not None:
         findings += _check_directories(root, snapshots)
     findings += _check_fuse_mount(root)
+    cache_dir = os.path.join(root, "cache")
+    findings += check_chunk_cache(cache_dir)
     if repair:
+        manager_runs = manager_holds(root)
         for finding in findings:
-            if finding.repairable:
+            if not finding.repairable:
+                continue
+            if finding.problem.startswith("chunk-"):
+                if manager_runs:
+                    finding.detail += " (not repaired: a FUSE manager runs on this root)"
+                    continue
+                repair_chunk(finding, cache_dir)
+            else:
                 _repair(finding)
-                finding.repaired = True
+            finding.repaired = True
     return findings
 
 

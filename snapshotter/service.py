@@ -4,8 +4,10 @@ Caller mistakes come back as the status codes containerd maps to its errdefs
 (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, INVALID_ARGUMENT).
 """
 
+import errno
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -71,9 +73,20 @@ def _status(name: str, exc: Exception) -> GRPCError:
     if isinstance(exc, SnapshotError):
         RPC_ERRORS.labels(name, exc.code).inc()
         return GRPCError(Status[exc.code], str(exc))
+    if _disk_full(exc):  # not a bug: no traceback, a code the caller can tell apart
+        log.warning("%s failed: the state root is full: %s", name, exc)
+        RPC_ERRORS.labels(name, "RESOURCE_EXHAUSTED").inc()
+        return GRPCError(Status.RESOURCE_EXHAUSTED, f"{name}: the state root is full: {exc}")
     log.error("%s failed", name, exc_info=exc)
     RPC_ERRORS.labels(name, "INTERNAL").inc()
     return GRPCError(Status.INTERNAL, f"{name}: {exc}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and \
+        (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL
 
 
 Handler = Callable[[Any, Stream], Awaitable[None]]

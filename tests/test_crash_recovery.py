@@ -13,14 +13,14 @@ import grpc
 import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.crash_points import ENVIRONMENT, STEPS
+from snapshotter.crash_points import ENVIRONMENT, SERVICE_STEPS
 from snapshotter.lazy import layer_source as labels_of
 
 from .fixtures.snapshotter import REPO_ROOT
 from .images import File, build_layout_image, push_layout_image
 
-LOCAL_STEPS = [s for s in STEPS if not s.startswith("remote.")]
-REMOTE_STEPS = [s for s in STEPS if s.startswith("remote.")]
+LOCAL_STEPS = [s for s in SERVICE_STEPS if not s.startswith("remote.")]
+REMOTE_STEPS = [s for s in SERVICE_STEPS if s.startswith("remote.")]
 
 
 def lazypull(*args: str) -> subprocess.CompletedProcess:

@@ -35,7 +35,8 @@ from snapshotter.lazy.fetcher import (
     TokenBucket,
 )
 from snapshotter.lazy.metrics import REGISTRY
-from tests.fixtures.registry import Fault, RegistryServer
+from tests.fixtures.fault_proxy import WireFault
+from tests.fixtures.registry import RegistryServer
 from tests.layers import big_payload
 
 KiB = 1024
@@ -512,7 +513,7 @@ def test_a_registry_error_reaches_every_reader_and_is_not_remembered(
         blob, registry, fault_proxy_factory, tmp_path):
     proxy = fault_proxy_factory(registry.host)
     through_proxy = Reference.parse(f"{proxy.host}/{blob.reference.repository}")
-    proxy.add(Fault("GET", r"/blobs/sha256:", status=404, times=1))
+    proxy.add(WireFault("status", "GET", status=404, times=1))
 
     async def scenario() -> None:
         async with make_client() as client:

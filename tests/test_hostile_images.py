@@ -33,7 +33,7 @@ from oci.reference import Reference
 from oci.registry import RegistryClient
 
 from .fixtures.containerd import start_containerd, stop_containerd
-from .fixtures.registry import Fault
+from .fixtures.fault_proxy import WireFault
 from .test_snapshotter_containerd import proxy_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,8 +258,8 @@ def test_a_manifest_that_lies_about_its_digest_is_not_served_lazily(node, regist
     manifest_digest = sha(asyncio.run(_manifest_bytes(reference)))
     self_index = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [
         {"mediaType": mt.OCI_INDEX, "digest": manifest_digest, "size": 300}]}).encode()
-    proxy.add(Fault("GET", f"/manifests/{manifest_digest}", status=200, body=self_index,
-                    headers={"Content-Type": mt.OCI_INDEX}, times=100))
+    proxy.add(WireFault("answer", "GET", f"/manifests/{manifest_digest}", status=200,
+                        body=self_index, headers={"Content-Type": mt.OCI_INDEX}))
     done = lazypull_pull(node, reference.replace(registry.host, proxy.host))
     assert done.returncode == 0, done.stderr
     assert [layer["source"] for layer in json.loads(done.stdout)["layers"]] == \
@@ -279,8 +279,8 @@ def test_a_manifest_that_lies_about_its_digest_is_not_served_lazily(node, regist
 def test_a_malformed_manifest_fails_the_pull_clearly(node, registry, body: bytes,
                                                      error: str) -> None:
     proxy = node["proxy"]
-    proxy.add(Fault("GET", "/manifests/v1", status=200, body=body,
-                    headers={"Content-Type": mt.OCI_MANIFEST}, times=100))
+    proxy.add(WireFault("answer", "GET", "/manifests/v1", status=200, body=body,
+                        headers={"Content-Type": mt.OCI_MANIFEST}))
     done = lazypull_pull(node, f"{proxy.host}/hostile/malformed:v1")
     assert done.returncode != 0
     assert error in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -12,7 +12,7 @@ from snapshotter.errors import Unavailable
 from snapshotter.lazy import manager as manager_module
 from snapshotter.lazy.layer_files import LayerRecord
 from snapshotter.lazy.manager import LazyLayers
-from tests.fixtures.registry import Fault
+from tests.fixtures.fault_proxy import WireFault
 
 from .test_fetcher import Blob, build_and_push, layer_files, make_client, new_cache, run
 
@@ -39,7 +39,8 @@ def lazy_layers(tmp_path: Path, client, background: bool) -> LazyLayers:
 def test_a_failed_prefetch_is_tried_again_by_the_next_wait(
         blob, registry, fault_proxy_factory, tmp_path):
     proxy = fault_proxy_factory(registry.host)
-    outage = proxy.add(Fault("GET", r"/blobs/sha256:", status=503, times=100))
+    outage = WireFault("status", "GET")
+    proxy.add(outage)
 
     async def scenario() -> None:
         async with make_client() as client:
@@ -47,7 +48,7 @@ def test_a_failed_prefetch_is_tried_again_by_the_next_wait(
             lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
             with pytest.raises(Unavailable, match="HTTP 503"):
                 await lazy.wait_prefetched(["l1"], timeout=30)
-            outage.times = 0  # the registry is back
+            outage.clear()  # the registry is back
             await lazy.wait_prefetched(["l1"], timeout=30)
             region = blob.layer.prefetch_size
             assert region > 0 and all(
@@ -69,7 +70,7 @@ def test_a_failed_background_fetch_starts_again(
             lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
             await lazy.wait_prefetched(["l1"], timeout=30)
             # Every request after the prefetch fails, three times over.
-            proxy.add(Fault("GET", r"/blobs/sha256:", status=503, times=3 * 2))
+            proxy.add(WireFault("status", "GET", times=3 * 2))
             mounted = lazy.layers["l1"]
             assert mounted.background is not None
             async with asyncio.timeout(60):  # a hang guard, not a measure

@@ -30,10 +30,10 @@ from oci.registry import (
     open_registry_store,
 )
 from oci.store import AuthError, NotFoundError, StoreError
+from tests.fixtures.fault_proxy import WireFault
 from tests.fixtures.registry import (
     PASSWORD,
     USER,
-    Fault,
     RegistryServer,
     TokenRegistry,
     write_tls_files,
@@ -361,7 +361,7 @@ def test_not_found_errors_name_what_is_missing(registry):
 
 @pytest.fixture
 def proxied(registry, fault_proxy_factory):
-    """A FaultProxy in front of the shared registry."""
+    """A fault proxy in front of the shared registry."""
     return fault_proxy_factory(registry.host)
 
 
@@ -371,7 +371,7 @@ def test_503_then_success_is_retried(proxied, tmp_path):
     async def scenario():
         async with make_client() as client:
             manifest, _ = await push_image(client, reference, tmp_path, b"layer")
-            proxied.add(Fault("GET", r"/manifests/v1", status=503, times=2))
+            proxied.add(WireFault("status", "GET", r"/manifests/v1", times=2))
             before = len(proxied.requests("GET", "/manifests/v1"))
             assert (await client.get_manifest(reference))[0] == manifest
             assert len(proxied.requests("GET", "/manifests/v1")) - before == 3
@@ -386,8 +386,8 @@ def test_429_waits_for_retry_after(proxied, tmp_path):
     async def scenario():
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
-            proxied.add(Fault("HEAD", r"/blobs/sha256:", status=429,
-                              headers={"Retry-After": "1"}))
+            proxied.add(WireFault("rate_limit", "HEAD", r"/blobs/sha256:", retry_after=1,
+                                  times=1))
             heads = len(proxied.requests("HEAD", "/blobs/"))
             started = time.monotonic()
             assert await client.blob_size(reference, descriptor.digest) == descriptor.size
@@ -399,7 +399,7 @@ def test_429_waits_for_retry_after(proxied, tmp_path):
 
 def test_retries_are_bounded(proxied):
     reference = ref(proxied.host, "retry/down:v1")
-    proxied.add(Fault("GET", r"/manifests/", status=503, times=100))
+    proxied.add(WireFault("status", "GET", r"/manifests/"))
 
     async def scenario():
         async with make_client() as client:
@@ -415,7 +415,7 @@ def test_upload_that_fails_midway_starts_again(proxied, tmp_path):
     data = os.urandom(3 * chunk)
     descriptor, path = write_blob(tmp_path, data)
     reference = ref(proxied.host, "retry/upload:v1")
-    proxied.add(Fault("PATCH", r"/blobs/uploads/", status=500, times=1))
+    proxied.add(WireFault("status", "PATCH", r"/blobs/uploads/", status=500, times=1))
     log = RequestLog()
 
     async def scenario():
@@ -432,8 +432,8 @@ def test_upload_that_fails_midway_starts_again(proxied, tmp_path):
 def test_html_page_for_a_manifest_is_a_clear_error(proxied):
     reference = ref(proxied.host, "portal/app:v1")
     page = b"<html><body><h1>Please log in</h1></body></html>"
-    proxied.add(Fault("GET", r"/manifests/v1", status=200, body=page,
-                      headers={"Content-Type": "text/html; charset=utf-8"}))
+    proxied.add(WireFault("answer", "GET", r"/manifests/v1", status=200, body=page,
+                          headers={"Content-Type": "text/html; charset=utf-8"}))
 
     async def scenario():
         async with make_client() as client:
@@ -446,8 +446,8 @@ def test_html_page_for_a_manifest_is_a_clear_error(proxied):
 
 def test_manifest_that_is_not_json_is_a_clear_error(proxied):
     reference = ref(proxied.host, "portal/garbage:v1")
-    proxied.add(Fault("GET", r"/manifests/v1", status=200, body=b"\x00\x01 not json",
-                      headers={"Content-Type": mt.OCI_MANIFEST}))
+    proxied.add(WireFault("answer", "GET", r"/manifests/v1", status=200,
+                          body=b"\x00\x01 not json", headers={"Content-Type": mt.OCI_MANIFEST}))
 
     async def scenario():
         async with make_client() as client:
@@ -464,8 +464,9 @@ def test_manifest_by_tag_is_checked_against_docker_content_digest(proxied, tmp_p
         async with make_client() as client:
             manifest, _ = await push_image(client, reference, tmp_path, b"layer bytes")
             forged = manifest.replace(b'"schemaVersion": 2', b'"schemaVersion":2')
-            proxied.add(Fault("GET", r"/manifests/v1", status=200, body=forged, headers={
-                "Content-Type": mt.OCI_MANIFEST, "Docker-Content-Digest": sha256_of(manifest)}))
+            proxied.add(WireFault("answer", "GET", r"/manifests/v1", status=200, body=forged,
+                                  headers={"Content-Type": mt.OCI_MANIFEST,
+                                           "Docker-Content-Digest": sha256_of(manifest)}))
             with pytest.raises(RegistryDigestError, match=sha256_of(manifest)):
                 await client.get_manifest(reference)
 
@@ -491,7 +492,7 @@ def test_resolve_falls_back_to_get_when_head_is_refused(proxied, tmp_path):
     async def scenario():
         async with make_client() as client:
             manifest, _ = await push_image(client, reference, tmp_path, b"layer")
-            proxied.add(Fault("HEAD", r"/manifests/v1", status=405))
+            proxied.add(WireFault("answer", "HEAD", r"/manifests/v1", status=405, times=1))
             gets = len(proxied.requests("GET", "/manifests/v1"))
             resolved = await client.resolve(reference)
             assert resolved.digest == sha256_of(manifest)
@@ -506,31 +507,30 @@ def test_range_read_takes_only_a_206_with_the_range_asked_for(proxied, tmp_path)
     data = os.urandom(4000)
     descriptor, path = write_blob(tmp_path, data)
     always = FAST_RETRY.max_attempts
-    whole = Fault("GET", r"/blobs/sha256:", status=200, body=data, times=always)
-    shifted = Fault("GET", r"/blobs/sha256:", status=206, body=data[:20], times=always,
-                    headers={"Content-Range": "bytes 0-19/4000"})
-    short = Fault("GET", r"/blobs/sha256:", status=206, body=data[10:20], times=always,
-                  headers={"Content-Range": "bytes 10-29/4000"})
+    answers = [(dict(status=200, body=data), "ignored the Range request"),
+               (dict(status=206, body=data[:20], headers={"Content-Range": "bytes 0-19/4000"}),
+                "Content-Range 'bytes 0-19/4000'"),
+               (dict(status=206, body=data[10:20],
+                     headers={"Content-Range": "bytes 10-29/4000"}), "got 10 bytes, expected 20")]
 
     async def scenario():
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
-            for fault, message in [(whole, "ignored the Range request"),
-                                   (shifted, "Content-Range 'bytes 0-19/4000'"),
-                                   (short, "got 10 bytes, expected 20")]:
+            for answer, message in answers:
+                fault = WireFault("answer", "GET", times=always, **answer)
                 proxied.add(fault)
                 with pytest.raises(RegistryUnavailableError, match=message):
                     await client.fetch_range(reference, descriptor.digest, 10, 20)
-                assert fault.times == 0  # asked again each time, then gave up
+                assert fault.hits == always  # asked again each time, then gave up
             sent = proxied.requests("GET", "/blobs/sha256:")[-1]
             assert sent.headers["Range"] == "bytes=10-29"
             # The same answers once, then a right one: the caller gets the right bytes.
-            for fault in (whole, shifted, short):
-                fault.times = 1
+            for answer, _ in answers:
+                fault = WireFault("answer", "GET", times=1, **answer)
                 proxied.add(fault)
                 assert await client.fetch_range(reference, descriptor.digest, 10, 20) == \
                     data[10:30]
-                assert fault.times == 0
+                assert fault.hits == 1
 
     run(scenario())
 
@@ -545,15 +545,15 @@ def test_range_read_asks_the_registry_again_when_its_redirect_target_fails(
     async def scenario():
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
-            proxied.add(Fault("GET", r"/blobs/sha256:", status=307,
-                              headers={"Location": f"{storage.url}/storage/blob"}))
-            storage.add(Fault("GET", r"^/storage/", status=503, times=100))
+            proxied.add(WireFault("answer", "GET", status=307, times=1,
+                                  headers={"Location": f"{storage.url}/storage/blob"}))
+            storage.add(WireFault("status", "GET", r"^/storage/"))
             assert await client.fetch_range(reference, descriptor.digest, 5, 10) == data[5:15]
             # One try at the failing target, then the registry again, which answered.
             assert len(storage.requests("GET")) == 1
             assert await read_stream(client, reference, descriptor) == data
-            proxied.add(Fault("GET", r"/blobs/sha256:", status=307, times=100,
-                              headers={"Location": f"{storage.url}/storage/blob"}))
+            proxied.add(WireFault("answer", "GET", status=307,
+                                  headers={"Location": f"{storage.url}/storage/blob"}))
             with pytest.raises(RegistryUnavailableError,
                                match=rf"{storage.host} \(redirected from {proxied.host}\) "
                                      "answered HTTP 503"):
@@ -570,7 +570,7 @@ def test_broken_download_resumes_with_a_range_request(proxied, tmp_path):
     async def scenario():
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
-            proxied.add(Fault("GET", r"/blobs/sha256:", cut_after=70_000))
+            proxied.add(WireFault("cut", "GET", cut_after=70_000, times=1))
             assert await read_stream(client, reference, descriptor) == data
             ranges = [r.headers.get("Range") for r in proxied.requests("GET", "/blobs/sha256:")]
             assert ranges[0] is None
@@ -589,7 +589,7 @@ def test_download_whose_body_ends_early_resumes(proxied, tmp_path):
         async with make_client() as client:
             await client.push_blob(reference, descriptor, path)
             # A 200 whose Content-Length says the body is complete, but it is not.
-            proxied.add(Fault("GET", r"/blobs/sha256:", status=200, body=data[:30_000]))
+            proxied.add(WireFault("answer", "GET", status=200, body=data[:30_000], times=1))
             assert await read_stream(client, reference, descriptor) == data
             resumed = proxied.requests("GET", "/blobs/sha256:")[-1]
             assert resumed.headers["Range"] == f"bytes=30000-{len(data) - 1}"
@@ -609,10 +609,11 @@ def test_redirect_to_another_host_drops_authorization(basic_auth_registry, fault
     async def scenario():
         async with make_client(credentials=credentials) as client:
             await client.push_blob(reference, descriptor, path)
-            front.add(Fault("GET", r"/blobs/sha256:", status=307, headers={
+            front.add(WireFault("answer", "GET", status=307, times=1, headers={
                 "Location": f"{storage.url}/storage/{descriptor.digest}?signature=abc"}))
-            storage.add(Fault("GET", r"^/storage/", status=200, body=data,
-                              headers={"Content-Type": "application/octet-stream"}))
+            storage.add(WireFault("answer", "GET", r"^/storage/", status=200, body=data,
+                                  headers={"Content-Type": "application/octet-stream"},
+                                  times=1))
             assert await read_stream(client, reference, descriptor) == data
         assert front.requests("GET", "/blobs/")[-1].headers["Authorization"].startswith("Basic")
         assert [r.headers.get("Authorization") for r in storage.requests("GET")] == [None]

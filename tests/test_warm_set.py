@@ -19,7 +19,7 @@ from snapshotter.config import ConfigError, load_config
 from snapshotter.warm.spec import WarmSpecError, merge, parse_entries, read_dir
 
 from .fixtures.containerd import start_containerd, stop_containerd
-from .fixtures.registry import Fault
+from .fixtures.fault_proxy import WireFault
 from .images import File, Symlink, build_layout_image, push_layout_image
 from .test_lazy_pull import blob_bytes, lazypull
 from .test_snapshotter_containerd import proxy_config
@@ -377,10 +377,12 @@ def runnable(registry, tmp_path_factory):
             "layers": {layer["digest"] for layer in report["manifests"][0]["layers"]}}
 
 
-def _down(proxy) -> list[Fault]:
-    """Every request the proxy gets is refused with a 503 until the faults are removed."""
-    return [proxy.add(Fault(method, ".", status=503, body=b"registry down", times=10**9))
-            for method in ("GET", "HEAD")]
+def _down(proxy) -> list[WireFault]:
+    """Every request the proxy gets is refused with a 503 until the faults are cleared."""
+    faults = [WireFault("answer", method, ".", status=503, body=b"registry down")
+              for method in ("GET", "HEAD")]
+    proxy.add(*faults)
+    return faults
 
 
 def _blob_requests(proxy, digests: set[str]) -> int:
@@ -416,7 +418,7 @@ def test_registry_down_at_boot_then_zero_traffic_and_rewarm(
                                                                "warming")
         # The registry comes back: ready without a restart.
         for fault in faults:
-            fault.times = 0
+            fault.clear()
         _wait_ready(port, 120)
         [image] = _warm(port, "status")["images"]
         assert image["state"] == "warm" and not image["reason"], image

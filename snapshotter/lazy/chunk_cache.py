@@ -35,6 +35,14 @@ without its file (dropped at the next start, or when a read or `on_disk` finds i
 gone). The start (chunk_repair) visits the rows of file chunks and the files, never the
 packed rows.
 
+A full disk. A store that fails stores nothing (its temp files, and files renamed
+into place for a transaction that rolled back, are removed), is counted in
+lazypull_chunk_cache_write_failures_total and raises OSError: the fetcher hands the
+verified chunks out uncached. First, though, least recently used chunks worth twice
+the store are evicted and the store tried once more, so a disk smaller than
+`max_bytes` keeps the newest chunks. That eviction unlinks its files before its commit
+(which needs room in the WAL), then checkpoints the WAL.
+
 LRU. Each chunk's `used` clock orders eviction. A hit does not write: it notes the
 chunk in a bounded buffer of touches (TOUCH_BUFFER; beyond it, touches are dropped and
 only the LRU order's precision suffers), which the next write, or a reader finding
@@ -58,6 +66,7 @@ never wait for the writer. One process owns a root at a time.
 """
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -70,6 +79,7 @@ from dataclasses import dataclass, field
 
 from estargz import DigestMismatch
 
+from ..crash_points import crash_point
 from ..prometheus import Counter, Gauge
 from .chunk_index import HEX, PACK_LIMIT, connect, one, open_index
 from .chunk_repair import chunk_path, repair, unlink_quietly
@@ -102,6 +112,10 @@ CACHE_CORRUPT = Counter("lazypull_chunk_cache_corrupt_chunks_total",
                         "Chunks (packed or files) that no longer matched their digest and "
                         "were deleted",
                         registry=REGISTRY)
+CACHE_WRITE_FAILURES = Counter("lazypull_chunk_cache_write_failures_total",
+                               "Stores of chunks that failed (reason: disk-full or error); "
+                               "their chunks were handed out without being cached",
+                               ["reason"], registry=REGISTRY)
 CACHE_BYTES = Gauge("lazypull_chunk_cache_bytes", "Bytes of chunks stored on disk",
                     registry=REGISTRY)
 _MEMORY_HITS, _DISK_HITS = CACHE_HITS.labels("memory"), CACHE_HITS.labels("disk")
@@ -376,28 +390,80 @@ class ChunkCache:
                     del incoming[digest]
         if not incoming:
             return
+        try:
+            self._store(incoming)
+        except OSError as exc:
+            if not _disk_full(exc) or not self._make_room(
+                    sum(len(data) for _, data in incoming.values())):
+                CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(exc) else "error").inc()
+                raise
+            try:  # once more, now that least recently used chunks made room
+                self._store(incoming)
+            except OSError as again:
+                CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(again) else "error").inc()
+                raise
+
+    def _store(self, incoming: dict[str, tuple[bytes, bytes]]) -> None:
+        """Write chunks already verified: large ones as files, then every row in one
+        transaction. OSError if the disk or the index fails; nothing is stored then."""
         temps: dict[str, str] = {}  # digest -> temp file, for chunks too large to pack
+        placed: list[str] = []  # files renamed into place whose rows are not committed
         try:
             large = [d for d, (_, data) in incoming.items() if len(data) > PACK_LIMIT]
             for digest in self._absent_files(large):
                 temps[digest] = self._write_temp(incoming[digest][0], incoming[digest][1])
+            if temps:
+                crash_point("chunk.written")
             with self._write_lock:
                 with self._transaction() as changes:
                     for digest, (key, data) in incoming.items():
                         if len(data) <= PACK_LIMIT:
                             stored = self._insert(changes, key, len(data), data)
+                            crash_point("chunk.packed")
                         else:
-                            stored = self._place_file(changes, digest, key, data, temps)
+                            stored = self._place_file(changes, digest, key, data, temps,
+                                                      placed)
                         if not stored:
                             self._touch_now(digest)
                         changes.admit[digest] = data
                     over = self._evict(changes)
+                placed.clear()
+                crash_point("chunk.committed")
                 self._evict_rest(over)
-        except sqlite3.DatabaseError as exc:  # a full disk, an I/O error, a damaged index
-            raise OSError(f"chunk cache index: {exc}") from exc
+        except (OSError, sqlite3.DatabaseError) as exc:
+            # Files placed for rows that were rolled back go too, so that a full disk
+            # is not filled further by chunks that no row counts.
+            for path in placed:
+                unlink_quietly(path)
+            raise _cache_error(self.root, exc) from exc
         finally:
             for temp in temps.values():
                 unlink_quietly(temp)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """After the disk was found full: evict least recently used chunks (never
+        shielded ones) worth twice `nbytes`, so that new chunks replace old ones rather
+        than go uncached. True if any were evicted."""
+        try:
+            with self._write_lock, self._transaction() as changes:
+                self._evict(changes, limit=max(0, self._bytes - 2 * nbytes))
+                # The commit needs room in the WAL, which a full disk may not have: the
+                # evicted files go first. A crash (or a failed commit) in between leaves
+                # rows without files, which reads and the next start drop.
+                for path in changes.unlinks:
+                    unlink_quietly(path)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            log.warning("chunk cache %s: the disk is full and evicting failed too: %s",
+                        self.root, exc)
+            return False
+        with self._write_lock, contextlib.suppress(sqlite3.Error):
+            # The WAL holds a second copy of recent pages until a checkpoint: on a
+            # full disk, give that room back too.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if changes.evictions:
+            log.warning("chunk cache %s: the disk is full; evicted %d chunks (%d bytes) to "
+                        "make room", self.root, changes.evictions, -changes.bytes)
+        return changes.evictions > 0
 
     def _absent_files(self, digests: list[str]) -> list[str]:
         """The large chunks among these that need writing (no temp file for the rest)."""
@@ -417,7 +483,7 @@ class ChunkCache:
         return temp
 
     def _place_file(self, changes: _Changes, digest: str, key: bytes, data: bytes,
-                    temps: dict[str, str]) -> bool:
+                    temps: dict[str, str], placed: list[str]) -> bool:
         """Rename a large chunk's temp file into place and add its row; False if it is
         stored already."""
         path = self.path_of(digest)
@@ -431,6 +497,8 @@ class ChunkCache:
         # the next start adopts.
         os.replace(temps[digest], path)
         del temps[digest]
+        placed.append(path)
+        crash_point("chunk.renamed")
         if row is None:
             self._insert(changes, key, len(data), None)
         return True
@@ -536,10 +604,11 @@ class ChunkCache:
             self._memory.forget(digest)
             self._touches.pop(digest, None)
 
-    def _evict(self, changes: _Changes) -> bool:
+    def _evict(self, changes: _Changes, limit: int | None = None) -> bool:
         """Forget least recently used chunks that the shield does not cover until
-        under `max_bytes`, at most EVICT_BATCH of them; True if more must go."""
-        excess = self._bytes + changes.bytes - self.max_bytes
+        under `limit` (default `max_bytes`), at most EVICT_BATCH of them; True if more
+        must go."""
+        excess = self._bytes + changes.bytes - (self.max_bytes if limit is None else limit)
         if excess <= 0:
             return False
         self._write_touches()
@@ -603,6 +672,16 @@ class ChunkCache:
         """Delete a chunk that failed its hash, unless it was replaced since it was
         read (identity: the file's, None for a packed chunk)."""
         path = self.path_of(_PREFIX + key.hex())
+        try:
+            changes = self._forget_corrupt(key, data, identity, path)
+        except sqlite3.Error as exc:  # a full disk: the read is a miss all the same
+            log.warning("chunk cache: cannot forget corrupt sha256:%s: %s", key.hex(), exc)
+            return
+        if changes.corrupt:
+            log.warning("chunk cache: sha256:%s failed its hash on read; deleted", key.hex())
+
+    def _forget_corrupt(self, key: bytes, data: bytes, identity: tuple[int, int, int] | None,
+                        path: str) -> _Changes:
         with self._write_lock, self._transaction() as changes:
             if identity is None:
                 row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data = ?",
@@ -616,15 +695,18 @@ class ChunkCache:
             if row is not None:
                 self._forget(changes, key, row[0], is_file=identity is not None)
                 changes.corrupt += 1
-        if changes.corrupt:
-            log.warning("chunk cache: sha256:%s failed its hash on read; deleted", key.hex())
+        return changes
 
     def _forget_missing_file(self, key: bytes, path: str) -> None:
-        with self._write_lock, self._transaction() as changes:
-            row = one(self._db, "SELECT size FROM chunks WHERE digest = ? AND data IS NULL",
-                      (key,))
-            if row is not None and not os.path.exists(path):
-                self._forget(changes, key, row[0], is_file=False)
+        try:
+            with self._write_lock, self._transaction() as changes:
+                row = one(self._db, "SELECT size FROM chunks WHERE digest = ? "
+                          "AND data IS NULL", (key,))
+                if row is not None and not os.path.exists(path):
+                    self._forget(changes, key, row[0], is_file=False)
+        except sqlite3.Error as exc:  # a full disk: the chunk reads as a miss all the same
+            log.warning("chunk cache: cannot forget sha256:%s, whose file is gone: %s",
+                        key.hex(), exc)
 
     def _touch(self, digest: str) -> None:
         """Note a use of the chunk (the caller holds the lock)."""
@@ -682,6 +764,21 @@ class ChunkCache:
             self._rank = one(self._db, "SELECT coalesce(max(last_rank), 0) FROM owners")[0]
             self._shield.recompute(self._db)
             self._evict_rest(True)  # the limit may have shrunk since the last run
+
+
+def _disk_full(exc: BaseException) -> bool:
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (getattr(cause, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _cache_error(root: str, exc: OSError | sqlite3.DatabaseError) -> OSError:
+    """An OSError that names the cache (an index error becomes one too)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return OSError(f"chunk cache {root}: index: {exc}")
+    if exc.errno is None:
+        return OSError(f"chunk cache {root}: {exc}")
+    return OSError(exc.errno, f"chunk cache {root}: {exc.strerror or exc}")
 
 
 def _present(row: tuple | None, path: str) -> bool:

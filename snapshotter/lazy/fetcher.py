@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from estargz import Chunk, FormatError, Layer, Node, Span, decode_chunk
 
+from ..crash_points import crash_point
 from ..prometheus import Counter, Histogram
 from .chunk_cache import ChunkCache
 from .metrics import REGISTRY
@@ -537,7 +538,7 @@ class LayerFetcher:
         try:  # in one transaction: a commit per chunk costs more than storing it
             self.cache.put_many(good.items())
         except OSError as exc:  # a full disk must not fail the read that needs it
-            log.warning("cannot cache %d chunks: %s", len(good), exc)
+            log.warning("cannot cache %d chunks (handed out uncached): %s", len(good), exc)
         return good, failed
 
     def _fail(self, futures: dict[str, asyncio.Future[bytes]], error: BaseException) -> None:
@@ -586,6 +587,8 @@ class LayerFetcher:
             # Shielded: if fetch_all is cancelled, the request under way still serves
             # the readers that wait for its chunks.
             index, nbytes, step_futures = await asyncio.shield(task)
+            if nbytes:
+                crash_point("fetch.background")
             fetched += nbytes
             futures.update(step_futures)
             for future in step_futures.values():

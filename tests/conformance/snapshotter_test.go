@@ -12,7 +12,9 @@
 // ["python3", "-m", "cli.main", "snapshotter"]; the harness appends
 // `--root ROOT --address SOCKET`. LAZYPULL_SNAPSHOTTER_CWD sets its working
 // directory. Without LAZYPULL_SNAPSHOTTER_CMD the lazypull run is skipped
-// (tests/test_snapshotter_conformance.py always sets it).
+// (tests/test_snapshotter_conformance.py always sets it). LAZYPULL_SNAPSHOTTER_SEED_ROOT
+// names a root that a service left (one killed mid-operation, say): each suite case's
+// root starts as a copy of it, so the suite runs on a service restarted on that state.
 //
 // It is built offline in GOPATH mode against Debian's Go sources (needs root to run:
 // the suite mounts):
@@ -57,6 +59,7 @@ const (
 	envCwd          = "LAZYPULL_SNAPSHOTTER_CWD"
 	envStartTimeout = "LAZYPULL_SNAPSHOTTER_START_TIMEOUT" // Go duration, default 30s
 	envStopTimeout  = "LAZYPULL_SNAPSHOTTER_STOP_TIMEOUT"  // Go duration, default 15s
+	envSeedRoot     = "LAZYPULL_SNAPSHOTTER_SEED_ROOT"     // copied into each case's root
 
 	// The name the proxy client sends in every request, as containerd does for a
 	// proxy plugin configured as [proxy_plugins.lazypull].
@@ -89,6 +92,7 @@ func TestConformance(t *testing.T) {
 		svc := &serviceConfig{
 			argv:         argv,
 			dir:          os.Getenv(envCwd),
+			seedRoot:     os.Getenv(envSeedRoot),
 			startTimeout: durationFromEnv(t, envStartTimeout, 30*time.Second),
 			stopTimeout:  durationFromEnv(t, envStopTimeout, 15*time.Second),
 		}
@@ -114,6 +118,7 @@ func newOverlaySnapshotter(ctx context.Context, root string) (snapshots.Snapshot
 type serviceConfig struct {
 	argv         []string
 	dir          string
+	seedRoot     string // if set, copied into each root before the service starts
 	startTimeout time.Duration
 	stopTimeout  time.Duration
 }
@@ -215,6 +220,13 @@ func (cfg *serviceConfig) snapshotterFunc(ctx context.Context, root string) (sna
 }
 
 func (cfg *serviceConfig) start(root string) (*service, error) {
+	if cfg.seedRoot != "" {
+		// cp -a keeps modes, owners, xattrs and hard links, as the state was left.
+		out, err := exec.Command("cp", "-a", cfg.seedRoot+"/.", root).CombinedOutput()
+		if err != nil {
+			return nil, fmt.Errorf("copying the seed root %s into %s: %v: %s", cfg.seedRoot, root, err, out)
+		}
+	}
 	// The suite's root is under $TMPDIR and may be long; keep the socket short and
 	// outside the snapshotter's root so that it cannot get in the service's way.
 	sockDir, err := os.MkdirTemp("", "lzp-")
