@@ -15,6 +15,7 @@ from ..errors import Unavailable
 from .chunk_cache import ChunkCache
 from .fetcher import LayerFetcher
 from .filesystem import LazyFilesystem
+from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
 from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
@@ -78,7 +79,8 @@ class LazyLayers:
         fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
-                               window_bytes=self.small_file_window_bytes)
+                               window_bytes=self.small_file_window_bytes,
+                               decoder=layer.decoder if isinstance(layer, GzipLayer) else None)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
