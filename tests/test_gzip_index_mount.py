@@ -215,6 +215,7 @@ def test_indexed_gzip_image_runs_lazily_unchanged(node, images, registry) -> Non
     assert served == 0  # only range requests for the layers
     assert lookups(node)['lazypull_gzip_index_lookups_total{cached="false",outcome="found"}'] \
         >= 1
+    assert metric_values(node["service"])["lazypull_gzip_index_layers_mounted"] == 2
     assert raw_digest(f"{registry.host}/{images['indexed']}") == images["digest"]
 
 
@@ -322,3 +323,29 @@ def test_zstd_layers_are_pulled_without_a_lookup(node, images) -> None:
     assert [layer["source"] for layer in result["layers"]] == ["fetched+applied"] * 2
     assert node["proxy"].requests("GET", REFERRER_PATHS) == []
     assert run(node, images["zstd"], "z1", "cat /opt/new").stdout == "new\n"
+
+
+def test_restarted_service_and_manager_serve_indexed_layers_without_the_registry(
+        node, images, snapshotter_factory) -> None:
+    from .fixtures.registry import Fault
+    from .test_snapshotter_containerd import reconnected
+
+    daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
+    pull(node, images["indexed"])
+    script = "/bin/busybox sha256sum /data/big.bin; cat /etc/hostname /usr/bin/noted"
+    first = run(node, images["indexed"], "r1", script)
+    assert first.stdout.split()[0] == hashlib.sha256(BIG_DATA).hexdigest()
+    manager = service.fuse_manager_pid
+    service.stop()  # the service and its FUSE manager, by PID
+    # From now on the registry answers nothing but errors.
+    proxy.add(Fault("GET", r".", status=503, times=1 << 20))
+    proxy.add(Fault("HEAD", r".", status=503, times=1 << 20))
+    again = snapshotter_factory(service.root, True, service.address, "--config",
+                                str(node["config"]))
+    node["service"] = again
+    reconnected(daemon)
+    second = run(node, images["indexed"], "r2", script)
+    # Every byte came from the snapshot directories and the chunk cache on disk: any
+    # request would have failed, and the read with it.
+    assert second.stdout == first.stdout
+    assert again.fuse_manager_pid not in (None, manager)
