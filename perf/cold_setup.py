@@ -284,6 +284,7 @@ def index(setup: Setup, repository: str, extra: list[str]) -> dict:
                 ((layer["index_size"] or 0) / layer["size"] for layer in layers
                  if layer["size"]), default=None),
             "hot_files": sum(layer["hot_files"] or 0 for layer in layers),
+            "missing_hot_files": len(manifest.get("missing_hot_files", [])),
             "layers": layers}
 
 
