@@ -268,6 +268,9 @@ def profile_of_list(path: Path) -> Path:
 def index(setup: Setup, repository: str, extra: list[str]) -> dict:
     """`lazypull index` of ws/REPOSITORY:v1; the index and layer sizes."""
     reference = f"docker://{setup.registry.host}/ws/{repository}:{PLAIN_TAG}"
+    spacing = getattr(setup.args, "index_spacing", 0)
+    if spacing:
+        extra = [*extra, "--spacing", str(spacing)]
     started = time.perf_counter()
     out = run(lazypull_argv("index", reference, "--plain-http", "--json", *extra),
               what=f"lazypull index {reference}")
@@ -280,9 +283,7 @@ def index(setup: Setup, repository: str, extra: list[str]) -> dict:
             "manifest_digest": manifest["digest"], "compressed_bytes": layer_bytes,
             "index_bytes": index_bytes,
             "index_share": round(index_bytes / layer_bytes, 5) if layer_bytes else None,
-            "largest_layer_index_share": max(
-                ((layer["index_size"] or 0) / layer["size"] for layer in layers
-                 if layer["size"]), default=None),
+            "spacing": spacing or "default",
             "hot_files": sum(layer["hot_files"] or 0 for layer in layers),
             "missing_hot_files": len(manifest.get("missing_hot_files", [])),
             "layers": layers}

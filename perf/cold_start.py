@@ -122,6 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "Debian's Go sources, see perf/stargz.py) and run its modes")
     parser.add_argument("--stargz-source", type=Path, default=DEFAULT_SOURCE,
                         help=f"the comparator's sources (default: {DEFAULT_SOURCE})")
+    parser.add_argument("--index-spacing", type=int, default=0, metavar="BYTES",
+                        help="checkpoint spacing of the gzip indexes the index-* modes read "
+                             "through (default: 0 = lazypull index's default)")
     parser.add_argument("--bigfile-mib", type=int, default=0,
                         help="size of the file for the read-throughput check; 0 skips it "
                              "(default: 0)")
