@@ -15,7 +15,6 @@ file table is streamed into SQLite, never held.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -121,28 +120,23 @@ class GzipSpanDecoder:
 def _entries(index: gzindex.GzipIndex) -> Iterator[TOCEntry]:
     """The file table as TOC entries: a regular file's data as one chunk entry per
     span it touches (blob offset: the span's; inner offset: where it starts in it)."""
+    spans = [(span.uncompressed_offset, span.uncompressed_end, span.compressed_offset,
+              "sha256:" + span.digest.hex()) for span in index.spans()]
     for entry in index.entries():
-        toc = TOCEntry(name=entry.name, type=entry.type, size=entry.size,
-                       modtime=entry.modtime, link_name=entry.link_name, mode=entry.mode,
-                       uid=entry.uid, gid=entry.gid, user_name=entry.user_name,
-                       group_name=entry.group_name, dev_major=entry.dev_major,
-                       dev_minor=entry.dev_minor, xattrs=entry.xattrs)
+        toc = TOCEntry(entry.name, entry.type, entry.size, entry.modtime, entry.link_name,
+                       entry.mode, entry.uid, entry.gid, entry.user_name, entry.group_name,
+                       0, entry.dev_major, entry.dev_minor, entry.xattrs)
         if entry.type != "reg" or entry.size == 0:
             yield toc
             continue
-        first = True
         for number in index.spans_for(entry.offset, entry.end):
-            span = index.span(number)
-            start = max(entry.offset, span.uncompressed_offset)
-            end = min(entry.end, span.uncompressed_end)
-            fields = {"offset": span.compressed_offset, "chunk_offset": start - entry.offset,
-                      "chunk_size": end - start, "chunk_digest": "sha256:" + span.digest.hex(),
-                      "inner_offset": start - span.uncompressed_offset}
-            if first:
-                yield dataclasses.replace(toc, **fields)  # type: ignore[arg-type]
-                first = False
-            else:
-                yield TOCEntry(name=entry.name, type="chunk", **fields)
+            span_start, span_end, blob_offset, digest = spans[number]
+            start = max(entry.offset, span_start)
+            chunk = toc if start == entry.offset else TOCEntry(entry.name, "chunk")
+            chunk.offset, chunk.chunk_offset = blob_offset, start - entry.offset
+            chunk.chunk_size = min(entry.end, span_end) - start
+            chunk.chunk_digest, chunk.inner_offset = digest, start - span_start
+            yield chunk
 
 
 def build_gzip_layer(index: gzindex.GzipIndex, index_digest: str, layer_size: int,
