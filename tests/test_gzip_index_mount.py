@@ -349,3 +349,33 @@ def test_restarted_service_and_manager_serve_indexed_layers_without_the_registry
     # request would have failed, and the read with it.
     assert second.stdout == first.stdout
     assert again.fuse_manager_pid not in (None, manager)
+
+
+def test_background_fetch_makes_indexed_layers_local(snapshotter_factory, registry,
+                                                     fault_proxy_factory, images,
+                                                     tmp_path_factory) -> None:
+    from .fixtures.registry import Fault
+
+    proxy = fault_proxy_factory(registry.host)
+    config = tmp_path_factory.mktemp("cfg") / "config.toml"
+    config.write_text("background_fetch = true\nbackground_quiet_seconds = 0.2\n"
+                      f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
+    service = snapshotter_factory(None, True, None, "--config", str(config))
+    daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
+    node = {"service": service, "daemon": daemon, "proxy": proxy}
+    try:
+        pull(node, images["indexed"])
+        deadline = time.monotonic() + 120
+        while service.log.count("fully local") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert service.log.count("fully local") == 2, service.log[-3000:]
+        assert metric_values(service)['lazypull_fetch_bytes_total{kind="background"}'] > 0
+        proxy.add(Fault("GET", r".", status=503, times=1 << 20))
+        # Every file of both layers is read from the chunk cache: the registry is gone.
+        done = run(node, images["indexed"], "bg", "/bin/busybox find / -xdev -type f "
+                   "-exec /bin/busybox cat {} + > /dev/null; echo $?")
+        assert done.stdout == "0\n", done.stderr
+        assert run(node, images["indexed"], "bg2", "/bin/busybox sha256sum /data/big.bin"
+                   ).stdout.split()[0] == hashlib.sha256(BIG_DATA).hexdigest()
+    finally:
+        stop_containerd(daemon)
