@@ -430,6 +430,12 @@ class Layer:
         """Bytes at the start of the blob that hold the prioritized files (0 if none)."""
         return self.prefetch_end or 0
 
+    def prefetch_span_ranges(self) -> list[tuple[int, int]]:
+        """The spans to prefetch, as (first, stop) runs of span numbers in priority
+        order: here the region before the landmark."""
+        stop = self.spans_before(self.prefetch_size)
+        return [(0, stop)] if stop else []
+
 
 def _footer_meta(footer: Footer) -> dict[str, Any]:
     return {"compression": str(footer.compression), "toc_offset": footer.toc_offset,

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from perf import stargz
 from perf.cold_setup import (
     ESGZ_TAG,
+    INDEX_PREFETCH_REPO_SUFFIX,
+    INDEX_REPO_SUFFIX,
     PLAIN_TAG,
     PREFETCH_TAG,
     STARGZ_NOOPT_TAG,
@@ -62,6 +64,10 @@ class Mode:
     label: str
     system: str  # overlayfs, stargz or lazypull
     tag: str
+    repository_suffix: str = ""  # ws/IMAGE<suffix>: the indexed copies of the image
+
+    def ref(self, setup: Setup, image: str) -> str:
+        return setup.ref(image + self.repository_suffix, self.tag)
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -75,6 +81,10 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "lazypull", ESGZ_TAG),
     Mode("lazy-prefetch", "lazypull with a profile: the workload's files first, prefetched",
          "lazypull", PREFETCH_TAG),
+    Mode("index-lazy", "lazypull through a gzip index without a profile: lazypull pull of "
+         "the unmodified image + ctr run", "lazypull", PLAIN_TAG, INDEX_REPO_SUFFIX),
+    Mode("index-lazy-prefetch", "lazypull through a gzip index with the workload's profile "
+         "(its hot list prefetched)", "lazypull", PLAIN_TAG, INDEX_PREFETCH_REPO_SUFFIX),
     Mode("lazy-warm-set", "lazypull, first start on a node whose warm set already holds "
          "the profiled image (clock from ctr run)", "lazypull", PREFETCH_TAG),
     Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", ESGZ_TAG),
@@ -89,7 +99,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "cache warm", "lazypull", PREFETCH_TAG),
 )}
 TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
-         "lazy-warm-set", "lazy-nobg", "lazy-prefetch-nobg")
+         "lazy-warm-set", "lazy-nobg", "lazy-prefetch-nobg", "index-lazy",
+         "index-lazy-prefetch")
+INDEX_MODES = ("index-lazy", "index-lazy-prefetch")
 DEFAULT_TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
                  "lazy-warm-set")
 STARGZ_MODES = ("stargz-noopt", "stargz-opt")
@@ -200,7 +212,7 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
                       setup.stargz if mode.system == "stargz" else None)
     samples = [sample]
     try:
-        ref = setup.ref(image.name, mode.tag)
+        ref = mode.ref(setup, image.name)
         drop_caches()
         wire0 = setup.path.bytes_to_host()
         clock = Clock()

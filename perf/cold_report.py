@@ -30,6 +30,10 @@ TARGETS = (
      "bytes read", 1.3),
     ("warm second start on lazy mounts / fully local, page cache warm",
      "lazy-prefetch-second", "local-warm", 1.2),
+    ("unmodified image through its gzip index / converted, with profile",
+     "index-lazy-prefetch", "lazy-prefetch", 1.3),
+    ("unmodified image through its gzip index / converted, without profile",
+     "index-lazy", "lazy", 1.3),
 )
 
 

@@ -53,6 +53,11 @@ ESGZ_TAG = "v1-esgz"  # lazypull convert, no prefetch
 PREFETCH_TAG = "v1-esgz-prefetch"  # lazypull convert with the workload's files first
 STARGZ_NOOPT_TAG = "v1-stargz-noopt"  # ctr-remote image optimize --no-optimize
 STARGZ_OPT_TAG = "v1-stargz-opt"  # ctr-remote image optimize with the workload
+# The unmodified image (PLAIN_TAG) in repositories of its own, with its gzip index
+# published beside it by `lazypull index` (referrers are per repository): without a
+# profile, and with the workload's.
+INDEX_REPO_SUFFIX = "-index"
+INDEX_PREFETCH_REPO_SUFFIX = "-index-prefetch"
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,43 @@ def chain_id_of(image: WorkspaceImage) -> str:
     return chain
 
 
-def prepare(setup: Setup, names: list[str], bigfile_bytes: int, source: str) -> None:
+def profile_of_list(path: Path) -> Path:
+    """A prefetch list (one path a line) as an access profile, for `lazypull index`."""
+    files = [line.strip() for line in path.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    out = path.with_suffix(".profile.json")
+    out.write_text(json.dumps({"schemaVersion": 1, "images": [
+        {"files": [{"path": p} for p in files]}]}))
+    return out
+
+
+def index(setup: Setup, repository: str, extra: list[str]) -> dict:
+    """`lazypull index` of ws/REPOSITORY:v1; the index and layer sizes."""
+    reference = f"docker://{setup.registry.host}/ws/{repository}:{PLAIN_TAG}"
+    spacing = getattr(setup.args, "index_spacing", 0)
+    if spacing:
+        extra = [*extra, "--spacing", str(spacing)]
+    started = time.perf_counter()
+    out = run(lazypull_argv("index", reference, "--plain-http", "--json", *extra),
+              what=f"lazypull index {reference}")
+    manifest = json.loads(out)["manifests"][0]
+    layers = [{k: layer.get(k) for k in ("size", "index_size", "hot_files", "files", "spans")}
+              for layer in manifest["layers"]]
+    layer_bytes = sum(layer["size"] or 0 for layer in layers)
+    index_bytes = sum(layer["index_size"] or 0 for layer in layers)
+    return {"tool": "lazypull index", "seconds": round(time.perf_counter() - started, 2),
+            "manifest_digest": manifest["digest"], "compressed_bytes": layer_bytes,
+            "index_bytes": index_bytes,
+            "index_share": round(index_bytes / layer_bytes, 5) if layer_bytes else None,
+            "spacing": spacing or "default",
+            "hot_files": sum(layer["hot_files"] or 0 for layer in layers),
+            "missing_hot_files": len(manifest.get("missing_hot_files", [])),
+            "layers": layers}
+
+
+def prepare(setup: Setup, names: list[str], bigfile_bytes: int, source: str,
+            indexes: bool = False) -> None:
+    """Push, convert and (with `indexes`) index the images, record their workloads."""
     cache = setup.args.cache_dir
     mirror = apt_mirror()
     for name in names:
@@ -276,6 +317,15 @@ def prepare(setup: Setup, names: list[str], bigfile_bytes: int, source: str) -> 
         setup.prefetch[name] = info
         log(f"converting {name} -> {PREFETCH_TAG} ({info['files']} files from {source}) ...")
         setup.conversions[f"{name}:{PREFETCH_TAG}"] = convert(setup, name, PREFETCH_TAG, extra)
+        if indexes:
+            profile = path if source == "profile" else profile_of_list(path)
+            for suffix, options in ((INDEX_REPO_SUFFIX, []),
+                                    (INDEX_PREFETCH_REPO_SUFFIX,
+                                     ["--prefetch-profile", str(profile)])):
+                log(f"pushing {name} unmodified as ws/{name}{suffix} and indexing it ...")
+                push(image, setup.registry.host, f"ws/{name}{suffix}", PLAIN_TAG)
+                setup.conversions[f"{name}{suffix}:{PLAIN_TAG}"] = index(
+                    setup, f"{name}{suffix}", options)
         if setup.stargz is not None:
             stargz_conversions(setup, image)
 

@@ -38,7 +38,11 @@ empty chunk cache; its defaults plus hosts_dir), for stargz modes a new stargz-a
   lazy-prefetch-second (the warm second start on the lazy mounts);
 - lazy-warm-set: a node whose service's warm set holds `v1-esgz-prefetch`, booted and
   ready before the clock; page cache dropped; the clock starts with `ctr run`;
-- lazy-nobg, lazy-prefetch-nobg (on request): the service's background fetch off.
+- lazy-nobg, lazy-prefetch-nobg (on request): the service's background fetch off;
+- index-lazy, index-lazy-prefetch (on request): the unmodified image (`ws/NAME-index`,
+  `ws/NAME-index-prefetch`, pushed and indexed with `lazypull index` at set-up, the
+  second with the same profile or list as v1-esgz-prefetch), `lazypull pull` then
+  `ctr run --snapshotter lazypull`: its layers are read through their gzip index.
 
 The clock starts when the pull command starts and stops when READY arrives on
 `ctr run`'s stdout. Phases (client start, resolve, TOC + mounts, fetch + unpack,
@@ -67,7 +71,16 @@ import time
 from pathlib import Path
 
 from perf import cold_charts, cold_report
-from perf.cold_modes import DEFAULT_TIMED, MODES, STARGZ_MODES, TIMED, Sample, cold_sample, describe
+from perf.cold_modes import (
+    DEFAULT_TIMED,
+    INDEX_MODES,
+    MODES,
+    STARGZ_MODES,
+    TIMED,
+    Sample,
+    cold_sample,
+    describe,
+)
 from perf.cold_setup import (
     LINKS,
     Link,
@@ -109,6 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "Debian's Go sources, see perf/stargz.py) and run its modes")
     parser.add_argument("--stargz-source", type=Path, default=DEFAULT_SOURCE,
                         help=f"the comparator's sources (default: {DEFAULT_SOURCE})")
+    parser.add_argument("--index-spacing", type=int, default=0, metavar="BYTES",
+                        help="checkpoint spacing of the gzip indexes the index-* modes read "
+                             "through (default: 0 = lazypull index's default)")
     parser.add_argument("--bigfile-mib", type=int, default=0,
                         help="size of the file for the read-throughput check; 0 skips it "
                              "(default: 0)")
@@ -203,7 +219,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="lazypull-perf-cold-", dir=args.tmpdir) as tmp, \
             shaped_registry(args, Path(tmp)) as setup:
         setup.stargz = tools
-        prepare(setup, args.image_names, args.bigfile_mib * MIB, source)
+        prepare(setup, args.image_names, args.bigfile_mib * MIB, source,
+                indexes=any(m in INDEX_MODES for m in args.mode_names))
         setup_s = time.monotonic() - started
         log(f"set-up done in {setup_s:.0f} s; links: "
             f"{', '.join(link.name for link in args.links)}")

@@ -24,7 +24,15 @@ import subprocess
 
 from .check_chunks import check_chunk_cache, manager_holds, repair_chunk
 from .check_types import Finding
-from .lazy.layer_files import INDEX_FILE, LAYER_FILE, TOC_FILE, LayerRecord, read_layer_record
+from .lazy.layer_files import (
+    GZIP_INDEX_FILE,
+    GZIP_INDEX_KIND,
+    INDEX_FILE,
+    LAYER_FILE,
+    TOC_FILE,
+    LayerRecord,
+    read_layer_record,
+)
 from .metadata import Kind
 
 
@@ -104,9 +112,10 @@ def _check_lazy_layer(root: str, path: str) -> list[Finding]:
         return [Finding("lazy-record-unreadable", os.path.join(path, LAYER_FILE), str(exc),
                         False)]
     found = []
-    if not os.path.isfile(os.path.join(path, TOC_FILE)):
-        found.append(Finding("lazy-toc-missing", os.path.join(path, TOC_FILE),
-                             f"layer {record.digest}", False))
+    # A plain gzip layer keeps its gzip index where a converted one keeps its TOC.
+    toc = os.path.join(path, GZIP_INDEX_FILE if record.kind == GZIP_INDEX_KIND else TOC_FILE)
+    if not os.path.isfile(toc):
+        found.append(Finding("lazy-toc-missing", toc, f"layer {record.digest}", False))
     fs = os.path.join(path, "fs")
     target = os.readlink(fs) if os.path.islink(fs) else None
     if target is None or os.path.dirname(target) != os.path.join(root, "fuse"):

@@ -57,6 +57,13 @@ class Config:
     # starts on freshly mounted lazy layers, at most this many per image. 0: off.
     profile_window_seconds: float = 60.0
     profile_max_files: int = 10_000
+    # Unmodified gzip layers are served lazily through a gzip index published beside
+    # their image (`lazypull index`). The lookup of an image's indexes may take this
+    # long before the layer is pulled the ordinary way; an image found without any is
+    # not asked about again for the TTL.
+    gzip_index_lookup: bool = True
+    gzip_index_lookup_seconds: float = 3.0
+    gzip_index_negative_ttl_seconds: float = 300.0
     # The warm set: images pulled through containerd at start and kept fresh; readiness
     # waits for them. `warm_set` holds tables (ref, policy, namespace, refresh_seconds,
     # block_readiness), `warm_set_dir` files *.toml of [[warm_set]] tables (re-read).
@@ -87,6 +94,9 @@ class Config:
                               "background_bytes_per_second not negative")
         if self.read_timeout_seconds <= 0:
             raise ConfigError("read_timeout_seconds must be positive")
+        if self.gzip_index_lookup_seconds <= 0 or self.gzip_index_negative_ttl_seconds < 0:
+            raise ConfigError("gzip_index_lookup_seconds must be positive and "
+                              "gzip_index_negative_ttl_seconds not negative")
         if self.profile_window_seconds < 0:
             raise ConfigError("profile_window_seconds must not be negative (0: off)")
         try:

@@ -25,8 +25,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LINK = "1gbit-4ms"
 WITH_STARGZ = stargz.toolchain_problem() is None
 LAZY = ("lazy", "lazy-prefetch", "lazy-warm-set", "lazy-prefetch-second")
-EXPECTED = ("full-overlayfs", "local-cold", "local-warm", *LAZY,
-            *(("stargz-noopt", "stargz-opt") if WITH_STARGZ else ()))
+INDEXED = ("index-lazy", "index-lazy-prefetch")
+STARGZ = ("stargz-noopt", "stargz-opt") if WITH_STARGZ else ()
+EXPECTED = ("full-overlayfs", "local-cold", "local-warm", *LAZY, *INDEXED, *STARGZ)
+TIMED = ("full-overlayfs", "lazy", "lazy-prefetch", "lazy-warm-set", *INDEXED, *STARGZ)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,7 +37,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("cold-start")
     out = work / "report" / "cold"
     argv = [sys.executable, "-m", "perf", "cold-start", "--images", "tiny", "--repeat", "1",
-            "--link", LINK, "--out", str(out), "--tmpdir", str(work)]
+            "--link", LINK, "--out", str(out), "--tmpdir", str(work),
+            "--modes", ",".join(TIMED)]
     if WITH_STARGZ:
         argv.append("--with-stargz")
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
@@ -58,7 +61,7 @@ def test_every_mode_reaches_ready_once_with_its_phases(report: dict) -> None:
         # the phases follow one another, so they add up to the time to READY
         assert sum(phases.values()) == pytest.approx(mode["median_ready_s"], abs=0.05)
     assert modes["full-overlayfs"]["median_phases_s"]["fetch + unpack"] > 0
-    for name in ("lazy", "lazy-prefetch", *(m for m in EXPECTED if m.startswith("stargz"))):
+    for name in ("lazy", "lazy-prefetch", *INDEXED, *STARGZ):
         assert modes[name]["median_phases_s"]["TOC + mounts"] > 0, name
 
 
@@ -70,6 +73,9 @@ def test_bytes_on_the_wire_and_bytes_read(report: dict) -> None:
     assert modes["full-overlayfs"]["median_wire_bytes_at_ready"] >= image["compressed_bytes"]
     for name in ("lazy", "lazy-prefetch"):
         assert 0 < modes[name]["median_wire_bytes_at_ready"] < image["compressed_bytes"]
+    # (a tiny layer is one span of its gzip index: read through it, it comes whole)
+    for name in INDEXED:
+        assert modes[name]["median_wire_bytes_at_ready"] > 0
     # what the workload opened: busybox, its script, the config and the data file (1 MiB,
     # of which it reads 64 KiB); what it read of them came into the page cache
     reads = data["reads"]["tiny"]
@@ -152,3 +158,20 @@ def test_stargz_metrics_are_summed_over_layers() -> None:
     ])
     assert stargz.parse_metrics(text) == {"mount_ms": 42.5, "mount_count": 1.0,
                                           "on_demand_bytes_fetched": 4096.0}
+
+
+def test_the_unmodified_image_is_indexed_beside_it(report: dict) -> None:
+    """The index modes ran on the unmodified image's copies, indexed at set-up: without
+    hot files, and with the workload's; the report keeps the index sizes."""
+    data = report["data"]
+    plain = data["images"]["tiny"]
+    without = data["conversions"]["tiny-index:v1"]
+    with_profile = data["conversions"]["tiny-index-prefetch:v1"]
+    for indexed in (without, with_profile):
+        assert indexed["compressed_bytes"] == plain["compressed_bytes"]  # the same layers
+        assert indexed["index_bytes"] > 0 and 0 < indexed["index_share"] < 1
+    assert without["hot_files"] == 0 < with_profile["hot_files"]
+    targets = {t["target"] for t in data["results"][LINK]["tiny"]["targets"]}
+    assert "unmodified image through its gzip index / converted, with profile" in targets
+    sample = next(s for s in data["samples"] if s["mode"] == "index-lazy-prefetch")
+    assert sample["counters_at_ready"].get("prefetch_bytes", 0) > 0

@@ -42,6 +42,15 @@ def test_the_service_does_not_load_the_format_library() -> None:
     assert "snapshotter" in loaded
     assert "estargz" not in loaded
     assert "zstandard" not in loaded
+    assert "gzindex" not in loaded and "indexer" not in loaded
+
+
+def test_the_fuse_manager_loads_the_index_lookup_not_the_indexer() -> None:
+    """Plain gzip layers are read through their gzip index: the manager finds and
+    reads indexes, it never builds them from images, nor converts."""
+    loaded = loaded_after("import snapshotter.fusemanager.server")
+    assert {"gzindex.reader", "indexer.lookup"} <= loaded
+    assert not {"indexer.image", "indexer.hotfiles", "converter"} & loaded
 
 
 def test_the_fuse_manager_loads_pyfuse3_without_trio() -> None:

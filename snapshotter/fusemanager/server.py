@@ -21,6 +21,7 @@ from oci.registry import RegistryClient
 from .. import allocator
 from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
+from ..lazy.index_lookup import IndexLookup
 from ..lazy.manager import LazyLayers
 from ..lazy.profiles import ProfileRecorder
 from ..state_dir import StateDirError, ensure_private_dir, open_lock_file, write_pid_file
@@ -130,7 +131,11 @@ async def serve(config: Config) -> None:
     _unmount_stale(config.fuse_mountpoint)
     lazy, client = lazy_layers(config)
     await lazy.start()
-    service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes)
+    index_lookup = IndexLookup(client, timeout=config.gzip_index_lookup_seconds,
+                               negative_ttl=config.gzip_index_negative_ttl_seconds) \
+        if config.gzip_index_lookup else None
+    service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
+                                 index_lookup=index_lookup)
 
     connections: set[asyncio.Task[None]] = set()
 

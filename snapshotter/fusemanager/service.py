@@ -20,12 +20,19 @@ from estargz.toc import DEFAULT_MAX_TOC_SIZE
 from oci.reference import Reference, ReferenceError
 
 from ..errors import Unavailable
+from ..lazy.index_lookup import IndexLookup, indexable
 from ..lazy.layer_chunks import bytes_cached, chunks_missing, wanted_digests
-from ..lazy.layer_files import INDEX_FILE, LayerRecord, load_layer_files, write_layer_files
+from ..lazy.layer_files import (
+    INDEX_FILE,
+    LayerRecord,
+    load_layer_files,
+    write_layer_files,
+    write_layer_record,
+)
 from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
-from ..lazy.remote import open_remote_layer
+from ..lazy.remote import find_layer, open_remote_layer
 from ..prometheus import generate_latest
 from .protocol import (
     INVALID,
@@ -46,9 +53,11 @@ def _check_name(name: str) -> None:
 
 
 class FuseManagerService:
-    def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE):
+    def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE,
+                 index_lookup: IndexLookup | None = None):
         self.lazy = lazy
         self.max_toc_bytes = max_toc_bytes
+        self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount,
@@ -110,8 +119,16 @@ class FuseManagerService:
         except (KeyError, TypeError, ReferenceError) as exc:
             raise ManagerError(INVALID, f"bad layer source: {exc}") from None
         try:
+            found = await find_layer(self.lazy.client, wanted)
+            if self.index_lookup is not None and indexable(found.descriptor):
+                indexed = await self.index_lookup.open(wanted, found, directory)
+                await asyncio.to_thread(write_layer_record, directory, indexed.record)
+                if name not in self.lazy.layers:
+                    self.lazy.mount(name, indexed.record, indexed.layer)
+                return self._served(name)
             remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
-                                             index_path=os.path.join(directory, INDEX_FILE))
+                                             index_path=os.path.join(directory, INDEX_FILE),
+                                             descriptor=found.descriptor)
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
         await asyncio.to_thread(write_layer_files, directory, remote)

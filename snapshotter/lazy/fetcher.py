@@ -41,8 +41,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from estargz import Chunk, FormatError, Layer, Node, Span, decode_chunk
+from estargz.footer import Compression
 
 from ..crash_points import crash_point
 from ..prometheus import Counter, Histogram
@@ -193,6 +195,29 @@ class TokenBucket:
             await self._sleep(-self._tokens / self.rate)
 
 
+class ChunkDecoder(Protocol):
+    """Turns a chunk's span of fetched blob bytes into the verified bytes the cache
+    keeps under the chunk's digest, and says where the chunk's own bytes start in them."""
+
+    def decode(self, chunk: Chunk, compressed: bytes) -> bytes: ...
+
+    def offset_in_decoded(self, chunk: Chunk) -> int: ...
+
+
+class MemberDecoder:
+    """eStargz and zstd:chunked: a chunk inflates from its member(s) on its own."""
+
+    def __init__(self, compression: Compression):
+        self.compression = compression
+
+    def decode(self, chunk: Chunk, compressed: bytes) -> bytes:
+        return decode_chunk(self.compression, chunk, compressed)
+
+    @staticmethod
+    def offset_in_decoded(chunk: Chunk) -> int:
+        return 0
+
+
 def _retrieve(future: asyncio.Future[bytes]) -> None:
     # A chunk's error is delivered to whoever awaits it; nobody may, so mark it seen.
     if not future.cancelled():
@@ -209,7 +234,8 @@ class LayerFetcher:
                  concurrency: int = 4, background_bytes_per_second: float | None = None,
                  small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10,
                  window_chunks: int = 256,
-                 demand_readahead_bytes: int = 1 << 20):
+                 demand_readahead_bytes: int = 1 << 20,
+                 decoder: ChunkDecoder | None = None):
         if max_request_bytes <= 0 or window_bytes <= 0:
             raise ValueError("request sizes must be positive")
         if read_timeout is not None and read_timeout <= 0:
@@ -228,7 +254,7 @@ class LayerFetcher:
         self.demand_readahead_bytes = demand_readahead_bytes
         self.stats = FetchStats()
         self._read_range = read_range
-        self._compression = layer.footer.compression
+        self._decoder = decoder or MemberDecoder(layer.footer.compression)
         self._slots = RequestSlots(concurrency)
         self._bucket = TokenBucket(background_bytes_per_second) \
             if background_bytes_per_second else None
@@ -266,8 +292,9 @@ class LayerFetcher:
         pieces = []
         for chunk in chunks:
             data = found[chunk.digest]
-            pieces.append(data[max(offset - chunk.file_offset, 0):min(end - chunk.file_offset,
-                                                                       chunk.size)])
+            base = self._decoder.offset_in_decoded(chunk) - chunk.file_offset
+            pieces.append(data[base + max(offset, chunk.file_offset):
+                               base + min(end, chunk.file_offset + chunk.size)])
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _report(self, node: Node, offset: int, length: int,
@@ -414,7 +441,8 @@ class LayerFetcher:
         cached = self._cached_in(run)
         total, chunks = run[0].size, len(run[0].chunks)
         for _, span, block_cached in self._spans_from(index + 1, stop):
-            if span.offset != run[-1].end or total + span.size > budget \
+            # Adjacent: gzip index spans may share their boundary byte.
+            if not run[-1].offset < span.offset <= run[-1].end or total + span.size > budget \
                     or (max_chunks is not None and chunks + len(span.chunks) > max_chunks) \
                     or not self._needed(span, block_cached, as_neighbour=True):
                 break
@@ -529,7 +557,7 @@ class LayerFetcher:
                 if chunk.digest not in digests or chunk.digest in good:
                     continue
                 try:
-                    chunk_bytes = decode_chunk(self._compression, chunk, compressed)
+                    chunk_bytes = self._decoder.decode(chunk, compressed)
                 except FormatError as exc:
                     failed[chunk.digest] = str(exc)
                     continue
@@ -555,18 +583,18 @@ class LayerFetcher:
         """Fetch the prioritized files' region [0, prefetch_end) in large requests and
         cache its chunks. Returns the bytes fetched; raises the first failure after
         every request has ended."""
-        stop = self.layer.spans_before(self.layer.prefetch_size)
         tasks, futures = [], {}
-        index = 0
-        while index < stop:  # plan and register everything before the first await
-            index = self._next_needed(index, stop)
-            if index == stop:
-                break
-            run, cached = self._run_from(index, self.max_request_bytes, stop, RUN_CHUNKS)
-            run_futures = self._register(run, cached)
-            futures.update(run_futures)
-            tasks.append(self._start(run, run_futures, PREFETCH))
-            index += len(run)
+        for start, stop in self.layer.prefetch_span_ranges():
+            index = start
+            while index < stop:  # plan and register everything before the first await
+                index = self._next_needed(index, stop)
+                if index == stop:
+                    break
+                run, cached = self._run_from(index, self.max_request_bytes, stop, RUN_CHUNKS)
+                run_futures = self._register(run, cached)
+                futures.update(run_futures)
+                tasks.append(self._start(run, run_futures, PREFETCH))
+                index += len(run)
         # Shielded: readers may wait for these requests even if this prefetch is cancelled.
         fetched = sum(await asyncio.gather(*(asyncio.shield(task) for task in tasks)))
         await self._raise_first(futures.values())
@@ -646,7 +674,7 @@ def _holds(span: Span, digests: dict[str, str]) -> bool:
 def _adjacent_groups(spans: list[Span]) -> list[list[Span]]:
     groups: list[list[Span]] = []
     for span in spans:
-        if groups and groups[-1][-1].end == span.offset:
+        if groups and groups[-1][-1].offset < span.offset <= groups[-1][-1].end:
             groups[-1].append(span)
         else:
             groups.append([span])

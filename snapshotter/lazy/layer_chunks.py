@@ -16,11 +16,12 @@ from .chunk_cache import ChunkCache
 
 def wanted(layer: Layer, full: bool) -> Iterator[Span]:
     """The spans a policy keeps local: all of them, or the prefetch region's."""
-    region = layer.prefetch_size
-    for span in layer.iter_spans():
-        if not full and span.offset >= region:
-            return
-        yield span
+    if full:
+        yield from layer.iter_spans()
+        return
+    for start, stop in layer.prefetch_span_ranges():
+        for first in range(start, stop, 128):
+            yield from layer.spans(first, min(stop, first + 128))
 
 
 def wanted_digests(layer: Layer, full: bool) -> Iterator[str]:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 LAYER_FILE = "layer.json"
 TOC_FILE = "toc"
 INDEX_FILE = "index.db"  # the layer's tree, built from the TOC
+GZIP_INDEX_FILE = "gzip-index"  # an unmodified gzip layer's index blob, in place of a TOC
+TOC_KIND = "toc"
+GZIP_INDEX_KIND = "gzip-index"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class LayerRecord:
     footer_size: int
     toc_uncompressed_size: int | None
     manifest_digest: str | None = None  # of the image's platform manifest, when labelled
+    # How the layer is read: through its TOC, or (an unmodified gzip layer) through its
+    # gzip index, whose digest is then `toc_digest`.
+    kind: str = TOC_KIND
 
     @classmethod
     def of(cls, remote: "RemoteLayer") -> "LayerRecord":
@@ -60,8 +66,12 @@ class LayerRecord:
 def write_layer_files(directory: str, remote: "RemoteLayer") -> None:
     with open(os.path.join(directory, TOC_FILE), "wb") as f:
         f.write(remote.toc_bytes)
+    write_layer_record(directory, LayerRecord.of(remote))
+
+
+def write_layer_record(directory: str, record: LayerRecord) -> None:
     with open(os.path.join(directory, LAYER_FILE), "w") as f:
-        json.dump(asdict(LayerRecord.of(remote)), f)
+        json.dump(asdict(record), f)
 
 
 def is_lazy_snapshot_dir(directory: str) -> bool:
@@ -80,6 +90,11 @@ def load_layer_files(directory: str) -> tuple[LayerRecord, "estargz.Layer"]:
 
     record = read_layer_record(directory)
     index_path = os.path.join(directory, INDEX_FILE)
+    if record.kind == GZIP_INDEX_KIND:
+        from .gzip_layer import load_gzip_layer
+
+        return record, load_gzip_layer(os.path.join(directory, GZIP_INDEX_FILE), record,
+                                       index_path)
     layer = estargz.Layer.open_index(index_path, record.footer, record.toc_digest)
     if layer is not None:
         return record, layer

@@ -15,8 +15,9 @@ from ..errors import Unavailable
 from .chunk_cache import ChunkCache
 from .fetcher import LayerFetcher
 from .filesystem import LazyFilesystem
+from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
-from .metrics import LAYERS_MOUNTED, PREFETCH_FAILURES
+from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class LazyLayers:
         fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
-                               window_bytes=self.small_file_window_bytes)
+                               window_bytes=self.small_file_window_bytes,
+                               decoder=layer.decoder if isinstance(layer, GzipLayer) else None)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
@@ -87,8 +89,13 @@ class LazyLayers:
                 fresh=not restored))
         self.layers[name] = mounted
         mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
-        LAYERS_MOUNTED.set(len(self.layers))
+        self._count()
         return path
+
+    def _count(self) -> None:
+        LAYERS_MOUNTED.set(len(self.layers))
+        GZIP_INDEX_LAYERS_MOUNTED.set(sum(isinstance(m.fetcher.layer, GzipLayer)
+                                          for m in self.layers.values()))
 
     async def _prefetch(self, name: str, mounted: _MountedLayer) -> int:
         self._prefetching += 1
@@ -170,7 +177,9 @@ class LazyLayers:
             await self.fs.remove_layer(name)
         if self.profiles is not None:
             self.profiles.detach(name)
-        LAYERS_MOUNTED.set(len(self.layers))
+        if isinstance(mounted.fetcher.layer, GzipLayer):
+            mounted.fetcher.layer.decoder.close()  # its index blob's file
+        self._count()
 
     async def close(self) -> None:
         for name in list(self.layers):

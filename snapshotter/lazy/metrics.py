@@ -8,6 +8,9 @@ REGISTRY = CollectorRegistry()
 
 LAYERS_MOUNTED = Gauge("lazypull_lazy_layers_mounted", "Lazy layers served through FUSE",
                        registry=REGISTRY)
+GZIP_INDEX_LAYERS_MOUNTED = Gauge("lazypull_gzip_index_layers_mounted",
+                                  "Of the lazy layers served, the unmodified gzip layers read "
+                                  "through their gzip index", registry=REGISTRY)
 PREFETCH_FAILURES = Counter("lazypull_prefetch_failures_total",
                             "Mounts refused because lazy layers could not be prefetched in time",
                             registry=REGISTRY)

@@ -30,40 +30,57 @@ class RemoteLayer:
     layer: estargz.Layer
 
 
-async def _manifests(client: "RegistryClient", source: LayerSource) -> list[Manifest]:
+@dataclass(frozen=True)
+class FoundLayer:
+    """A layer's descriptor and the platform manifest that lists it."""
+
+    descriptor: Descriptor
+    manifest: Descriptor  # digest, media type and size of that manifest
+
+
+async def _manifests(client: "RegistryClient", source: LayerSource
+                     ) -> list[tuple[Manifest, Descriptor]]:
     wanted = source.manifest_digest or source.reference.object
-    data, media_type, _ = await client.get_manifest(source.reference, wanted)
+    data, media_type, digest = await client.get_manifest(source.reference, wanted)
     parsed = parse_manifest(data, media_type)
     if isinstance(parsed, Manifest):
-        return [parsed]
+        return [(parsed, Descriptor(media_type, digest, len(data)))]
     assert isinstance(parsed, Index)
-    found: list[Manifest] = []
+    found: list[tuple[Manifest, Descriptor]] = []
     for child in parsed.manifests:
-        data, media_type, _ = await client.get_manifest(source.reference, child.digest)
+        data, media_type, digest = await client.get_manifest(source.reference, child.digest)
         manifest = parse_manifest(data, media_type)
         if isinstance(manifest, Manifest):
-            found.append(manifest)
+            found.append((manifest, Descriptor(media_type, digest, len(data))))
     return found
 
 
-async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Descriptor:
-    """The layer's descriptor (with its annotations) from the image's manifest."""
+async def find_layer(client: "RegistryClient", source: LayerSource) -> FoundLayer:
+    """The layer's descriptor (with its annotations) and its manifest's."""
     try:
-        for manifest in await _manifests(client, source):
+        for manifest, described in await _manifests(client, source):
             for layer in manifest.layers:
                 if layer.digest == source.layer_digest:
-                    return layer
+                    return FoundLayer(layer, described)
     except (StoreError, ManifestError) as exc:
         raise NotLazy(f"cannot read the manifest of {source.reference}: {exc}") from None
     raise NotLazy(f"layer {source.layer_digest} is not in {source.reference}'s manifest")
 
 
+async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Descriptor:
+    """The layer's descriptor (with its annotations) from the image's manifest."""
+    return (await find_layer(client, source)).descriptor
+
+
 async def open_remote_layer(client: "RegistryClient", source: LayerSource,
                             max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
-                            index_path: str | None = None) -> RemoteLayer:
+                            index_path: str | None = None,
+                            descriptor: Descriptor | None = None) -> RemoteLayer:
     """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
-    index); raise NotLazy when it cannot be served lazily."""
-    descriptor = await find_descriptor(client, source)
+    index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
+    if the caller has read the manifest already."""
+    if descriptor is None:
+        descriptor = await find_descriptor(client, source)
     ref, digest, size = source.reference, descriptor.digest, descriptor.size
     toc_digest = descriptor.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
     try:
