@@ -327,7 +327,7 @@ def test_zstd_layers_are_pulled_without_a_lookup(node, images) -> None:
 
 def test_restarted_service_and_manager_serve_indexed_layers_without_the_registry(
         node, images, snapshotter_factory) -> None:
-    from .fixtures.registry import Fault
+    from .fixtures.fault_proxy import WireFault
     from .test_snapshotter_containerd import reconnected
 
     daemon, proxy, service = node["daemon"], node["proxy"], node["service"]
@@ -338,8 +338,8 @@ def test_restarted_service_and_manager_serve_indexed_layers_without_the_registry
     manager = service.fuse_manager_pid
     service.stop()  # the service and its FUSE manager, by PID
     # From now on the registry answers nothing but errors.
-    proxy.add(Fault("GET", r".", status=503, times=1 << 20))
-    proxy.add(Fault("HEAD", r".", status=503, times=1 << 20))
+    proxy.add(WireFault("status", "GET", r".", status=503))
+    proxy.add(WireFault("status", "HEAD", r".", status=503))
     again = snapshotter_factory(service.root, True, service.address, "--config",
                                 str(node["config"]))
     node["service"] = again
@@ -354,7 +354,7 @@ def test_restarted_service_and_manager_serve_indexed_layers_without_the_registry
 def test_background_fetch_makes_indexed_layers_local(snapshotter_factory, registry,
                                                      fault_proxy_factory, images,
                                                      tmp_path_factory) -> None:
-    from .fixtures.registry import Fault
+    from .fixtures.fault_proxy import WireFault
 
     proxy = fault_proxy_factory(registry.host)
     config = tmp_path_factory.mktemp("cfg") / "config.toml"
@@ -370,7 +370,7 @@ def test_background_fetch_makes_indexed_layers_local(snapshotter_factory, regist
             time.sleep(0.2)
         assert service.log.count("fully local") == 2, service.log[-3000:]
         assert metric_values(service)['lazypull_fetch_bytes_total{kind="background"}'] > 0
-        proxy.add(Fault("GET", r".", status=503, times=1 << 20))
+        proxy.add(WireFault("status", "GET", r".", status=503))
         # Every file of both layers is read from the chunk cache: the registry is gone.
         done = run(node, images["indexed"], "bg", "/bin/busybox find / -xdev -type f "
                    "-exec /bin/busybox cat {} + > /dev/null; echo $?")
