@@ -6,10 +6,12 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from cli import asyncio_only  # noqa: F401  (before httpx: see there)
 from oci.digest import DigestMismatchError
+from oci.hosts import HostsConfig
 from oci.reference import ReferenceError
+from oci.registry import RegistryClient
 from oci.store import AuthError, NotFoundError, StoreError
-from oci.transport import registry_client
 
 if TYPE_CHECKING:  # grpc loads only when pulling
     from snapshotter.containerd_client import LayerResult, PullPlan, PullProgress, PullResult
@@ -90,8 +92,9 @@ async def _pull(args: argparse.Namespace) -> "PullResult":
     progress = PullProgress() if args.json or args.quiet else _progress_class()()
     async with ContainerdClient(args.address, args.namespace) as containerd:
         await containerd.version()  # fails fast, and clearly, if nothing answers
-        async with registry_client(hosts_dir=args.hosts_dir,
-                                   plain_http=args.plain_http) as registry:
+        # not oci.transport's registry_client: its image layouts are not needed here
+        async with RegistryClient(hosts=HostsConfig(args.hosts_dir,
+                                                    plain_http=args.plain_http)) as registry:
             return await pull(containerd, registry, args.reference,
                               snapshotter=args.snapshotter, platform=args.platform,
                               progress=progress)
