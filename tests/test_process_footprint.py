@@ -94,7 +94,7 @@ def test_the_pull_command_loads_neither_trio_nor_image_layouts() -> None:
     makes: httpcore, which imports trio if it can, runs without it."""
     loaded = loaded_after(
         "import asyncio, cli.main\n"
-        "argv = ['pull', '-q', '--address', '/nonexistent/c.sock', 'r.io/a:b']\n"
+        "argv = ['pull', '-q', '--no-service', '--address', '/nonexistent/c.sock', 'r.io/a:b']\n"
         "assert cli.main.main(argv) == 6  # containerd unreachable\n"
         "from oci.registry import RegistryClient\n"
         "async def go():\n"
