@@ -192,7 +192,7 @@ async def _pull(args: argparse.Namespace) -> "PullResult":
 def pulled_here(args: argparse.Namespace) -> int:
     import asyncio
 
-    from cli import asyncio_only  # noqa: F401  (before httpx: see there)
+    from oci import asyncio_only  # noqa: F401  (before httpx: see there)
     from snapshotter.containerd_client import Platform
 
     try:

@@ -87,6 +87,7 @@ class PullHandoff:
                 await writer.wait_closed()
 
     def _registry(self, request: dict[str, Any]) -> "RegistryClient":
+        from oci import asyncio_only  # noqa: F401  (before httpx: see there)
         from oci.docker_config import CredentialStore
         from oci.hosts import HostsConfig
         from oci.registry import RegistryClient

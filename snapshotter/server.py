@@ -63,6 +63,7 @@ def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None
         return None
     # Here, not at the top: a service without a warm set talks to no registry and
     # need not carry an HTTP client in memory.
+    from oci import asyncio_only  # noqa: F401  (before httpx: see there)
     from oci.docker_config import CredentialStore
     from oci.hosts import HostsConfig
     from oci.registry import RegistryClient
