@@ -122,11 +122,12 @@ def _docker_config() -> str:
 
 
 def handed_over(args: argparse.Namespace) -> int | None:
-    """The pull done by the service; None if no service takes pulls here."""
+    """The pull done by the service; None if no service takes pulls here (or not from
+    this user: the socket is root's, and this user may still reach containerd)."""
     connection = socket.socket(socket.AF_UNIX)
     try:
         connection.connect(args.service_socket)
-    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, PermissionError):
         connection.close()
         return None
     with connection, connection.makefile("rb") as answers:
