@@ -39,6 +39,7 @@ class PullHandoff:
     def __init__(self, path: str):
         self.path = path
         self._server: asyncio.base_events.Server | None = None
+        self._loading: asyncio.Task[None] | None = None
         # Kept between pulls: their connections to the registry stay open and warm.
         self._registries: dict[RegistryKey, RegistryClient] = {}
 
@@ -48,12 +49,16 @@ class PullHandoff:
         self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
         os.chmod(self.path, 0o600)
         log.info("taking pulls on %s", self.path)
-        # Loaded now, beside the snapshots the service serves meanwhile, rather than by
-        # the first pull: on a node just booted, their files are not in the page cache
-        # and reading them took that pull half a second (about 8 MB of memory more).
-        await asyncio.to_thread(_load_pull_modules)
+        # Loaded now, in a thread beside the snapshots the service serves meanwhile,
+        # rather than by the first pull: on a node just booted, their files are not in
+        # the page cache and reading them took that pull half a second (about 8 MB of
+        # memory more). Not awaited: the service goes on starting (its signal handlers).
+        self._loading = asyncio.create_task(asyncio.to_thread(_load_pull_modules))
 
     async def stop(self) -> None:
+        if self._loading is not None:
+            with contextlib.suppress(Exception):  # a pull would report the import's error
+                await self._loading
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
