@@ -27,6 +27,7 @@ from perf.machine import describe
 from perf.processes import stop_process
 from perf.stargz import PROXY_CONFIG as STARGZ_PROXY_CONFIG
 from perf.stargz import StargzDaemon, StargzTools
+from snapshotter.pull_protocol import socket_path
 from tests.fixtures.containerd import (
     Containerd,
     start_containerd,
@@ -279,8 +280,11 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 def lazy_pull(setup: Any, node: Node, ref: str) -> dict:
     """`lazypull pull --json` into the node; `setup` has the registry's `hosts_dir`."""
+    # handed to the node's service, as on a node where the service runs at its default
+    assert node.service is not None
     out = run(lazypull_argv("pull", ref, "--address", node.daemon.address, "--namespace",
-                            NAMESPACE, "--hosts-dir", str(setup.hosts_dir), "--json"),
+                            NAMESPACE, "--hosts-dir", str(setup.hosts_dir), "--json",
+                            "--service-socket", socket_path(node.service.address)),
               what=f"lazypull pull {ref}")
     return json.loads(out)
 

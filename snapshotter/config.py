@@ -19,6 +19,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     address: str = "/run/lazypull/snapshotter.sock"
+    # `lazypull pull` hands its pulls to this service on pull.sock beside `address`
+    # (pull_protocol): the command then loads next to nothing.
+    take_pulls: bool = True
     root: str = "/var/lib/lazypull"
     metrics_address: str = ""  # HOST:PORT of /metrics, /healthz and /readyz; off when empty
     log_level: str = "info"
@@ -46,7 +49,8 @@ class Config:
     fetch_concurrency: int = 8
     background_fetch: bool = True
     background_bytes_per_second: float = 0.0  # 0: no cap
-    # Background fetch starts once no container has missed a chunk for this long.
+    # Background fetch starts (and goes on) once no container has read from a lazy
+    # layer for this long.
     background_quiet_seconds: float = 3.0
     # A miss on a small file also fetches the files after it in the blob, up to this.
     small_file_window_bytes: int = 512 << 10

@@ -16,6 +16,8 @@ from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint, Route
 from .overlay import OverlaySnapshotter
+from .pull_handoff import PullHandoff
+from .pull_protocol import socket_path
 from .service import BoundedProtoCodec, SnapshotsService
 from .state_dir import StateDirError, ensure_private_dir
 
@@ -61,6 +63,7 @@ def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None
         return None
     # Here, not at the top: a service without a warm set talks to no registry and
     # need not carry an HTTP client in memory.
+    from oci import asyncio_only  # noqa: F401  (before httpx: see there)
     from oci.docker_config import CredentialStore
     from oci.hosts import HostsConfig
     from oci.registry import RegistryClient
@@ -104,6 +107,9 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
     log.info("serving containerd snapshots on %s (root %s)", config.address, config.root)
+    handoff = PullHandoff(socket_path(config.address)) if config.take_pulls else None
+    if handoff is not None:
+        await handoff.start()
     if warm is not None:  # after recovery; containerd pulls through the socket just opened
         await warm.start()
 
@@ -115,6 +121,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     log.info("shutting down")
     if warm is not None:
         await warm.close()
+    if handoff is not None:
+        await handoff.stop()
     server.close()  # no new calls; the ones under way may finish within the grace period
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE_SECONDS)

@@ -233,6 +233,27 @@ def test_corrupt_chunks_read_as_a_miss_and_are_deleted(tmp_path):
     assert cache.get(packed_digest) == packed and cache.get(flipped_digest) == flipped
 
 
+def test_sealed_files_are_not_hashed_again_and_never_served_changed(tmp_path):
+    """A chunk file this process placed (hashed on the way in) is read without a hash
+    while it is as placed; written to at once after (within the same clock tick as its
+    seal, very likely) it is hashed again and refused. Packed chunks and the files of
+    a reopened cache are hashed at each read from disk."""
+    cache = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=0)
+    kept, changed, small = chunk_bytes(1, BIG), chunk_bytes(2, BIG), chunk_bytes(3)
+    kept_digest, changed_digest, small_digest = (stored(cache, d) for d in (kept, changed,
+                                                                           small))
+    flip_byte(Path(cache.path_of(changed_digest)), 100)
+    assert cache.get(kept_digest) == kept and cache.get(kept_digest) == kept
+    assert cache.stats.hashed_reads == 0
+    assert cache.get(changed_digest) is None
+    assert cache.stats.corrupt == 1 and changed_digest not in cache
+    assert cache.get(small_digest) == small and cache.stats.hashed_reads == 1
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=0)
+    assert reopened.get(kept_digest) == kept and reopened.stats.hashed_reads == 1
+    reopened.close()
+
+
 def test_restart_sees_the_old_chunks_in_their_lru_order(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=1 << 20)
     sizes = [KiB, BIG, KiB, BIG, KiB, KiB]

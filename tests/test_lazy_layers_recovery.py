@@ -81,3 +81,32 @@ def test_a_failed_background_fetch_starts_again(
     with caplog.at_level("WARNING", logger="snapshotter.lazy.manager"):
         run(scenario())
     assert "background fetch stopped" in caplog.text and "trying again" in caplog.text
+
+
+def test_background_fetching_waits_while_containers_read_the_cache(blob, registry, tmp_path):
+    """Reads served from the cache (a warm node, or files prefetched) are containers at
+    work too: no background request starts until they stop for the quiet period."""
+    async def scenario() -> None:
+        async with make_client() as client:
+            lazy = lazy_layers(tmp_path, client, background=True)
+            lazy.background_quiet_seconds = 0.5
+            lazy.mount("l1", record_of(blob, registry.host), blob.layer)
+            await lazy.wait_prefetched(["l1"], timeout=30)
+            fetcher = lazy.layers["l1"].fetcher
+            region = blob.layer.prefetch_size
+            cached = next(node for _, node in blob.layer.walk() if node.kind == "reg"
+                          and node.size and all(c.blob_offset < region
+                                                for c in blob.layer.chunks(node)))
+            for _ in range(100):  # two seconds of a container reading prefetched bytes
+                assert await fetcher.read(cached, 0, cached.size)
+                await asyncio.sleep(0.02)
+            assert fetcher.stats.demand_requests == 0
+            assert fetcher.stats.background_requests == 0
+            mounted = lazy.layers["l1"]
+            assert mounted.background is not None
+            async with asyncio.timeout(60):  # a hang guard, not a measure
+                await mounted.background
+            assert fetcher.stats.background_requests > 0 and fetcher.is_complete()
+            await lazy.unmount("l1")
+
+    run(scenario())

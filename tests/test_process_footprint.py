@@ -4,7 +4,9 @@ The service and the FUSE manager run on every node, so their resident memory is
 part of the product (see `python -m perf scale`). These checks keep two choices
 from being undone by an innocent import: the service speaks gRPC through grpclib
 (grpcio costs it about 9 MB more) and the FUSE manager runs pyfuse3 in asyncio mode
-without loading trio. The service does not load the format library either.
+without loading trio. The service does not load the format library either, and
+`lazypull pull`, which runs at every workspace start, loads neither trio nor the
+image-layout code.
 """
 
 import json
@@ -16,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loaded_after(statement: str) -> set[str]:
-    """The modules (and, by their first name, the packages) loaded after `statement`."""
+    """The modules (and, by their first name, the packages) loaded after `statement`;
+    a name marked absent (None in sys.modules) is not loaded."""
     probe = (f"{statement}\nimport json, sys\n"
-             "print(json.dumps(sorted(set(sys.modules) | {m.split('.')[0] for m in sys.modules})))")
+             "names = [m for m, module in sys.modules.items() if module is not None]\n"
+             "print(json.dumps(sorted(set(names) | {m.split('.')[0] for m in names})))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, check=True, timeout=120)
     return set(json.loads(done.stdout.splitlines()[-1]))
@@ -92,3 +96,21 @@ def test_the_command_line_loads_only_what_its_command_needs() -> None:
     assert "estargz.errors" in loaded  # what the command line catches
     assert not {"estargz.layer", "estargz.writer", "zstandard"} & loaded
     assert "grpclib" not in loaded  # the service's modules load when it runs
+
+
+def test_the_pull_command_loads_neither_trio_nor_image_layouts() -> None:
+    """`lazypull pull` as far as containerd (absent here), then the registry client it
+    makes: httpcore, which imports trio if it can, runs without it."""
+    loaded = loaded_after(
+        "import asyncio, cli.main\n"
+        "argv = ['pull', '-q', '--no-service', '--address', '/nonexistent/c.sock', 'r.io/a:b']\n"
+        "assert cli.main.main(argv) == 6  # containerd unreachable\n"
+        "from oci.registry import RegistryClient\n"
+        "async def go():\n"
+        "    async with RegistryClient() as client:\n"
+        "        assert client\n"
+        "asyncio.run(go())\n"
+        "import httpcore._synchronization as sync\n"
+        "assert sync.trio is None")
+    assert {"grpclib", "httpx", "httpcore", "snapshotter.containerd_client.pull"} <= loaded
+    assert not {"trio", "attr", "oci.layout", "grpc", "estargz.layer"} & loaded

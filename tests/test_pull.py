@@ -487,3 +487,55 @@ def test_layer_lists_are_truncated_to_the_label_limit() -> None:
         extra = "," + digests[len(kept)] + ("," if stargz else "")
         assert len(key) + len(value) + len(extra) > lb.MAX_LABEL_SIZE
     assert lb.layers_label(lb.CRI_IMAGE_LAYERS, digests[:3]) == ",".join(digests[:3])
+
+
+# -- handed to the service ---------------------------------------------------------------
+
+
+def handoff(stack: Stack) -> tuple[str, str]:
+    return "--service-socket", str(Path(stack.service.address).parent / "pull.sock")
+
+
+def test_the_service_takes_the_pull_and_the_command_loads_little(stack: Stack) -> None:
+    ns = "handoff"
+    done = stack.lazypull(*handoff(stack), "--plain-http", stack.ref, namespace=ns,
+                          env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr
+    layer_lines = [line for line in done.stdout.splitlines() if line.startswith("  layer ")]
+    assert len(layer_lines) == 3 and all("  fetched+applied  " in line for line in layer_lines)
+    assert f"{stack.ref}: image created, unpacked for lazypull (3 fetched+applied)" in \
+        done.stdout
+    assert f"pull of {stack.ref} into {stack.daemon.address}" in stack.service.log
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "snapshotter.pull_protocol" in imported
+    assert not {"asyncio", "httpx", "grpclib", "google.protobuf"} & imported
+    assert images(stack, ns) == {stack.ref: stack.image.manifest_digest}
+    assert leases(stack, ns) == []
+    assert run_in(stack, ns, "lazypull", stack.ref, "handoff-1") == EXPECTED
+
+    again = stack.lazypull(*handoff(stack), "--plain-http", "--json", stack.ref, namespace=ns)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert [layer["source"] for layer in result["layers"]] == ["present"] * 3
+    assert result["image_created"] is False
+
+
+def test_failures_handed_back_keep_their_exit_codes(stack: Stack, basic_auth_registry) -> None:
+    cases = [(["--plain-http", f"{stack.registry.host}/ws/app:no-such-tag"], 4,
+              "lazypull pull: not found: manifest "),
+             (["--plain-http", "Not A Reference"], 2, "lazypull pull: "),
+             (["--plain-http", "--platform", "linux", stack.ref], 2,
+              "lazypull pull: invalid platform"),
+             (["--plain-http", f"{basic_auth_registry.host}/ws/app:v1"], 3,
+              "lazypull pull: authentication failed:"),
+             (["--plain-http", "--snapshotter", "nosuch", stack.ref], 5,
+              "lazypull pull: containerd has no snapshotter 'nosuch'")]
+    for args, code, start in cases:
+        done = stack.lazypull(*handoff(stack), *args, namespace="handoff-failures")
+        assert (done.returncode, done.stderr.startswith(start)) == (code, True), done.stderr
+        assert "Traceback" not in done.stderr
+    unreachable = stack.lazypull(*handoff(stack), stack.ref, namespace="x",
+                                 address="/nonexistent/containerd.sock")
+    assert unreachable.returncode == 6, unreachable.stderr
+    assert leases(stack, "handoff-failures") == []

@@ -10,8 +10,10 @@ import pytest
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
 from snapshotter.lazy import layer_source as remote
+from snapshotter.lazy import remote as remote_module
 from snapshotter.lazy.layer_source import NotLazy, layer_source
 from snapshotter.lazy.remote import open_remote_layer
+from snapshotter.lazy.toc_ahead import TocAhead
 
 from .images import build_layout_image, push_layout_image
 
@@ -85,3 +87,49 @@ def test_unreachable_registry_is_not_lazy() -> None:
     with pytest.raises(NotLazy, match="cannot read the manifest"):
         open_layer({remote.REF_LABEL: "x", remote.STARGZ_REFERENCE: "127.0.0.1:9/ws/a:v1",
                     remote.STARGZ_DIGEST: "sha256:" + "0" * 64})
+
+
+def open_layers_ahead(report: dict, lazy: str, order: list[int]) -> tuple[list, list[str]]:
+    """Open the image's layers in `order` through one TocAhead, as the FUSE manager
+    does; returns the layers and the requests the registry saw (method, path, range)."""
+    seen: list[str] = []
+
+    async def record(request) -> None:
+        seen.append(f"{request.method} {request.url.path} {request.headers.get('range', '')}")
+
+    async def go():
+        async with RegistryClient(hosts=HostsConfig(),
+                                  event_hooks={"request": [record]}) as client:
+            ahead = TocAhead(client)
+            opened = []
+            for i in order:
+                source = layer_source({
+                    remote.REF_LABEL: f"sha256:chain{i}", remote.CRI_IMAGE_REF: lazy,
+                    remote.CRI_LAYER_DIGEST: report["layers"][i]["digest"],
+                    remote.CRI_MANIFEST_DIGEST: report["digest"]})
+                assert source is not None
+                opened.append(await open_remote_layer(client, source, ahead=ahead))
+            return opened
+    return asyncio.run(go()), seen
+
+
+def test_first_mount_fetches_every_layers_toc_at_once(images) -> None:
+    _, lazy, report, _ = images
+    opened, seen = open_layers_ahead(report, lazy, [0, 1])
+    assert [o.toc_digest for o in opened] == [layer["toc_digest"] for layer in report["layers"]]
+    assert opened[0].layer.lookup("usr/lib/big").size == 300_000
+    manifests = [r for r in seen if "/manifests/" in r]
+    tails = [r for r in seen if "/blobs/" in r]
+    # one manifest request for both mounts; each layer's footer and TOC in one tail request,
+    # both started by the first mount
+    assert len(manifests) == 1 and len(tails) == 2, seen
+    assert {t.split()[1].rsplit("/", 1)[1] for t in tails} == \
+        {layer["digest"] for layer in report["layers"]}
+
+
+def test_toc_beyond_the_tail_takes_a_second_request(images, monkeypatch) -> None:
+    _, lazy, report, _ = images
+    monkeypatch.setattr(remote_module, "TAIL_BYTES", 0)  # the footer alone
+    opened, seen = open_layers_ahead(report, lazy, [1, 0])
+    assert [o.toc_digest for o in opened] == [report["layers"][i]["toc_digest"] for i in (1, 0)]
+    assert len([r for r in seen if "/blobs/" in r]) == 4, seen

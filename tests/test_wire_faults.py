@@ -305,12 +305,14 @@ class MountCase:
     expect: str  # "fallback": pulled the ordinary way; "lazy": mounted lazily
 
 
+# The first range request of a layer fetches its tail: the footer and the TOC just
+# before it (a byte 64 before the end is the TOC's); the prefetch requests come next.
 MOUNT_CASES = [
     MountCase("toc-503-always", {"fault": "status"}, "fallback"),
     MountCase("toc-hang-always", {"fault": "hang"}, "fallback"),
-    MountCase("toc-flip-always", {"fault": "flip", "skip": 1}, "fallback"),
-    MountCase("prefetch-reset-once", {"fault": "reset", "skip": 2, "times": 1}, "lazy"),
-    MountCase("prefetch-503-always", {"fault": "status", "skip": 2}, "lazy"),
+    MountCase("toc-flip-always", {"fault": "flip", "flip_at_end": 64}, "fallback"),
+    MountCase("prefetch-reset-once", {"fault": "reset", "skip": 1, "times": 1}, "lazy"),
+    MountCase("prefetch-503-always", {"fault": "status", "skip": 1}, "lazy"),
 ]
 
 

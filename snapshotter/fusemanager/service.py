@@ -1,8 +1,9 @@
 """The FUSE manager's operations: what the snapshotter may ask of the lazy layers.
 
 Layers are named by the snapshotter (their directories in the FUSE mount). A new
-layer is opened from the registry and its TOC stored in the directory the request
-names (`toc` and `layer.json`); a layer served again after a restart is loaded from
+layer is opened from the registry (the TOCs of its image's other layers fetched at
+the same time, lazy.toc_ahead) and its TOC stored in the directory the request names
+(`toc` and `layer.json`); a layer served again after a restart is loaded from
 that directory, so no request carries a TOC. Warm-set questions name a layer by its
 blob digest.
 """
@@ -32,7 +33,8 @@ from ..lazy.layer_files import (
 from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
-from ..lazy.remote import find_layer, open_remote_layer
+from ..lazy.remote import open_remote_layer
+from ..lazy.toc_ahead import TocAhead
 from ..prometheus import generate_latest
 from .protocol import (
     INVALID,
@@ -58,6 +60,7 @@ class FuseManagerService:
         self.lazy = lazy
         self.max_toc_bytes = max_toc_bytes
         self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
+        self.toc_ahead = TocAhead(lazy.client, max_toc_bytes)
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount,
@@ -119,7 +122,7 @@ class FuseManagerService:
         except (KeyError, TypeError, ReferenceError) as exc:
             raise ManagerError(INVALID, f"bad layer source: {exc}") from None
         try:
-            found = await find_layer(self.lazy.client, wanted)
+            found = await self.toc_ahead.find_layer(wanted)
             if self.index_lookup is not None and indexable(found.descriptor):
                 indexed = await self.index_lookup.open(wanted, found, directory)
                 await asyncio.to_thread(write_layer_record, directory, indexed.record)
@@ -128,7 +131,8 @@ class FuseManagerService:
                 return self._served(name)
             remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
                                              index_path=os.path.join(directory, INDEX_FILE),
-                                             descriptor=found.descriptor)
+                                             descriptor=found.descriptor,
+                                             ahead=self.toc_ahead)
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
         await asyncio.to_thread(write_layer_files, directory, remote)

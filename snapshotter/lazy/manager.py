@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Pauses before a background fetch that failed (the registry was down) starts again:
 # the first, doubled after each failure up to the last.
 BACKGROUND_RETRY_SECONDS = (5.0, 300.0)
+# A background fetch yields to containers at work for at most this long at a time, so
+# that one that never stops reading does not keep its layers remote for ever.
+BACKGROUND_MAX_YIELD_SECONDS = 60.0
 
 
 class _MountedLayer:
@@ -55,6 +58,7 @@ class LazyLayers:
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
         self._prefetching = 0
+        self._activity_seen = 0  # _activity() when background fetching last looked
         self._prefetch_idle = asyncio.Event()
         self._prefetch_idle.set()
 
@@ -120,7 +124,7 @@ class LazyLayers:
             await self._prefetch_idle.wait()
             await self._quiet()
             try:
-                fetched = await mounted.fetcher.fetch_all()
+                fetched = await mounted.fetcher.fetch_all(self._yield_to_containers)
                 break
             except Exception as exc:  # what was fetched stays cached; the rest comes later
                 log.warning("layer %s: background fetch stopped: %s; trying again in %.0fs",
@@ -130,18 +134,34 @@ class LazyLayers:
         log.info("layer %s: fully local (%d bytes fetched in the background)", name, fetched)
         return fetched
 
-    def _demand_requests(self) -> int:
-        return sum(m.fetcher.stats.demand_requests for m in self.layers.values())
+    def _activity(self) -> int:
+        """Reads and on-demand requests so far, of every layer: grows while containers
+        work, whether their reads hit the cache or not."""
+        return sum(m.fetcher.stats.reads + m.fetcher.stats.demand_requests
+                   for m in self.layers.values())
 
     async def _quiet(self) -> None:
-        """Wait until containers have stopped asking for missing chunks for a while: a
-        starting workspace reads on demand right after the prefetch, and background
-        requests beside those reads delayed measured cold starts by a factor of two."""
+        """Wait until containers have stopped reading for a while: a starting workspace
+        reads on demand right after the prefetch, and background requests beside those
+        reads delayed measured cold starts by a factor of two; beside reads from the
+        cache (a warm node), their transfer and verification took the CPU the starting
+        workspace wanted."""
         while True:
-            before = self._demand_requests()
+            before = self._activity()
             await asyncio.sleep(self.background_quiet_seconds)
-            if self._demand_requests() == before and self._prefetching == 0:
+            after = self._activity()
+            self._activity_seen = after
+            if after == before and self._prefetching == 0:
                 return
+
+    async def _yield_to_containers(self) -> None:
+        """Before each background request: if containers read since the last one, wait
+        until they are quiet again (BACKGROUND_MAX_YIELD_SECONDS at most)."""
+        if self._activity() == self._activity_seen and self._prefetching == 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet(), BACKGROUND_MAX_YIELD_SECONDS)
+        self._activity_seen = self._activity()
 
     async def wait_prefetched(self, names: list[str], timeout: float) -> None:
         """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long.

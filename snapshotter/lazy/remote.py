@@ -1,7 +1,8 @@
 """Whether a remote layer can be served lazily, and its verified TOC.
 
 A layer is lazy when its descriptor in the image's manifest carries a TOC digest:
-the TOC is then fetched with two range requests and verified against it. Anything
+the TOC is then fetched with one range request for the blob's tail (two if the TOC
+is larger than that tail) and verified against it. Anything
 else is not lazy, and the caller falls back to an ordinary snapshot. (Which Prepare
 asks for which layer is `lazy.layer_source`.)
 """
@@ -13,12 +14,21 @@ from typing import TYPE_CHECKING
 import estargz
 from estargz.footer import MAX_FOOTER_SIZE
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
+from oci.reference import Reference
 from oci.store import StoreError
 
 from .layer_source import LayerSource, NotLazy
 
 if TYPE_CHECKING:
     from oci.registry import RegistryClient
+
+    from .toc_ahead import TocAhead
+
+# The tail fetched first: the footer and, for most layers, the whole TOC (the 51 MB
+# eStargz layer of the node workspace image has one of 340 kB), a round trip saved per
+# layer for at most this many bytes of payload fetched with it.
+TAIL_BYTES = 512 << 10
+
 
 @dataclass
 class RemoteLayer:
@@ -38,15 +48,18 @@ class FoundLayer:
     manifest: Descriptor  # digest, media type and size of that manifest
 
 
-async def _manifests(client: "RegistryClient", source: LayerSource
-                     ) -> list[tuple[Manifest, Descriptor]]:
+Manifests = list[tuple[Manifest, Descriptor]]  # each platform manifest, and its descriptor
+
+
+async def fetch_manifests(client: "RegistryClient", source: LayerSource) -> Manifests:
+    """The image's platform manifests: the one the source names, or every one of its index."""
     wanted = source.manifest_digest or source.reference.object
     data, media_type, digest = await client.get_manifest(source.reference, wanted)
     parsed = parse_manifest(data, media_type)
     if isinstance(parsed, Manifest):
         return [(parsed, Descriptor(media_type, digest, len(data)))]
     assert isinstance(parsed, Index)
-    found: list[tuple[Manifest, Descriptor]] = []
+    found: Manifests = []
     for child in parsed.manifests:
         data, media_type, digest = await client.get_manifest(source.reference, child.digest)
         manifest = parse_manifest(data, media_type)
@@ -55,16 +68,21 @@ async def _manifests(client: "RegistryClient", source: LayerSource
     return found
 
 
+def layer_in(manifests: Manifests, source: LayerSource) -> FoundLayer:
+    for manifest, described in manifests:
+        for layer in manifest.layers:
+            if layer.digest == source.layer_digest:
+                return FoundLayer(layer, described)
+    raise NotLazy(f"layer {source.layer_digest} is not in {source.reference}'s manifest")
+
+
 async def find_layer(client: "RegistryClient", source: LayerSource) -> FoundLayer:
     """The layer's descriptor (with its annotations) and its manifest's."""
     try:
-        for manifest, described in await _manifests(client, source):
-            for layer in manifest.layers:
-                if layer.digest == source.layer_digest:
-                    return FoundLayer(layer, described)
+        manifests = await fetch_manifests(client, source)
     except (StoreError, ManifestError) as exc:
         raise NotLazy(f"cannot read the manifest of {source.reference}: {exc}") from None
-    raise NotLazy(f"layer {source.layer_digest} is not in {source.reference}'s manifest")
+    return layer_in(manifests, source)
 
 
 async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Descriptor:
@@ -72,35 +90,65 @@ async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Desc
     return (await find_layer(client, source)).descriptor
 
 
-async def open_remote_layer(client: "RegistryClient", source: LayerSource,
-                            max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
-                            index_path: str | None = None,
-                            descriptor: Descriptor | None = None) -> RemoteLayer:
-    """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
-    index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
-    if the caller has read the manifest already."""
-    if descriptor is None:
-        descriptor = await find_descriptor(client, source)
-    ref, digest, size = source.reference, descriptor.digest, descriptor.size
-    toc_digest = descriptor.annotations.get(estargz.TOC_DIGEST_ANNOTATION)
+@dataclass(frozen=True)
+class FetchedToc:
+    """A layer's footer and its TOC as the blob holds them, not verified yet."""
+
+    footer: estargz.Footer
+    toc_bytes: bytes
+
+
+async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: Descriptor,
+                    max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE) -> FetchedToc:
+    """The layer's footer and TOC: one request for the blob's tail, which holds both when
+    the TOC is under TAIL_BYTES, else a second one for the TOC. NotLazy when the blob
+    has no footer, its TOC is too large or the manifest vouches for none."""
+    digest, size = descriptor.digest, descriptor.size
     try:
-        tail_length = min(size, MAX_FOOTER_SIZE)
-        footer = estargz.parse_footer(
-            await client.fetch_range(ref, digest, size - tail_length, tail_length), size)
-        if toc_digest is None:
+        tail_length = min(size, max(MAX_FOOTER_SIZE, TAIL_BYTES))
+        tail_offset = size - tail_length
+        tail = await client.fetch_range(reference, digest, tail_offset, tail_length)
+        footer = estargz.parse_footer(tail, size)
+        if estargz.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
             # A footer alone proves nothing: without a digest from the manifest the TOC
             # (and so every chunk digest) would be unverified.
             raise NotLazy(f"layer {digest} has an eStargz footer but no TOC digest annotation "
                           "to verify it against")
         if footer.toc_length > max_toc_size:
             raise NotLazy(f"layer {digest}: TOC of {footer.toc_length} bytes is too large")
-        toc_bytes = await client.fetch_range(ref, digest, footer.toc_offset, footer.toc_length)
-        layer = await asyncio.to_thread(estargz.load_toc, footer, toc_bytes, toc_digest,
-                                        max_toc_size, index_path=index_path)
+        start = footer.toc_offset - tail_offset
+        if start >= 0 and start + footer.toc_length <= len(tail):
+            toc_bytes = tail[start:start + footer.toc_length]
+        else:
+            toc_bytes = await client.fetch_range(reference, digest, footer.toc_offset,
+                                                 footer.toc_length)
     except estargz.FooterError:
         raise NotLazy(f"layer {digest} is not eStargz or zstd:chunked") from None
-    except estargz.FormatError as exc:
-        raise NotLazy(f"layer {digest}: {exc}") from None
     except StoreError as exc:
         raise NotLazy(f"layer {digest}: registry: {exc}") from None
-    return RemoteLayer(source, descriptor, toc_digest, footer, toc_bytes, layer)
+    return FetchedToc(footer, toc_bytes)
+
+
+async def open_remote_layer(client: "RegistryClient", source: LayerSource,
+                            max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
+                            index_path: str | None = None,
+                            descriptor: Descriptor | None = None,
+                            ahead: "TocAhead | None" = None) -> RemoteLayer:
+    """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
+    index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
+    if the caller has read the manifest already. With `ahead`, the manifest and TOC
+    come from what it fetched (or fetches) for the whole image."""
+    if descriptor is None:
+        descriptor = ((await ahead.find_layer(source)).descriptor if ahead is not None
+                      else await find_descriptor(client, source))
+    if ahead is not None:
+        fetched = await ahead.toc(source.reference, descriptor)
+    else:
+        fetched = await fetch_toc(client, source.reference, descriptor, max_toc_size)
+    toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
+    try:
+        layer = await asyncio.to_thread(estargz.load_toc, fetched.footer, fetched.toc_bytes,
+                                        toc_digest, max_toc_size, index_path=index_path)
+    except estargz.FormatError as exc:
+        raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
+    return RemoteLayer(source, descriptor, toc_digest, fetched.footer, fetched.toc_bytes, layer)

@@ -1,0 +1,149 @@
+"""The service's pull socket: `lazypull pull` hands its pull to this process, which
+has the registry and containerd clients loaded (and their connections warm), so the
+command that each workspace start runs does almost nothing itself.
+
+The pull is the one `lazypull pull` would do (containerd_client.pull), with the
+request's containerd socket, namespace, hosts directory and Docker config file. The
+socket is the service's own kind: a root-only directory, mode 0600, so whoever may
+ask could run the pull themselves. A pull under way when its command goes away runs
+to its end (containerd's lease keeps what it made consistent either way).
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from .pull_protocol import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    MAX_LINE,
+    ProtocolError,
+    check_request,
+    classify,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from oci.registry import RegistryClient
+
+    from .containerd_client import PullResult
+
+log = logging.getLogger(__name__)
+RegistryKey = tuple[str | None, bool, str | None]  # hosts dir, plain HTTP, Docker config
+
+
+class PullHandoff:
+    def __init__(self, path: str):
+        self.path = path
+        self._server: asyncio.base_events.Server | None = None
+        self._loading: asyncio.Task[None] | None = None
+        # Kept between pulls: their connections to the registry stay open and warm.
+        self._registries: dict[RegistryKey, RegistryClient] = {}
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by a killed instance
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+        os.chmod(self.path, 0o600)
+        log.info("taking pulls on %s", self.path)
+        # Loaded now, in a thread beside the snapshots the service serves meanwhile,
+        # rather than by the first pull: on a node just booted, their files are not in
+        # the page cache and reading them took that pull half a second (about 8 MB of
+        # memory more). Not awaited: the service goes on starting (its signal handlers).
+        self._loading = asyncio.create_task(asyncio.to_thread(_load_pull_modules))
+
+    async def stop(self) -> None:
+        if self._loading is not None:
+            with contextlib.suppress(Exception):  # a pull would report the import's error
+                await self._loading
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for registry in self._registries.values():
+            await registry.aclose()
+        self._registries.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(message: dict[str, Any]) -> None:
+            with contextlib.suppress(ConnectionError):  # the command went away: pull on
+                writer.write(encode(message))
+                await writer.drain()
+
+        try:
+            try:
+                request = check_request(decode(await reader.readline()))
+            except (ProtocolError, ValueError) as exc:
+                await send({"error": {"code": EXIT_USAGE, "message": f"bad pull request: {exc}"}})
+                return
+            try:
+                result = await self._pull(request, send)
+            except Exception as exc:
+                known = classify(exc)
+                if known is None:
+                    log.exception("pull of %s failed", request["reference"])
+                code, message = known or (EXIT_FAILURE, f"{type(exc).__name__}: {exc}")
+                await send({"error": {"code": code, "message": message}})
+                return
+            await send({"result": result.to_json()})
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _registry(self, request: dict[str, Any]) -> "RegistryClient":
+        from oci import asyncio_only  # noqa: F401  (before httpx: see there)
+        from oci.docker_config import CredentialStore
+        from oci.hosts import HostsConfig
+        from oci.registry import RegistryClient
+
+        key = (request["hosts_dir"], request["plain_http"], request["docker_config"])
+        registry = self._registries.get(key)
+        if registry is None:
+            registry = RegistryClient(
+                hosts=HostsConfig(request["hosts_dir"], plain_http=request["plain_http"]),
+                credentials=CredentialStore(request["docker_config"]))
+            self._registries[key] = registry
+        return registry
+
+    async def _pull(self, request: dict[str, Any], send: Any) -> "PullResult":
+        from .containerd_client import ContainerdClient, Platform, PullProgress, pull
+
+        class Forward(PullProgress):
+            def __init__(self) -> None:
+                self.sending: list[asyncio.Task[None]] = []
+
+            def resolved(self, plan: Any) -> None:
+                self.sending.append(asyncio.ensure_future(send({"resolved": {
+                    "name": plan.name, "digest": plan.top.digest,
+                    "platform": str(plan.platform), "layers": len(plan.layers)}})))
+
+            def layer_done(self, layer: Any) -> None:
+                self.sending.append(asyncio.ensure_future(send({"layer": layer.to_json()})))
+
+        platform = Platform.parse(request["platform"]) if request["platform"] else None
+        progress = Forward()
+        log.info("pull of %s into %s (namespace %s)", request["reference"],
+                 request["address"], request["namespace"])
+        async with ContainerdClient(request["address"], request["namespace"]) as containerd:
+            await containerd.version()
+            result = await pull(containerd, self._registry(request), request["reference"],
+                                snapshotter=request["snapshotter"], platform=platform,
+                                progress=progress)
+        await asyncio.gather(*progress.sending)  # events before the result, in order
+        return result
+
+
+def _load_pull_modules() -> None:
+    from oci import (  # noqa: F401
+        asyncio_only,  # first: before httpx, see there
+        docker_config,
+        hosts,
+        registry,
+    )
+
+    from . import containerd_client  # noqa: F401
