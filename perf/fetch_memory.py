@@ -18,6 +18,7 @@ without tracemalloc's own overhead.
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import io
 import os
@@ -42,6 +43,12 @@ def status(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def trimmed_rss() -> int:
+    """VmRSS once glibc has returned its free pages (what fragmentation held)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status("VmRSS")
 
 
 def file_bytes(i: int) -> bytes:
@@ -123,8 +130,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tick", type=float, default=1.0, help="lateness probe period (ms)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval in ms (default: Python's, 5 ms)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1000)
     blob, toc_digest = ensure_blob(args.files, args.workdir)
     with estargz.FileSource.open(str(blob)) as source:  # its index: a temporary file
         layer = estargz.BlobReader.open(source, toc_digest).layer
@@ -147,6 +158,7 @@ def main(argv: list[str]) -> int:
                "late_ms": {"n": len(result["late"]), "p50": pct(result["late"], 0.5) * 1000,
                            "p99": pct(result["late"], 0.99) * 1000,
                            "max": max(result["late"], default=0) * 1000}}
+        out["rss_after_trim_mb"] = trimmed_rss() / MB
         if not args.no_tracemalloc:
             current, peak = tracemalloc.get_traced_memory()
             out["traced_current_mb"], out["traced_peak_mb"] = current / MB, peak / MB
