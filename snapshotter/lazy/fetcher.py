@@ -578,7 +578,9 @@ class LayerFetcher:
         ChunkVerificationError at the end."""
         fetched = 0
         index = 0
-        futures: dict[str, asyncio.Future[bytes]] = {}
+        # Only the first skipped chunk's error is kept: a step's futures hold their
+        # chunks' bytes, and keeping every step's (as once) held the whole layer.
+        first_error: ChunkFetchError | None = None
         while index < self.layer.span_count:
             task = asyncio.create_task(self._background_step(index))
             self._tasks.add(task)
@@ -587,17 +589,21 @@ class LayerFetcher:
             # the readers that wait for its chunks.
             index, nbytes, step_futures = await asyncio.shield(task)
             fetched += nbytes
-            futures.update(step_futures)
             for future in step_futures.values():
                 error = future.exception()
-                if error is not None and not isinstance(error, ChunkFetchError):
+                if error is None:
+                    continue
+                if not isinstance(error, ChunkFetchError):
                     raise error
+                first_error = first_error or error
+            del step_futures
             if self._bucket is not None and nbytes:
                 await self._bucket.spend(nbytes)
         # Chunks that other requests are fetching: done when those are.
         await asyncio.gather(*(asyncio.shield(f) for f in list(self._inflight.values())),
                              return_exceptions=True)
-        await self._raise_first(futures.values())
+        if first_error is not None:
+            raise first_error
         return fetched
 
     async def _background_step(self, index: int
