@@ -10,7 +10,8 @@ background work. Reported:
 - RSS (VmRSS of /proc/self/status) before and after, and VmHWM;
 - tracemalloc's peak and what had grown halfway through the fetch, with the
   top allocation sites of that growth (--top);
-- the loop's wake-up lateness p50/p99/max during fetch_all.
+- the loop's wake-up lateness p50/p99/max during fetch_all, and first for
+  --idle-seconds with nothing else running (the machine's own noise).
 
 `python -m perf fetch-memory --files 100000`; --no-tracemalloc for RSS and lateness
 without tracemalloc's own overhead.
@@ -107,6 +108,12 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
         return os.pread(fd, length, offset)
 
     fetcher = LayerFetcher(layer, read_range, cache)
+    # The same probe with nothing else to do: what the machine's other work costs.
+    stop, idle = asyncio.Event(), []
+    ticker = asyncio.create_task(lateness(args.tick / 1000, stop, idle, lambda: False, {}))
+    await asyncio.sleep(args.idle_seconds)
+    stop.set()
+    await ticker
     stop, late, midway = asyncio.Event(), [], {}
     size = blob.stat().st_size
     ticker = asyncio.create_task(lateness(
@@ -118,7 +125,8 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
     stop.set()
     await ticker
     os.close(fd)
-    return {"fetched": fetched, "seconds": seconds, "late": late, "fetcher": fetcher,
+    return {"fetched": fetched, "seconds": seconds, "late": late, "idle": idle,
+            "fetcher": fetcher,
             "midway": midway}
 
 
@@ -129,6 +137,8 @@ def main(argv: list[str]) -> int:
                         / "lazypull-perf-fetch-memory")
     parser.add_argument("--tick", type=float, default=1.0, help="lateness probe period (ms)")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--idle-seconds", type=float, default=3.0,
+                        help="lateness probe alone first, for how noisy the machine is")
     parser.add_argument("--no-tracemalloc", action="store_true")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval in ms (default: Python's, 5 ms)")
@@ -155,6 +165,10 @@ def main(argv: list[str]) -> int:
                "rss_halfway_mb": midway.get("rss", 0) / MB, "rss_after_mb": status("VmRSS") / MB,
                "hwm_mb": status("VmHWM") / MB,
                "inflight_after": len(fetcher._inflight), "refused_after": len(fetcher._refused),
+               "idle_late_ms": {"n": len(result["idle"]),
+                                "p50": pct(result["idle"], 0.5) * 1000,
+                                "p99": pct(result["idle"], 0.99) * 1000,
+                                "max": max(result["idle"], default=0) * 1000},
                "late_ms": {"n": len(result["late"]), "p50": pct(result["late"], 0.5) * 1000,
                            "p99": pct(result["late"], 0.99) * 1000,
                            "max": max(result["late"], default=0) * 1000}}

@@ -17,7 +17,9 @@ each other without gaps, so one range request can carry many of them:
   flight, also for chunks inside another request, for a queued prefetch stream and
   for background fetches);
 - planning is synchronous on the event loop, and a chunk's future is resolved only
-  after the chunk is in the cache, so a reader sees it either cached or in flight;
+  after the chunk is in the cache, so a reader sees it either cached or in flight. A
+  background run is looked up in a worker thread, then registered on the loop a slice
+  at a time, cut before the first span that went in flight or got cached meanwhile;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
   that fails is fetched once more on its own; failing again raises
   ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
@@ -59,6 +61,10 @@ RUN_CHUNKS = 2048
 # one by one, each question costs an index transaction), in blocks growing from the
 # first to the last size, so a short run looks up little beyond its end.
 LOOKUP_BLOCKS = (16, 64, 256)
+# Work on the event loop for many chunks at once (a background run's registration, the
+# resolution of its futures) goes this many at a time, letting FUSE requests in between:
+# 2048 at once delayed lookups by milliseconds.
+LOOP_SLICE = 128
 
 FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
                       "Compressed blob bytes fetched from registries, by kind of fetch",
@@ -192,12 +198,6 @@ class TokenBucket:
             await self._sleep(-self._tokens / self.rate)
 
 
-def _retrieve(future: asyncio.Future[bytes]) -> None:
-    # A chunk's error is delivered to whoever awaits it; nobody may, so mark it seen.
-    if not future.cancelled():
-        future.exception()
-
-
 class LayerFetcher:
     """`name` names the layer in logs and metrics (its blob digest); `read_timeout` is
     how long a read may wait for its chunks (None: as long as the requests take)."""
@@ -234,6 +234,9 @@ class LayerFetcher:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._refused: set[str] = set()  # chunks that failed verification twice
         self._tasks: set[asyncio.Task[int]] = set()
+        # While a background run is planned off the loop: chunks other requests settled
+        # meanwhile (the plan's view of the cache may predate them).
+        self._settled_meanwhile: set[str] | None = None
 
     # -- reading ----------------------------------------------------------------------
 
@@ -436,9 +439,7 @@ class LayerFetcher:
                     continue
                 if digest != must and digest in cached:
                     continue
-                future = loop.create_future()
-                future.add_done_callback(_retrieve)
-                self._inflight[digest] = futures[digest] = future
+                self._inflight[digest] = futures[digest] = loop.create_future()
         return futures
 
     def _start(self, run: list[Span], futures: dict[str, asyncio.Future[bytes]],
@@ -507,13 +508,17 @@ class LayerFetcher:
         `spans`), resolve their futures; returns digest -> reason for those that failed."""
         good, failed = await asyncio.to_thread(self._verify_and_store, spans, data,
                                                set(futures))
-        for digest, chunk_bytes in good.items():
+        for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
             self._refused.discard(digest)
             future = futures[digest]
             if self._inflight.get(digest) is future:
                 del self._inflight[digest]
+                if self._settled_meanwhile is not None:
+                    self._settled_meanwhile.add(digest)
             if not future.done():
                 future.set_result(chunk_bytes)
+            if number % LOOP_SLICE == 0:  # cached already: readers find it either way
+                await asyncio.sleep(0)
         return failed
 
     def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str]
@@ -547,6 +552,7 @@ class LayerFetcher:
             if self._inflight.get(digest) is future:
                 del self._inflight[digest]
             future.set_exception(error)
+            future.exception()  # delivered to whoever awaits it; nobody may: not "unseen"
 
     # -- prefetch and background ---------------------------------------------------------
 
@@ -613,21 +619,54 @@ class LayerFetcher:
             # Planned once the slot is ours, so chunks that reads fetched meanwhile are
             # skipped and no reader waits for a request that is still queued.
             spans = self.layer.span_count
-            # Over a layer mostly cached, skipping asks the cache about every chunk: in
-            # a worker thread, so reads are served meanwhile. What is in flight is
-            # skipped on the loop, one span at a time.
             while True:
-                index = await asyncio.to_thread(self._next_uncached, index, spans)
-                if index == spans or self._needed(self.layer.span(index),
-                                                  self._cached_in([self.layer.span(index)])):
+                index, run, futures = await self._plan_background(index, spans)
+                if run or index == spans:
                     break
-                index += 1
-            if index == spans:
+                index += 1  # its first span went in flight meanwhile
+            if not run:
                 return index, 0, {}
-            run, cached = self._run_from(index, self.max_request_bytes, spans, RUN_CHUNKS)
-            futures = self._register(run, cached)
             nbytes = await self._transfer(run, futures, BACKGROUND)
             return index + len(run), nbytes, futures
+
+    async def _plan_background(self, index: int, stop: int
+                               ) -> tuple[int, list[Span], dict[str, asyncio.Future[bytes]]]:
+        """The first span at or after `index` that the cache lacks (`stop` if none), the
+        run from it and the run's registered futures. The run is empty if that span's
+        chunks went in flight meanwhile.
+
+        The cache and index lookups run in a worker thread: over a layer of tiny files
+        they took milliseconds per run on the loop. The loop then registers the run a
+        slice at a time and ends it before the first span that is no longer needed
+        (in flight, or settled by another request while this was planned)."""
+        self._settled_meanwhile = settled = set()
+        run: list[Span] = []
+        futures: dict[str, asyncio.Future[bytes]] = {}
+        try:
+            index = await asyncio.to_thread(self._next_uncached, index, stop)
+            if index == stop:
+                return index, run, futures
+            planned, cached = await asyncio.to_thread(
+                self._run_from, index, self.max_request_bytes, stop, RUN_CHUNKS)
+            for start in range(0, len(planned), LOOP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                known = cached | settled if settled else cached
+                piece = []
+                for span in planned[start:start + LOOP_SLICE]:
+                    if not self._needed(span, known, as_neighbour=bool(run or piece)):
+                        break
+                    piece.append(span)
+                futures.update(self._register(piece, known))
+                run += piece
+                if len(piece) < len(planned[start:start + LOOP_SLICE]):
+                    break
+            return index, run, futures
+        except BaseException:  # cancelled between slices: registered futures must not hang
+            self._fail(futures, ChunkFetchError("the fetch was cancelled"))
+            raise
+        finally:
+            self._settled_meanwhile = None
 
     @staticmethod
     async def _raise_first(futures: Iterable[asyncio.Future[bytes]]) -> None:
