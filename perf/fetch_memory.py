@@ -10,8 +10,10 @@ background work. Reported:
 - RSS (VmRSS of /proc/self/status) before and after, and VmHWM;
 - tracemalloc's peak and what had grown halfway through the fetch, with the
   top allocation sites of that growth (--top);
-- the loop's wake-up lateness p50/p99/max during fetch_all, and first for
-  --idle-seconds with nothing else running (the machine's own noise).
+- the loop's wake-up lateness p50/p99/max during fetch_all (late), and first for
+  --idle-seconds with nothing else running (idle: the machine's own noise); and the
+  time of a path lookup in the layer's index made on the loop at each tick, as a FUSE
+  lookup makes it (lookups, idle_lookups).
 
 `python -m perf fetch-memory --files 100000`; --no-tracemalloc for RSS and lateness
 without tracemalloc's own overhead.
@@ -23,6 +25,7 @@ import ctypes
 import gc
 import io
 import os
+import random
 import sys
 import tarfile
 import tempfile
@@ -83,17 +86,27 @@ def ensure_blob(files: int, workdir: Path) -> tuple[Path, str]:
 
 
 async def lateness(tick: float, stop: asyncio.Event, out: list[float],
-                   halfway: Callable[[], bool], midway: dict) -> None:
-    """Wake-up lateness every `tick` s; RSS and a tracemalloc snapshot once `halfway`."""
+                   halfway: Callable[[], bool], midway: dict,
+                   lookup: Callable[[], object], lookups: list[float]) -> None:
+    """Wake-up lateness every `tick` s, and the time of one `lookup` in the index as a
+    FUSE lookup makes it; RSS and a tracemalloc snapshot once `halfway`."""
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         planned = loop.time() + tick
         await asyncio.sleep(tick)
         out.append(loop.time() - planned)
+        started = time.perf_counter()
+        lookup()
+        lookups.append(time.perf_counter() - started)
         if not midway and halfway():
             midway["rss"] = status("VmRSS")
             if tracemalloc.is_tracing():
                 midway["snapshot"] = tracemalloc.take_snapshot()
+
+
+def summary(seconds: list[float]) -> str:
+    return (f"n {len(seconds)}, p50 {pct(seconds, 0.5) * 1000:.3f}, "
+            f"p99 {pct(seconds, 0.99) * 1000:.3f}, max {max(seconds, default=0) * 1000:.3f}")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -109,16 +122,25 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
 
     fetcher = LayerFetcher(layer, read_range, cache)
     # The same probe with nothing else to do: what the machine's other work costs.
-    stop, idle = asyncio.Event(), []
-    ticker = asyncio.create_task(lateness(args.tick / 1000, stop, idle, lambda: False, {}))
+    rng = random.Random(1)
+
+    probe_layer = args.probe_layer or layer
+
+    def lookup() -> object:
+        i = rng.randrange(args.files)
+        return probe_layer.lookup(f"many/d{i // 1000:05d}/f{i:07d}")
+
+    stop, idle, idle_lookups = asyncio.Event(), [], []
+    ticker = asyncio.create_task(lateness(args.tick / 1000, stop, idle, lambda: False, {},
+                                          lookup, idle_lookups))
     await asyncio.sleep(args.idle_seconds)
     stop.set()
     await ticker
-    stop, late, midway = asyncio.Event(), [], {}
+    stop, late, midway, lookups = asyncio.Event(), [], {}, []
     size = blob.stat().st_size
     ticker = asyncio.create_task(lateness(
         args.tick / 1000, stop, late,
-        lambda: fetcher.stats.background_bytes >= size // 2, midway))
+        lambda: fetcher.stats.background_bytes >= size // 2, midway, lookup, lookups))
     started = time.monotonic()
     fetched = await fetcher.fetch_all()
     seconds = time.monotonic() - started
@@ -126,6 +148,7 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
     await ticker
     os.close(fd)
     return {"fetched": fetched, "seconds": seconds, "late": late, "idle": idle,
+            "lookups": lookups, "idle_lookups": idle_lookups,
             "fetcher": fetcher,
             "midway": midway}
 
@@ -140,6 +163,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--idle-seconds", type=float, default=3.0,
                         help="lateness probe alone first, for how noisy the machine is")
     parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--separate-probe-index", action="store_true",
+                        help="look paths up in an index of their own (no shared lock)")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval in ms (default: Python's, 5 ms)")
     args = parser.parse_args(argv)
@@ -149,6 +174,8 @@ def main(argv: list[str]) -> int:
     blob, toc_digest = ensure_blob(args.files, args.workdir)
     with estargz.FileSource.open(str(blob)) as source:  # its index: a temporary file
         layer = estargz.BlobReader.open(source, toc_digest).layer
+        args.probe_layer = estargz.BlobReader.open(source, toc_digest).layer \
+            if args.separate_probe_index else None
     with tempfile.TemporaryDirectory(dir=args.workdir) as cache_dir:
         cache = ChunkCache(cache_dir, max_bytes=4 << 30)
         gc.collect()
@@ -165,13 +192,8 @@ def main(argv: list[str]) -> int:
                "rss_halfway_mb": midway.get("rss", 0) / MB, "rss_after_mb": status("VmRSS") / MB,
                "hwm_mb": status("VmHWM") / MB,
                "inflight_after": len(fetcher._inflight), "refused_after": len(fetcher._refused),
-               "idle_late_ms": {"n": len(result["idle"]),
-                                "p50": pct(result["idle"], 0.5) * 1000,
-                                "p99": pct(result["idle"], 0.99) * 1000,
-                                "max": max(result["idle"], default=0) * 1000},
-               "late_ms": {"n": len(result["late"]), "p50": pct(result["late"], 0.5) * 1000,
-                           "p99": pct(result["late"], 0.99) * 1000,
-                           "max": max(result["late"], default=0) * 1000}}
+               **{f"{key}_ms": summary(result[key]) for key in
+                  ("idle", "late", "idle_lookups", "lookups")}}
         out["rss_after_trim_mb"] = trimmed_rss() / MB
         if not args.no_tracemalloc:
             current, peak = tracemalloc.get_traced_memory()
