@@ -120,7 +120,9 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
     async def read_range(offset: int, length: int) -> bytes:
         return os.pread(fd, length, offset)
 
-    fetcher = LayerFetcher(layer, read_range, cache)
+    last_lookup = [0.0]  # as LazyFilesystem.last_request_at
+    fetcher = LayerFetcher(layer, read_range, cache, foreground_idle=(
+        (lambda: time.monotonic() - last_lookup[0]) if args.give_way else None))
     # The same probe with nothing else to do: what the machine's other work costs.
     rng = random.Random(1)
 
@@ -128,7 +130,9 @@ async def measure(layer: estargz.Layer, blob: Path, cache: ChunkCache, args) -> 
 
     def lookup() -> object:
         i = rng.randrange(args.files)
-        return probe_layer.lookup(f"many/d{i // 1000:05d}/f{i:07d}")
+        found = probe_layer.lookup(f"many/d{i // 1000:05d}/f{i:07d}")
+        last_lookup[0] = time.monotonic()
+        return found
 
     stop, idle, idle_lookups = asyncio.Event(), [], []
     ticker = asyncio.create_task(lateness(args.tick / 1000, stop, idle, lambda: False, {},
@@ -163,6 +167,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--idle-seconds", type=float, default=3.0,
                         help="lateness probe alone first, for how noisy the machine is")
     parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--give-way", action="store_true",
+                        help="background requests give way to the probe's lookups, as they "
+                             "do to FUSE requests in the FUSE manager")
     parser.add_argument("--separate-probe-index", action="store_true",
                         help="look paths up in an index of their own (no shared lock)")
     parser.add_argument("--switch-interval", type=float, default=None,

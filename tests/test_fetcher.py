@@ -431,6 +431,35 @@ def test_background_fetch_holds_the_futures_of_one_request_at_a_time(
     run(scenario())
 
 
+def test_background_requests_give_way_to_a_busy_tree_but_are_not_stopped_by_it(
+        blob, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetcher_module, "RUN_CHUNKS", 20)
+
+    async def scenario() -> None:
+        busy = True
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   foreground_idle=lambda: 0.0 if busy else 60.0)
+            monkeypatch.setattr(fetcher_module, "GIVE_WAY_MAX", 3600.0)
+            background = asyncio.create_task(fetcher.fetch_all())
+            for _ in range(20):  # the tree is busy: no background request goes out
+                await asyncio.sleep(0.005)
+            assert fetcher.stats.background_requests == 0
+            busy = False
+            await background
+            assert fetcher.is_complete() and fetcher.stats.background_requests > 1
+
+        # A tree that never goes quiet only slows the background fetch down.
+        monkeypatch.setattr(fetcher_module, "GIVE_WAY_MAX", 0.001)
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob),
+                                   new_cache(tmp_path / "busy"), foreground_idle=lambda: 0.0)
+            await fetcher.fetch_all()
+            assert fetcher.is_complete()
+
+    run(scenario())
+
+
 def test_a_chunk_shared_with_another_layer_is_not_fetched_again(registry, tmp_path):
     shared = big_payload(100_000, seed=99)
     first = build_and_push(tmp_path, registry, "lazy/shared-a", layer_files(5, shared))

@@ -33,7 +33,9 @@ each other without gaps, so one range request can carry many of them:
   and logged with the layer, the file and the chunk.
 
 Requests run in at most `concurrency` slots. Background requests take a slot only while
-no on-demand or prefetch request waits for one, and hold at most one slot.
+no on-demand or prefetch request waits for one, and hold at most one slot; with
+`foreground_idle` (seconds since the last FUSE request) each also waits for a quiet
+moment first (GIVE_WAY_QUIET, GIVE_WAY_MAX).
 """
 
 import asyncio
@@ -65,6 +67,11 @@ LOOKUP_BLOCKS = (16, 64, 256)
 # resolution of its futures) goes this many at a time, letting FUSE requests in between:
 # 2048 at once delayed lookups by milliseconds.
 LOOP_SLICE = 128
+# A background request starts once the tree has had no FUSE request for GIVE_WAY_QUIET
+# seconds, or after waiting GIVE_WAY_MAX seconds: its threads' work takes the GIL from
+# the loop that answers lookups, and a busy tree must slow the fetch, never stop it.
+GIVE_WAY_QUIET = 0.05
+GIVE_WAY_MAX = 1.0
 
 FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
                       "Compressed blob bytes fetched from registries, by kind of fetch",
@@ -208,7 +215,8 @@ class LayerFetcher:
                  concurrency: int = 4, background_bytes_per_second: float | None = None,
                  small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10,
                  window_chunks: int = 256,
-                 demand_readahead_bytes: int = 1 << 20):
+                 demand_readahead_bytes: int = 1 << 20,
+                 foreground_idle: Callable[[], float] | None = None):
         if max_request_bytes <= 0 or window_bytes <= 0:
             raise ValueError("request sizes must be positive")
         if read_timeout is not None and read_timeout <= 0:
@@ -237,6 +245,7 @@ class LayerFetcher:
         # While a background run is planned off the loop: chunks other requests settled
         # meanwhile (the plan's view of the cache may predate them).
         self._settled_meanwhile: set[str] | None = None
+        self._foreground_idle = foreground_idle
 
     # -- reading ----------------------------------------------------------------------
 
@@ -588,6 +597,7 @@ class LayerFetcher:
         # chunks' bytes, and keeping every step's (as once) held the whole layer.
         first_error: ChunkFetchError | None = None
         while index < self.layer.span_count:
+            await self._give_way()
             task = asyncio.create_task(self._background_step(index))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -611,6 +621,16 @@ class LayerFetcher:
         if first_error is not None:
             raise first_error
         return fetched
+
+    async def _give_way(self) -> None:
+        """Wait for GIVE_WAY_QUIET seconds without FUSE requests, at most GIVE_WAY_MAX."""
+        if self._foreground_idle is None:
+            return
+        waited = 0.0
+        while waited < GIVE_WAY_MAX and (idle := self._foreground_idle()) < GIVE_WAY_QUIET:
+            pause = min(GIVE_WAY_QUIET - idle, GIVE_WAY_MAX - waited)
+            await asyncio.sleep(pause)
+            waited += pause
 
     async def _background_step(self, index: int
                                ) -> tuple[int, int, dict[str, asyncio.Future[bytes]]]:

@@ -78,7 +78,8 @@ class LazyLayers:
         fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
-                               window_bytes=self.small_file_window_bytes)
+                               window_bytes=self.small_file_window_bytes,
+                               foreground_idle=self.fs.idle_seconds)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
