@@ -194,7 +194,7 @@ def main(argv: list[str]) -> int:
         fetcher, midway = result.pop("fetcher"), result.pop("midway")
         gc.collect()
         out = {"files": args.files, "spans": layer.span_count,
-               "fetched_mb": result["fetched"] / MB, "seconds": round(result["seconds"], 1),
+               "fetched_bytes": result["fetched"], "seconds": round(result["seconds"], 1),
                "rss_before_mb": rss_before / MB,
                "rss_halfway_mb": midway.get("rss", 0) / MB, "rss_after_mb": status("VmRSS") / MB,
                "hwm_mb": status("VmHWM") / MB,
