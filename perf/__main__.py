@@ -33,6 +33,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "writer-memory": Benchmark(
         "perf.writer_memory", "peak RSS and time converting many small files or one big file"
     ),
+    "fetch-memory": Benchmark(
+        "perf.fetch_memory", "a huge layer's background fetch in process: memory, loop lateness"
+    ),
     "chunk-cache": Benchmark(
         "perf.chunk_cache_bench", "chunk cache put/get, memory and disk use against an older one"
     ),

@@ -4,6 +4,7 @@ transport (an httpx hook) or at a fault-injecting proxy in front of the registry
 
 import asyncio
 import functools
+import gc
 import io
 import itertools
 import math
@@ -395,6 +396,67 @@ def test_prefetch_and_background_requests_hold_a_bounded_number_of_chunks(
             per_request = [sum(1 for offset in chunk_starts if start <= offset < end)
                            for start, end in log.ranges]
             assert max(per_request) == 5 and len(log.ranges) >= len(chunk_starts) // 5
+
+    run(scenario())
+
+
+def live_futures() -> int:
+    """Futures (not tasks) the process holds: a chunk's future keeps its bytes."""
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, asyncio.Future) and not isinstance(o, asyncio.Task))
+
+
+def test_background_fetch_holds_the_futures_of_one_request_at_a_time(
+        blob, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetcher_module, "RUN_CHUNKS", 5)
+    chunks = len(set(blob.layer.chunk_digests()))
+
+    async def scenario() -> None:
+        async with make_client() as client:
+            fetch_range = reader_of(client, blob)
+            alive: list[int] = []
+
+            async def counting_read(offset: int, length: int) -> bytes:
+                alive.append(live_futures())
+                return await fetch_range(offset, length)
+
+            fetcher = LayerFetcher(blob.layer, counting_read, new_cache(tmp_path))
+            await fetcher.fetch_all()
+            assert fetcher.is_complete()
+            assert not fetcher._inflight and fetcher._settled_meanwhile is None
+            # Every request came with the previous ones' futures gone: a layer of a
+            # million tiny files must not keep a million futures (and their bytes).
+            assert len(alive) >= chunks // 5 > 20
+            assert max(alive) - min(alive) <= 2 * 5, alive
+
+    run(scenario())
+
+
+def test_background_requests_give_way_to_a_busy_tree_but_are_not_stopped_by_it(
+        blob, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetcher_module, "RUN_CHUNKS", 20)
+
+    async def scenario() -> None:
+        busy = True
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   foreground_idle=lambda: 0.0 if busy else 60.0)
+            monkeypatch.setattr(fetcher_module, "GIVE_WAY_MAX", 3600.0)
+            background = asyncio.create_task(fetcher.fetch_all())
+            for _ in range(20):  # the tree is busy: no background request goes out
+                await asyncio.sleep(0.005)
+            assert fetcher.stats.background_requests == 0
+            busy = False
+            await background
+            assert fetcher.is_complete() and fetcher.stats.background_requests > 1
+
+        # A tree that never goes quiet only slows the background fetch down.
+        monkeypatch.setattr(fetcher_module, "GIVE_WAY_MAX", 0.001)
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob),
+                                   new_cache(tmp_path / "busy"), foreground_idle=lambda: 0.0)
+            await fetcher.fetch_all()
+            assert fetcher.is_complete()
 
     run(scenario())
 

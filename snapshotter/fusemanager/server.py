@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from typing import Any
 
 from oci.docker_config import CredentialStore
@@ -38,6 +39,12 @@ from .protocol import (
 from .service import FuseManagerService
 
 log = logging.getLogger("lazypull.fuse-manager")
+# FUSE requests are served on the loop's thread while worker threads verify and store
+# fetched chunks. The loop gives up the GIL in every SQLite call of a lookup and then
+# waits up to this long for it: measured (perf fetch-memory) during a background fetch
+# of tiny files, index lookups' p99 went from about 10 ms to 5 ms at 0.5 ms instead of
+# Python's 5 ms.
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 class AlreadyRunning(RuntimeError):
@@ -176,6 +183,7 @@ def run(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     allocator.tune()  # before the worker threads exist
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     try:
         asyncio.run(serve(config))
     except (AlreadyRunning, StateDirError) as exc:

@@ -17,7 +17,9 @@ each other without gaps, so one range request can carry many of them:
   flight, also for chunks inside another request, for a queued prefetch stream and
   for background fetches);
 - planning is synchronous on the event loop, and a chunk's future is resolved only
-  after the chunk is in the cache, so a reader sees it either cached or in flight;
+  after the chunk is in the cache, so a reader sees it either cached or in flight. A
+  background run is looked up in a worker thread, then registered on the loop a slice
+  at a time, cut before the first span that went in flight or got cached meanwhile;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
   that fails is fetched once more on its own; failing again raises
   ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
@@ -31,7 +33,9 @@ each other without gaps, so one range request can carry many of them:
   and logged with the layer, the file and the chunk.
 
 Requests run in at most `concurrency` slots. Background requests take a slot only while
-no on-demand or prefetch request waits for one, and hold at most one slot.
+no on-demand or prefetch request waits for one, and hold at most one slot; with
+`foreground_idle` (seconds since the last FUSE request) each also waits for a quiet
+moment first (GIVE_WAY_QUIET, GIVE_WAY_MAX).
 """
 
 import asyncio
@@ -66,6 +70,15 @@ BACKGROUND_REQUEST_BYTES = 2 << 20
 # one by one, each question costs an index transaction), in blocks growing from the
 # first to the last size, so a short run looks up little beyond its end.
 LOOKUP_BLOCKS = (16, 64, 256)
+# Work on the event loop for many chunks at once (a background run's registration, the
+# resolution of its futures) goes this many at a time, letting FUSE requests in between:
+# 2048 at once delayed lookups by milliseconds.
+LOOP_SLICE = 128
+# A background request starts once the tree has had no FUSE request for GIVE_WAY_QUIET
+# seconds, or after waiting GIVE_WAY_MAX seconds: its threads' work takes the GIL from
+# the loop that answers lookups, and a busy tree must slow the fetch, never stop it.
+GIVE_WAY_QUIET = 0.05
+GIVE_WAY_MAX = 1.0
 
 FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
                       "Compressed blob bytes fetched from registries, by kind of fetch",
@@ -223,12 +236,6 @@ class MemberDecoder:
         return 0
 
 
-def _retrieve(future: asyncio.Future[bytes]) -> None:
-    # A chunk's error is delivered to whoever awaits it; nobody may, so mark it seen.
-    if not future.cancelled():
-        future.exception()
-
-
 class LayerFetcher:
     """`name` names the layer in logs and metrics (its blob digest); `read_timeout` is
     how long a read may wait for its chunks (None: as long as the requests take)."""
@@ -240,7 +247,8 @@ class LayerFetcher:
                  small_file_bytes: int = 64 << 10, window_bytes: int = 512 << 10,
                  window_chunks: int = 256,
                  demand_readahead_bytes: int = 1 << 20,
-                 decoder: ChunkDecoder | None = None):
+                 decoder: ChunkDecoder | None = None,
+                 foreground_idle: Callable[[], float] | None = None):
         if max_request_bytes <= 0 or window_bytes <= 0:
             raise ValueError("request sizes must be positive")
         if read_timeout is not None and read_timeout <= 0:
@@ -266,6 +274,10 @@ class LayerFetcher:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._refused: set[str] = set()  # chunks that failed verification twice
         self._tasks: set[asyncio.Task[int]] = set()
+        # While a background run is planned off the loop: chunks other requests settled
+        # meanwhile (the plan's view of the cache may predate them).
+        self._settled_meanwhile: set[str] | None = None
+        self._foreground_idle = foreground_idle
 
     # -- reading ----------------------------------------------------------------------
 
@@ -471,9 +483,7 @@ class LayerFetcher:
                     continue
                 if digest != must and digest in cached:
                     continue
-                future = loop.create_future()
-                future.add_done_callback(_retrieve)
-                self._inflight[digest] = futures[digest] = future
+                self._inflight[digest] = futures[digest] = loop.create_future()
         return futures
 
     def _start(self, run: list[Span], futures: dict[str, asyncio.Future[bytes]],
@@ -542,13 +552,17 @@ class LayerFetcher:
         `spans`), resolve their futures; returns digest -> reason for those that failed."""
         good, failed = await asyncio.to_thread(self._verify_and_store, spans, data,
                                                set(futures))
-        for digest, chunk_bytes in good.items():
+        for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
             self._refused.discard(digest)
             future = futures[digest]
             if self._inflight.get(digest) is future:
                 del self._inflight[digest]
+                if self._settled_meanwhile is not None:
+                    self._settled_meanwhile.add(digest)
             if not future.done():
                 future.set_result(chunk_bytes)
+            if number % LOOP_SLICE == 0:  # cached already: readers find it either way
+                await asyncio.sleep(0)
         return failed
 
     def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str]
@@ -582,6 +596,7 @@ class LayerFetcher:
             if self._inflight.get(digest) is future:
                 del self._inflight[digest]
             future.set_exception(error)
+            future.exception()  # delivered to whoever awaits it; nobody may: not "unseen"
 
     # -- prefetch and background ---------------------------------------------------------
 
@@ -615,10 +630,13 @@ class LayerFetcher:
         ChunkVerificationError at the end."""
         fetched = 0
         index = 0
-        futures: dict[str, asyncio.Future[bytes]] = {}
+        # Only the first skipped chunk's error is kept: a step's futures hold their
+        # chunks' bytes, and keeping every step's (as once) held the whole layer.
+        first_error: ChunkFetchError | None = None
         while index < self.layer.span_count:
             if before_request is not None:
                 await before_request()
+            await self._give_way()
             task = asyncio.create_task(self._background_step(index))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -628,18 +646,32 @@ class LayerFetcher:
             if nbytes:
                 crash_point("fetch.background")
             fetched += nbytes
-            futures.update(step_futures)
             for future in step_futures.values():
                 error = future.exception()
-                if error is not None and not isinstance(error, ChunkFetchError):
+                if error is None:
+                    continue
+                if not isinstance(error, ChunkFetchError):
                     raise error
+                first_error = first_error or error
+            del step_futures
             if self._bucket is not None and nbytes:
                 await self._bucket.spend(nbytes)
         # Chunks that other requests are fetching: done when those are.
         await asyncio.gather(*(asyncio.shield(f) for f in list(self._inflight.values())),
                              return_exceptions=True)
-        await self._raise_first(futures.values())
+        if first_error is not None:
+            raise first_error
         return fetched
+
+    async def _give_way(self) -> None:
+        """Wait for GIVE_WAY_QUIET seconds without FUSE requests, at most GIVE_WAY_MAX."""
+        if self._foreground_idle is None:
+            return
+        waited = 0.0
+        while waited < GIVE_WAY_MAX and (idle := self._foreground_idle()) < GIVE_WAY_QUIET:
+            pause = min(GIVE_WAY_QUIET - idle, GIVE_WAY_MAX - waited)
+            await asyncio.sleep(pause)
+            waited += pause
 
     async def _background_step(self, index: int
                                ) -> tuple[int, int, dict[str, asyncio.Future[bytes]]]:
@@ -648,22 +680,55 @@ class LayerFetcher:
             # Planned once the slot is ours, so chunks that reads fetched meanwhile are
             # skipped and no reader waits for a request that is still queued.
             spans = self.layer.span_count
-            # Over a layer mostly cached, skipping asks the cache about every chunk: in
-            # a worker thread, so reads are served meanwhile. What is in flight is
-            # skipped on the loop, one span at a time.
             while True:
-                index = await asyncio.to_thread(self._next_uncached, index, spans)
-                if index == spans or self._needed(self.layer.span(index),
-                                                  self._cached_in([self.layer.span(index)])):
+                index, run, futures = await self._plan_background(index, spans)
+                if run or index == spans:
                     break
-                index += 1
-            if index == spans:
+                index += 1  # its first span went in flight meanwhile
+            if not run:
                 return index, 0, {}
-            budget = min(self.max_request_bytes, BACKGROUND_REQUEST_BYTES)
-            run, cached = self._run_from(index, budget, spans, RUN_CHUNKS)
-            futures = self._register(run, cached)
             nbytes = await self._transfer(run, futures, BACKGROUND)
             return index + len(run), nbytes, futures
+
+    async def _plan_background(self, index: int, stop: int
+                               ) -> tuple[int, list[Span], dict[str, asyncio.Future[bytes]]]:
+        """The first span at or after `index` that the cache lacks (`stop` if none), the
+        run from it and the run's registered futures. The run is empty if that span's
+        chunks went in flight meanwhile.
+
+        The cache and index lookups run in a worker thread: over a layer of tiny files
+        they took milliseconds per run on the loop. The loop then registers the run a
+        slice at a time and ends it before the first span that is no longer needed
+        (in flight, or settled by another request while this was planned)."""
+        self._settled_meanwhile = settled = set()
+        run: list[Span] = []
+        futures: dict[str, asyncio.Future[bytes]] = {}
+        try:
+            index = await asyncio.to_thread(self._next_uncached, index, stop)
+            if index == stop:
+                return index, run, futures
+            budget = min(self.max_request_bytes, BACKGROUND_REQUEST_BYTES)
+            planned, cached = await asyncio.to_thread(
+                self._run_from, index, budget, stop, RUN_CHUNKS)
+            for start in range(0, len(planned), LOOP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                known = cached | settled if settled else cached
+                piece = []
+                for span in planned[start:start + LOOP_SLICE]:
+                    if not self._needed(span, known, as_neighbour=bool(run or piece)):
+                        break
+                    piece.append(span)
+                futures.update(self._register(piece, known))
+                run += piece
+                if len(piece) < len(planned[start:start + LOOP_SLICE]):
+                    break
+            return index, run, futures
+        except BaseException:  # cancelled between slices: registered futures must not hang
+            self._fail(futures, ChunkFetchError("the fetch was cancelled"))
+            raise
+        finally:
+            self._settled_meanwhile = None
 
     @staticmethod
     async def _raise_first(futures: Iterable[asyncio.Future[bytes]]) -> None:

@@ -242,6 +242,7 @@ def _replies_eio_on_bugs(handler: Handler) -> Handler:
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             latency.observe(time.perf_counter() - started)
+            args[0].last_request_at = time.monotonic()
 
     return guarded  # type: ignore[return-value]
 
@@ -269,6 +270,7 @@ class LazyFilesystem(pyfuse3.Operations):
         super().__init__()
         self.mountpoint = os.path.abspath(mountpoint)
         self._max_tasks = max_tasks  # concurrent FUSE requests, e.g. reads waiting on fetches
+        self.last_request_at = 0.0  # time.monotonic() when a request was last answered
         self._trees: dict[str, _LayerTree] = {}  # mounted, by name
         self._serials: dict[int, _LayerTree] = {}  # mounted, or removed but still held
         self._inodes: OrderedDict[int, _Inode] = OrderedDict()
@@ -338,6 +340,10 @@ class LazyFilesystem(pyfuse3.Operations):
     @property
     def serving(self) -> bool:
         return self._main is not None and not self._main.done()
+
+    def idle_seconds(self) -> float:
+        """Since the last request was answered (background work gives way to requests)."""
+        return time.monotonic() - self.last_request_at
 
     async def start(self) -> None:
         """Mount and serve requests from this event loop until `close()`."""

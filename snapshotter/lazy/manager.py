@@ -84,7 +84,8 @@ class LazyLayers:
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes,
-                               decoder=layer.decoder if isinstance(layer, GzipLayer) else None)
+                               decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
+                               foreground_idle=self.fs.idle_seconds)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
