@@ -38,7 +38,7 @@ from .format import (
     Header,
     Section,
 )
-from .hotplan import DEFAULT_MERGE_GAP, hot_cuts
+from .hotplan import DEFAULT_MERGE_GAP, hot_extents, merge_runs, plan_cuts
 from .scan import Checkpoint, MemberEnd, scan_gzip
 
 # Level 9 makes windows 5% larger than level 19 does, 7 times faster.
@@ -46,9 +46,11 @@ _WINDOW_LEVEL = 9
 _TABLE_LEVEL = 10
 _TABLE_BATCH = 512  # entries compressed at once
 _COPY = 1 << 20
-# Hot checkpoints may grow the index to this share of the layer, no further: past
-# it the closest hot runs are merged (fewer windows) instead.
-HOT_INDEX_SHARE = 0.018
+# Hot checkpoints may grow the index's spans, files and windows to this share of
+# the layer, no further (the header and hot list stay well within 2%): past it the
+# closest runs of hot bytes are merged (fewer windows) instead.
+HOT_INDEX_SHARE = 0.019
+_HOT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -305,32 +307,37 @@ def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
     return layer
 
 
-def hot_checkpoint_cuts(layer: ScannedLayer, hot_files: Iterable[str],
-                        gap: int = DEFAULT_MERGE_GAP,
-                        index_share: float | None = HOT_INDEX_SHARE) -> set[int]:
-    """The extra checkpoints for `hot_files` in a scanned layer, as many as keep the
-    index within `index_share` of the layer (each costs a window and a record);
-    None: no limit."""
-    max_runs = None
-    if index_share is not None:
-        spans, files, windows = layer.section_sizes()
-        per_checkpoint = windows // max(layer.spans.count, 1) + SPAN.size
-        spare = int(layer.layer_size * index_share) - (spans + files + windows)
-        max_runs = max(spare // (2 * per_checkpoint), 1)
-    return hot_cuts(layer.entries(), hot_files, layer.boundaries, gap, max_runs)
-
-
 def rescan_for_hot_files(layer: ScannedLayer, blob: BinaryIO, hot_files: Iterable[str], *,
                          gap: int = DEFAULT_MERGE_GAP,
                          index_share: float | None = HOT_INDEX_SHARE,
-                         tmpdir: str | None = None) -> ScannedLayer | None:
-    """The layer read again (from `blob`, at its start) with checkpoints around its
-    hot files; None when none are needed (no hot file holds data)."""
-    cuts = hot_checkpoint_cuts(layer, hot_files, gap, index_share)
-    if not cuts:
-        return None
-    return scan_layer(blob, spacing=layer.spacing, expected_digest=layer.layer_digest,
-                      tmpdir=tmpdir, cuts=cuts)
+                         tmpdir: str | None = None, start: int = 0) -> ScannedLayer | None:
+    """The layer read again (from `blob`, at `start`) with checkpoints around its
+    hot files; None when none are needed (no hot file holds data) or none fit.
+
+    Each extra checkpoint costs a window in the index. With `index_share`, an index
+    that comes out larger than that share of the layer is built again with the
+    closest runs of hot bytes merged, as many as its overshoot says (a few times at
+    most, then without extra checkpoints)."""
+    runs = merge_runs(hot_extents(layer.entries(), hot_files), gap)
+    plain = sum(layer.section_sizes())
+    limit = None if index_share is None else int(layer.layer_size * index_share)
+    for _ in range(_HOT_ATTEMPTS):
+        cuts = plan_cuts(runs, layer.boundaries)
+        if not cuts:
+            return None
+        blob.seek(start)
+        again = scan_layer(blob, spacing=layer.spacing, expected_digest=layer.layer_digest,
+                           tmpdir=tmpdir, cuts=cuts)
+        size = sum(again.section_sizes())
+        if limit is None or size <= limit:
+            return again
+        again.close()
+        if plain >= limit or len(runs) == 1:
+            return None
+        # Scale the runs down by how far the extra windows overshot their room.
+        fits = (limit - plain) / (size - plain)
+        runs = merge_runs(runs, 0, min(int(len(runs) * fits), len(runs) - 1))
+    return None
 
 
 def build_index(blob: BinaryIO, out: BinaryIO, *, spacing: int = DEFAULT_SPACING,
@@ -343,9 +350,8 @@ def build_index(blob: BinaryIO, out: BinaryIO, *, spacing: int = DEFAULT_SPACING
     start = blob.tell() if hot and hot_checkpoints else 0
     with scan_layer(blob, spacing=spacing, tmpdir=tmpdir) as layer:
         if hot and hot_checkpoints:
-            blob.seek(start)
             again = rescan_for_hot_files(layer, blob, hot, gap=gap, index_share=index_share,
-                                         tmpdir=tmpdir)
+                                         tmpdir=tmpdir, start=start)
             if again is not None:
                 with again:
                     return again.write(out, hot)

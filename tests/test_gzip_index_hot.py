@@ -146,7 +146,11 @@ def test_the_budget_keeps_the_index_small() -> None:
     hot = [e.name for e in plain.entries() if e.type == "reg" and e.size][::3]
 
     unlimited = _index(blob, hot, gap=0, index_share=None)
-    budgeted = _index(blob, hot, gap=0)  # 1.8% of a ~1 MB layer: room for one run
+    budgeted = _index(blob, hot, gap=0, index_share=0.05)
 
-    assert unlimited.span_count > budgeted.span_count >= plain.span_count
-    assert budgeted.span_count <= plain.span_count + 2
+    def size(index: GzipIndex) -> int:
+        return sum(index.header.sections[name].length for name in ("spans", "files", "windows"))
+
+    assert size(plain) < 0.05 * len(blob) < size(unlimited)
+    assert unlimited.span_count > budgeted.span_count > plain.span_count
+    assert size(budgeted) <= 0.05 * len(blob)
