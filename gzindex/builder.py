@@ -315,12 +315,16 @@ def rescan_for_hot_files(layer: ScannedLayer, blob: BinaryIO, hot_files: Iterabl
     hot files; None when none are needed (no hot file holds data) or none fit.
 
     Each extra checkpoint costs a window in the index. With `index_share`, an index
-    that comes out larger than that share of the layer is built again with the
+    that comes out larger than that share of the layer (or a tenth more than the
+    plain index, if that is larger) is built again with the
     closest runs of hot bytes merged, as many as its overshoot says (a few times at
     most, then without extra checkpoints)."""
     runs = merge_runs(hot_extents(layer.entries(), hot_files), gap)
     plain = sum(layer.section_sizes())
-    limit = None if index_share is None else int(layer.layer_size * index_share)
+    # A layer whose index is that large already (incompressible data: windows that
+    # do not shrink) may still grow it by a tenth.
+    limit = None if index_share is None else max(int(layer.layer_size * index_share),
+                                                 plain + plain // 10)
     for _ in range(_HOT_ATTEMPTS):
         cuts = plan_cuts(runs, layer.boundaries)
         if not cuts:
