@@ -62,6 +62,7 @@ class LayerReport:
     spans: int | None = None
     files: int | None = None
     hot_files: int = 0
+    hot_checkpoints: int = 0  # extra checkpoints placed around the hot files
     seconds: float = 0.0
 
 
@@ -280,6 +281,7 @@ class ImageIndexer:
                     if again is not None:
                         with again:
                             report.spans = again.spans.count
+                            report.hot_checkpoints = again.hot_checkpoints
                             return again.write(out, hot)
                 return scanned.layer.write(out, hot)
 

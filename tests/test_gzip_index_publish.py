@@ -264,6 +264,7 @@ def test_cli_indexes_an_image_that_plain_containerd_still_pulls_as_before(
     assert report["digest"] == image.manifest_digest
     layers = report["manifests"][0]["layers"]
     assert [layer["hot_files"] for layer in layers] == [0, 1]
+    assert layers[0]["hot_checkpoints"] == 0 and layers[1]["hot_checkpoints"] >= 1
     assert all(layer["index_size"] < layer["size"] for layer in layers)
     # Hot checkpoints: the span holding etc/hello is cut short of the 64 KiB spacing
     # (data.bin's random bytes come right after it), so a prefetch fetches little else.
