@@ -17,6 +17,7 @@ at, and `cuts` names boundaries that get a checkpoint whatever the spacing.
 import ctypes
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
@@ -145,7 +146,7 @@ def _read_header(source: _Input) -> None:
 
 def _inflate_member(source: _Input, inflater: RawInflater, uncompressed: int, spacing: int,
                     out: ctypes.Array[ctypes.c_char], cuts: Collection[int],
-                    boundaries: list[int] | None) -> Iterator[bytes | Checkpoint]:
+                    boundaries: "array[int] | None") -> Iterator[bytes | Checkpoint]:
     """Inflate one member's deflate data, yielding output and checkpoints; leaves the
     input at its trailer."""
     stream = inflater.stream
@@ -192,7 +193,7 @@ def _inflate_member(source: _Input, inflater: RawInflater, uncompressed: int, sp
 
 
 def scan_gzip(read: Callable[[int], bytes], spacing: int, *, cuts: Collection[int] = (),
-              boundaries: list[int] | None = None) -> Iterator[bytes | Checkpoint | MemberEnd]:
+              boundaries: "array[int] | None" = None) -> Iterator[bytes | Checkpoint | MemberEnd]:
     """Output, checkpoints and member ends of the gzip stream that `read(n)` returns
     piece by piece; a checkpoint also at each boundary in `cuts` (a set, for speed),
     and every boundary's offset appended to `boundaries` if given. Raises
