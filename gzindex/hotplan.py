@@ -68,8 +68,3 @@ def plan_cuts(runs: Iterable[tuple[int, int]], boundaries: Sequence[int]) -> set
             cuts.add(boundaries[after])
     return cuts
 
-
-def hot_cuts(entries: Iterable[FileEntry], hot_paths: Iterable[str], boundaries: Sequence[int],
-             gap: int = DEFAULT_MERGE_GAP, max_runs: int | None = None) -> set[int]:
-    """The extra checkpoints for a layer's hot files."""
-    return plan_cuts(merge_runs(hot_extents(entries, hot_paths), gap, max_runs), boundaries)
