@@ -7,7 +7,13 @@ index, and `LayerReader` (or `decode_span`) turns fetched byte ranges of the
 layer into uncompressed bytes that were checked against the index's digests.
 """
 
-from .builder import IndexResult, ScannedLayer, build_index, scan_layer
+from .builder import (
+    IndexResult,
+    ScannedLayer,
+    build_index,
+    rescan_for_hot_files,
+    scan_layer,
+)
 from .entries import FileEntry
 from .errors import CorruptLayerError, IndexFormatError, SpanDigestMismatch
 from .format import (
@@ -42,5 +48,6 @@ __all__ = [
     "build_index",
     "decode_span",
     "file_fetcher",
+    "rescan_for_hot_files",
     "scan_layer",
 ]

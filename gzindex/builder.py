@@ -8,7 +8,10 @@ table go to temporary files as they come; memory holds only the span records
 
 `scan_layer` leaves the result open (`ScannedLayer`), so a caller can look at its
 paths, for instance to decide the hot files of a whole image, before it writes
-the final index with `ScannedLayer.write`.
+the final index with `ScannedLayer.write`. Once the hot files are known,
+`rescan_for_hot_files` reads the layer a second time with extra checkpoints
+around them (gzindex/hotplan.py), so a prefetch of the hot files fetches little
+else; a layer without hot files is not read again.
 """
 
 import hashlib
@@ -16,7 +19,8 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -35,6 +39,7 @@ from .format import (
     Header,
     Section,
 )
+from .hotplan import DEFAULT_MERGE_GAP, hot_extents, merge_runs, plan_cuts
 from .scan import Checkpoint, MemberEnd, scan_gzip
 
 # Level 9 makes windows 5% larger than level 19 does, 7 times faster.
@@ -42,6 +47,11 @@ _WINDOW_LEVEL = 9
 _TABLE_LEVEL = 10
 _TABLE_BATCH = 512  # entries compressed at once
 _COPY = 1 << 20
+# Hot checkpoints may grow the index's spans, files and windows to this share of
+# the layer, no further (the header and hot list stay well within 2%): past it the
+# closest runs of hot bytes are merged (fewer windows) instead.
+HOT_INDEX_SHARE = 0.019
+_HOT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,14 @@ class ScannedLayer:
         self.diff_id = ""
         self.uncompressed_size = 0
         self.spacing = spacing
+        # Uncompressed offsets of the block boundaries: 8 bytes each, not a list's 36.
+        self.boundaries: array[int] = array("Q")
+        self.hot_checkpoints = 0  # extra checkpoints asked for around hot files
+
+    def section_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the spans, file table and windows sections so far."""
+        return (len(self.spans.records), self._files.seek(0, os.SEEK_END),
+                self._windows.seek(0, os.SEEK_END))
 
     def entries(self) -> Iterator[FileEntry]:
         """The file table as written (checked again as it is read back)."""
@@ -250,8 +268,10 @@ def _copy(file: BinaryIO, emit: Callable[[bytes], None]) -> None:
 
 
 def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
-               expected_digest: str | None = None, tmpdir: str | None = None) -> ScannedLayer:
-    """Read the gzip layer in `blob` (from its current position to its end) once.
+               expected_digest: str | None = None, tmpdir: str | None = None,
+               cuts: Collection[int] = ()) -> ScannedLayer:
+    """Read the gzip layer in `blob` (from its current position to its end) once,
+    with a checkpoint also at each block boundary in `cuts`.
 
     Raises `CorruptLayerError` for data that is not valid gzip, `estargz.TarError`
     for a tar that is not fit for a layer, and `CorruptLayerError` when the bytes
@@ -261,7 +281,9 @@ def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
     layer = ScannedLayer(spacing, tmpdir)
     try:
         source = _HashingReader(blob)
-        stream = _Uncompressed(scan_gzip(source.read, spacing), layer.spans)
+        stream = _Uncompressed(scan_gzip(source.read, spacing, cuts=frozenset(cuts),
+                                         boundaries=layer.boundaries), layer.spans)
+        layer.hot_checkpoints = len(cuts)
         table = zstandard.ZstdCompressor(level=_TABLE_LEVEL).stream_writer(
             layer._files, closefd=False)
         lines: list[bytes] = []
@@ -287,8 +309,56 @@ def scan_layer(blob: BinaryIO, *, spacing: int = DEFAULT_SPACING,
     return layer
 
 
+def rescan_for_hot_files(layer: ScannedLayer, blob: BinaryIO, hot_files: Iterable[str], *,
+                         gap: int = DEFAULT_MERGE_GAP,
+                         index_share: float | None = HOT_INDEX_SHARE,
+                         tmpdir: str | None = None, start: int = 0) -> ScannedLayer | None:
+    """The layer read again (from `blob`, at `start`) with checkpoints around its
+    hot files; None when none are needed (no hot file holds data) or none fit.
+
+    Each extra checkpoint costs a window in the index. With `index_share`, an index
+    that comes out larger than that share of the layer (or a tenth more than the
+    plain index, if that is larger) is built again with the
+    closest runs of hot bytes merged, as many as its overshoot says (a few times at
+    most, then without extra checkpoints)."""
+    runs = merge_runs(hot_extents(layer.entries(), hot_files), gap)
+    plain = sum(layer.section_sizes())
+    # A layer whose index is that large already (incompressible data: windows that
+    # do not shrink) may still grow it by a tenth.
+    limit = None if index_share is None else max(int(layer.layer_size * index_share),
+                                                 plain + plain // 10)
+    for _ in range(_HOT_ATTEMPTS):
+        cuts = plan_cuts(runs, layer.boundaries)
+        if not cuts:
+            return None
+        blob.seek(start)
+        again = scan_layer(blob, spacing=layer.spacing, expected_digest=layer.layer_digest,
+                           tmpdir=tmpdir, cuts=cuts)
+        size = sum(again.section_sizes())
+        if limit is None or size <= limit:
+            return again
+        again.close()
+        if plain >= limit or len(runs) == 1:
+            return None
+        # Scale the runs down by how far the extra windows overshot their room.
+        fits = (limit - plain) / (size - plain)
+        runs = merge_runs(runs, 0, min(int(len(runs) * fits), len(runs) - 1))
+    return None
+
+
 def build_index(blob: BinaryIO, out: BinaryIO, *, spacing: int = DEFAULT_SPACING,
-                hot_files: Iterable[str] = (), tmpdir: str | None = None) -> IndexResult:
-    """Index the gzip layer in `blob` and write the index blob to `out`."""
+                hot_files: Iterable[str] = (), tmpdir: str | None = None,
+                hot_checkpoints: bool = True, gap: int = DEFAULT_MERGE_GAP,
+                index_share: float | None = HOT_INDEX_SHARE) -> IndexResult:
+    """Index the gzip layer in `blob` and write the index blob to `out`; with hot
+    files (and `hot_checkpoints`), `blob` is read twice: it must be seekable."""
+    hot = list(hot_files)
+    start = blob.tell() if hot and hot_checkpoints else 0
     with scan_layer(blob, spacing=spacing, tmpdir=tmpdir) as layer:
-        return layer.write(out, hot_files)
+        if hot and hot_checkpoints:
+            again = rescan_for_hot_files(layer, blob, hot, gap=gap, index_share=index_share,
+                                         tmpdir=tmpdir, start=start)
+            if again is not None:
+                with again:
+                    return again.write(out, hot)
+        return layer.write(out, hot)

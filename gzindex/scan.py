@@ -8,12 +8,17 @@ output before it, which is all a decompressor needs to resume there. Each member
 starts with a checkpoint of its own (an empty window), so a span between two
 checkpoints never crosses a member's trailer. Headers are parsed here and each
 member's CRC32 and length are checked: a corrupt layer is refused, never indexed.
+
+Two optional extras serve hot checkpoints (gzindex/hotplan.py): `boundaries`
+collects the uncompressed offset of every block boundary a checkpoint could sit
+at, and `cuts` names boundaries that get a checkpoint whatever the spacing.
 """
 
 import ctypes
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from .errors import CorruptLayerError
@@ -140,7 +145,8 @@ def _read_header(source: _Input) -> None:
 
 
 def _inflate_member(source: _Input, inflater: RawInflater, uncompressed: int, spacing: int,
-                    out: ctypes.Array[ctypes.c_char]) -> Iterator[bytes | Checkpoint]:
+                    out: ctypes.Array[ctypes.c_char], cuts: Collection[int],
+                    boundaries: "array[int] | None") -> Iterator[bytes | Checkpoint]:
     """Inflate one member's deflate data, yielding output and checkpoints; leaves the
     input at its trailer."""
     stream = inflater.stream
@@ -168,8 +174,11 @@ def _inflate_member(source: _Input, inflater: RawInflater, uncompressed: int, sp
                 raise CorruptLayerError(f"corrupt deflate data near byte {source.position}: "
                                         f"{inflater.message}")
             data_type = stream.data_type
-            if data_type & DATA_TYPE_BLOCK_END and not data_type & DATA_TYPE_LAST_BLOCK \
-                    and uncompressed - last_checkpoint >= spacing:
+            at_boundary = data_type & DATA_TYPE_BLOCK_END and not data_type & DATA_TYPE_LAST_BLOCK
+            if at_boundary and boundaries is not None:
+                boundaries.append(uncompressed)
+            if at_boundary and (uncompressed - last_checkpoint >= spacing or (
+                    uncompressed > last_checkpoint and uncompressed in cuts)):
                 bits = data_type & DATA_TYPE_BITS
                 position = source.position
                 yield Checkpoint(uncompressed=uncompressed,
@@ -183,11 +192,13 @@ def _inflate_member(source: _Input, inflater: RawInflater, uncompressed: int, sp
                 raise CorruptLayerError(f"corrupt deflate data near byte {source.position}")
 
 
-def scan_gzip(read: Callable[[int], bytes], spacing: int) -> Iterator[bytes | Checkpoint |
-                                                                     MemberEnd]:
+def scan_gzip(read: Callable[[int], bytes], spacing: int, *, cuts: Collection[int] = (),
+              boundaries: "array[int] | None" = None) -> Iterator[bytes | Checkpoint | MemberEnd]:
     """Output, checkpoints and member ends of the gzip stream that `read(n)` returns
-    piece by piece. Raises `CorruptLayerError` for anything that is not valid gzip;
-    zero bytes after the last member are allowed, as gzip allows them."""
+    piece by piece; a checkpoint also at each boundary in `cuts` (a set, for speed),
+    and every boundary's offset appended to `boundaries` if given. Raises
+    `CorruptLayerError` for anything that is not valid gzip; zero bytes after the
+    last member are allowed, as gzip allows them."""
     if spacing <= 0:
         raise ValueError("spacing must be positive")
     source = _Input(read)
@@ -203,7 +214,8 @@ def scan_gzip(read: Callable[[int], bytes], spacing: int) -> Iterator[bytes | Ch
             yield Checkpoint(uncompressed=uncompressed, compressed=source.position, skip_bits=0,
                              window=b"", member_start=True)
             crc, size = 0, 0
-            for item in _inflate_member(source, inflater, uncompressed, spacing, out):
+            for item in _inflate_member(source, inflater, uncompressed, spacing, out,
+                                        cuts, boundaries):
                 if isinstance(item, bytes):
                     crc = zlib.crc32(item, crc)
                     size += len(item)

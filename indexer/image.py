@@ -3,7 +3,9 @@
 Per platform manifest:
 1. download each gzip layer once (verified against its digest), index it in one
    pass (checking its diff_id against the config), keep the index open;
-2. mark the files an access profile names as hot, in the layer they are read from;
+2. mark the files an access profile names as hot, in the layer they are read from,
+   and read each layer that holds hot files again, with extra checkpoints around
+   them (so a prefetch of them fetches little else: gzindex/hotplan.py);
 3. push one artifact: the index blobs as its layers, the manifest as its subject.
 The image's manifests, configs, layers and tags are only read, never written: its
 digest stays what it was. A layer shared by several platforms is indexed once.
@@ -60,6 +62,7 @@ class LayerReport:
     spans: int | None = None
     files: int | None = None
     hot_files: int = 0
+    hot_checkpoints: int = 0  # extra checkpoints placed around the hot files
     seconds: float = 0.0
 
 
@@ -100,9 +103,10 @@ def skip_reason(layer: Descriptor) -> str | None:
 class _Scanned:
     """One indexed layer, shared by the manifests that hold it."""
 
-    def __init__(self, layer: gzindex.ScannedLayer, seconds: float):
+    def __init__(self, layer: gzindex.ScannedLayer, seconds: float, blob_path: str | None):
         self.layer = layer
         self.seconds = seconds
+        self.blob_path = blob_path  # the downloaded layer, kept while hot files may need it
         self._paths: set[str] | None = None
 
     @property
@@ -193,7 +197,7 @@ class ImageIndexer:
         blobs = []
         for report in indexed:
             report.hot_files = len(hot[report.index])
-            blobs.append(self._write_index(report, hot[report.index]))
+            blobs.append(await self._write_index(report, hot[report.index]))
         # No timestamp: the same image indexed the same way gives the same artifact,
         # so indexing again lists nothing twice.
         pushed: PushedArtifact = await push_artifact(
@@ -230,14 +234,17 @@ class ImageIndexer:
                     return gzindex.scan_layer(blob, spacing=self.options.spacing,
                                               expected_digest=layer.digest, tmpdir=self.workdir)
 
+            keep = self.options.profile is not None  # for a second read around hot files
             try:
                 scanned = _Scanned(await asyncio.to_thread(scan),
-                                   round(time.monotonic() - started, 3))
+                                   round(time.monotonic() - started, 3), path if keep else None)
             except FormatError as exc:
+                keep = False
                 raise IndexingError(f"{where}: layer {report.index} ({layer.digest}): "
                                     f"{exc}") from None
             finally:
-                os.unlink(path)
+                if not keep:
+                    os.unlink(path)
             self._scanned[layer.digest] = scanned
         if scanned.layer.diff_id != diff_id:
             raise IndexingError(f"{where}: layer {report.index} ({layer.digest}) uncompresses "
@@ -261,11 +268,28 @@ class ImageIndexer:
         per_layer, result.missing_hot_files = hotfiles.plan(layers, profile)
         return per_layer
 
-    def _write_index(self, report: LayerReport, hot: list[str]) -> tuple[Descriptor, str]:
+    async def _write_index(self, report: LayerReport, hot: list[str]) -> tuple[Descriptor, str]:
         scanned = self._scanned[report.digest]
         path = os.path.join(self.workdir, f"{report.digest[7:]}-{len(hot)}.index")
-        with open(path, "wb") as out:
-            written = scanned.layer.write(out, hot)
+
+        def write() -> gzindex.IndexResult:
+            with open(path, "wb") as out:
+                if hot and scanned.blob_path is not None:
+                    with open(scanned.blob_path, "rb") as blob:
+                        again = gzindex.rescan_for_hot_files(scanned.layer, blob, hot,
+                                                             tmpdir=self.workdir)
+                    if again is not None:
+                        with again:
+                            report.spans = again.spans.count
+                            report.hot_checkpoints = again.hot_checkpoints
+                            return again.write(out, hot)
+                return scanned.layer.write(out, hot)
+
+        try:
+            written = await asyncio.to_thread(write)
+        except FormatError as exc:  # the layer file changed on disk since its first read
+            raise IndexingError(f"{self.image}: layer {report.index} ({report.digest}): "
+                                f"{exc}") from None
         report.index_digest, report.index_size = written.digest, written.size
         annotations = {gzindex.LAYER_ANNOTATION: report.digest,
                        gzindex.SPACING_ANNOTATION: str(scanned.layer.spacing)}

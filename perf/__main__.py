@@ -30,6 +30,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "gzip-index": Benchmark(
         "perf.gzip_index", "gzip layer index: size vs layer, index and read throughput"
     ),
+    "gzip-hot-spans": Benchmark(
+        "perf.gzip_hot_spans", "gzip index: prefetch bytes and index size with hot checkpoints"
+    ),
     "writer-memory": Benchmark(
         "perf.writer_memory", "peak RSS and time converting many small files or one big file"
     ),

@@ -241,6 +241,13 @@ def lazypull(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+async def _fetch_index(reference: Reference, manifest: str, layer: str,
+                       workdir: str) -> gzindex.GzipIndex:
+    async with client() as c:
+        found = await find_layer_indexes(c, reference, manifest)
+        return await fetch_index(c, reference, found[layer], workdir)
+
+
 def test_cli_indexes_an_image_that_plain_containerd_still_pulls_as_before(
         image, registry, containerd, tmp_path) -> None:
     src = push_layout_image(image.layout, "v1", registry.host, "ws/cli")
@@ -257,7 +264,17 @@ def test_cli_indexes_an_image_that_plain_containerd_still_pulls_as_before(
     assert report["digest"] == image.manifest_digest
     layers = report["manifests"][0]["layers"]
     assert [layer["hot_files"] for layer in layers] == [0, 1]
+    assert layers[0]["hot_checkpoints"] == 0 and layers[1]["hot_checkpoints"] >= 1
     assert all(layer["index_size"] < layer["size"] for layer in layers)
+    # Hot checkpoints: the span holding etc/hello is cut short of the 64 KiB spacing
+    # (data.bin's random bytes come right after it), so a prefetch fetches little else.
+    hot_index = asyncio.run(_fetch_index(Reference.parse(src.removeprefix("docker://")),
+                                         image.manifest_digest, image.layer_digests[1],
+                                         str(tmp_path / "hot")))
+    hello = hot_index.find("etc/hello")
+    hot_spans = hot_index.spans_for(hello.offset, hello.end)
+    assert sum(hot_index.span(n).uncompressed_size for n in hot_spans) < 65536
+    hot_index.close()
     shown = lazypull("index", src, "--plain-http", "--show", "--json")
     assert shown.returncode == 0, shown.stderr
     (listed,) = json.loads(shown.stdout)["manifests"]
