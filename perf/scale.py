@@ -27,8 +27,10 @@ defaults apart from hosts_dir and --service-option lines):
 - mount time: wall time of `lazypull pull` of the eStargz image (and its own figure),
   which returns once every layer is committed (lazy layers: mounted in FUSE);
 - RSS: VmRSS and VmHWM (/proc/PID/status) of the service and of its FUSE manager
-  (pid from ROOT/fuse-manager.pid), idle, after the first image's pull ("at READY")
-  and, for ten-images, with all images pulled; and after the FUSE probes;
+  (pid from ROOT/fuse-manager.pid), with their PSS (smaps_rollup: a page shared by
+  several processes, such as libpython's, is split between them), idle, after the
+  first image's pull ("at READY") and, for ten-images, with all images pulled; and
+  after the FUSE probes;
 - FUSE latency, from this process on the lazy layer tree (ROOT/fuse/LAYER/...): os.lstat
   of a fixed-seed sample of existing paths (--samples, default 2000), os.listdir of
   sampled directories, and open + read of 4 KiB of sampled files (checked against the
@@ -507,7 +509,7 @@ def toc_parse(blob: Path, limit: int | None, workdir: Path) -> dict:
 
 
 def proc_status(pid: int | None) -> dict[str, int] | None:
-    """VmRSS and VmHWM of `pid`, in bytes; None if it is gone."""
+    """VmRSS and VmHWM of `pid`, and its PSS, in bytes; None if it is gone."""
     if pid is None:
         return None
     try:
@@ -519,6 +521,14 @@ def proc_status(pid: int | None) -> dict[str, int] | None:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             found[key.lower() + "_bytes"] = int(value.split()[0]) * KB
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return found
+    for line in rollup.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pss":
+            found["pss_bytes"] = int(value.split()[0]) * KB
     return found
 
 
@@ -530,7 +540,8 @@ def memory(node: Node) -> dict:
     both = [m for m in (service, manager) if m]
     return {"service": service, "fuse_manager": manager,
             "total_rss_bytes": sum(m["vmrss_bytes"] for m in both) if both else None,
-            "total_hwm_bytes": sum(m["vmhwm_bytes"] for m in both) if both else None}
+            "total_hwm_bytes": sum(m["vmhwm_bytes"] for m in both) if both else None,
+            "total_pss_bytes": sum(m.get("pss_bytes", 0) for m in both) if both else None}
 
 
 def telling_lines(node: Node, limit: int = 30) -> list[str]:
@@ -880,9 +891,12 @@ def targets(results: dict[str, dict]) -> list[dict]:
                      "met": None if value is None else value <= target, "note": note})
 
     tens = results.get("ten-images", {})
+    at_ready = tens.get("memory_at_ready") or {}
+    pss = at_ready.get("total_pss_bytes")
     add("service + FUSE manager RSS, one workspace-like image mounted (ten-images, first)",
         _lazy_rss_mb(tens, "memory_at_ready"), TARGET_RSS_ONE_IMAGE_MB, "MB",
-        "stands in for a python-sized image")
+        "stands in for a python-sized image"
+        + (f"; PSS {pss / MB:.1f} MB (shared pages split)" if pss else ""))
     add("service + FUSE manager RSS, 10 images mounted", _lazy_rss_mb(tens, "memory_all_pulled"),
         TARGET_RSS_TEN_IMAGES_MB, "MB")
     many = results.get("many-files", {})

@@ -76,6 +76,8 @@ def test_scale_benchmark_end_to_end(registry, tmp_path: Path) -> None:
             assert mem["service"]["vmrss_bytes"] > 0 and mem["fuse_manager"]["vmhwm_bytes"] > 0
             assert mem["total_rss_bytes"] == (mem["service"]["vmrss_bytes"]
                                               + mem["fuse_manager"]["vmrss_bytes"])
+            # PSS splits shared pages: below RSS, and never zero for a live process
+            assert 0 < mem["total_pss_bytes"] < mem["total_rss_bytes"]
         latency = r["fuse_latency"]
         for phase in ("cold", "warm"):
             probes = latency[phase]
