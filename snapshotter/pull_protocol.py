@@ -8,9 +8,11 @@ socket), sends one JSON line (the request) and reads JSON lines back: `resolved`
 ({"code", "message"}, the code one of the command's exit codes).
 """
 
-import json
 import os
 from typing import Any
+
+from . import json_lines
+from .json_lines import encode as encode  # for the protocol's users
 
 SOCKET_NAME = "pull.sock"
 MAX_LINE = 1 << 20  # a request, or an answer line (a result lists every layer)
@@ -37,18 +39,11 @@ def socket_path(service_address: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(service_address)), SOCKET_NAME)
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
 def decode(line: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(line)
-    except ValueError as exc:
-        raise ProtocolError(f"not a JSON line: {exc}") from None
-    if not isinstance(message, dict):
-        raise ProtocolError("a message is a JSON object")
-    return message
+        return json_lines.decode(line)
+    except json_lines.LineError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
 
 
 def check_request(message: dict[str, Any]) -> dict[str, Any]:

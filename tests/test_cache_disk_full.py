@@ -14,15 +14,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.lazy import layer_source as labels_of
 
 from .fixtures.snapshotter import REPO_ROOT
 from .images import File, build_layout_image, push_layout_image
-from .test_chunk_crash import chunks_that_do_not_hash
+from .test_chunk_crash import chunks_that_do_not_hash, mount_lazily
 
 CHUNK = 256 << 10
 DISK_BYTES = 2 << 20
@@ -99,21 +95,6 @@ def cached_digests(cache: Path) -> set[str]:
         return {key.hex() for (key,) in db.execute("SELECT digest FROM chunks")}
     finally:
         db.close()
-
-
-def mount_lazily(service, image: dict) -> Path:
-    c = service.client()
-    target = "sha256:" + "e" * 64
-    labels = {labels_of.REF_LABEL: target, labels_of.STARGZ_REFERENCE: image["ref"],
-              labels_of.STARGZ_DIGEST: image["layer"]}
-    with pytest.raises(grpc.RpcError) as answer:
-        c.Prepare(pb.PrepareSnapshotRequest(key="extract", labels=labels))
-    assert answer.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    c.Prepare(pb.PrepareSnapshotRequest(key="container", parent=target))
-    mounts = c.Mounts(pb.MountsRequest(key="container")).mounts
-    (lower,) = [o.split("=", 1)[1].split(":")[0] for o in mounts[0].options
-                if o.startswith("lowerdir=")]
-    return Path(lower)
 
 
 def start_service(snapshotter_factory, tmp_path: Path, host: str, *config: str):

@@ -81,6 +81,22 @@ def chunks_that_do_not_hash(cache_dir: Path) -> tuple[int, list[str]]:
     return count, bad
 
 
+def mount_lazily(service, image: dict, target: str = "sha256:" + "e" * 64) -> Path:
+    """Prepare the image's lazy layer (as containerd's unpacker does) and a container
+    snapshot on it; the lazy layer's directory in the FUSE mount."""
+    c = service.client()
+    labels = {labels_of.REF_LABEL: target, labels_of.STARGZ_REFERENCE: image["ref"],
+              labels_of.STARGZ_DIGEST: image["layer"]}
+    with pytest.raises(grpc.RpcError) as answer:
+        c.Prepare(pb.PrepareSnapshotRequest(key="extract", labels=labels))
+    assert answer.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    c.Prepare(pb.PrepareSnapshotRequest(key="container", parent=target))
+    mounts = c.Mounts(pb.MountsRequest(key="container")).mounts
+    (lower,) = [o.split("=", 1)[1].split(":")[0] for o in mounts[0].options
+                if o.startswith("lowerdir=")]
+    return Path(lower)
+
+
 @pytest.mark.parametrize("step", MANAGER_STEPS)
 def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
         snapshotter_factory, monkeypatch, lazy_image, tmp_path, step: str) -> None:
@@ -98,21 +114,11 @@ def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
     monkeypatch.delenv(ENVIRONMENT)
     monkeypatch.delenv(ONCE_ENVIRONMENT)
     first_manager = service.fuse_manager_pid
-    c = service.client()
-    target = "sha256:" + "d" * 64
-    labels = {labels_of.REF_LABEL: target, labels_of.STARGZ_REFERENCE: lazy_image["ref"],
-              labels_of.STARGZ_DIGEST: lazy_image["layer"]}
-    with pytest.raises(grpc.RpcError) as answer:
-        c.Prepare(pb.PrepareSnapshotRequest(key="extract", labels=labels))
-    assert answer.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    c.Prepare(pb.PrepareSnapshotRequest(key="container", parent=target))
-    mounts = c.Mounts(pb.MountsRequest(key="container")).mounts
-    (lower,) = [o.split("=", 1)[1].split(":")[0] for o in mounts[0].options
-                if o.startswith("lowerdir=")]
+    lower = mount_lazily(service, lazy_image, "sha256:" + "d" * 64)
     # Reads fetch chunks until the manager dies at the step (a read then fails), or,
     # for the background step, until the background fetch gets there by itself.
     deadline = time.monotonic() + RECOVERY_DEADLINE
-    first = read_all(Path(lower), files)
+    first = read_all(lower, files)
     while not once.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     died = time.monotonic()
@@ -125,7 +131,7 @@ def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
 
     # The service starts a new manager, which serves the layer again.
     while time.monotonic() < deadline:
-        got = read_all(Path(lower), files)
+        got = read_all(lower, files)
         if got == files:
             break
         time.sleep(0.5)

@@ -28,7 +28,8 @@ from .fixtures.cri import (
     write_plain_http_host,
 )
 from .images import File, Symlink, build_layout_image, push_layout_image
-from .test_lazy_pull import HOT, LAYERS, blob_bytes, layer_digests, lazypull
+from .lazy_node import lazypull
+from .test_lazy_pull import HOT, LAYERS, blob_bytes, layer_digests
 from .test_snapshotter_containerd import proxy_config
 
 SCRIPT = "cat /etc/hello /data/link; echo; head -c 100 /data/big.bin | wc -c; ls /app"

@@ -19,11 +19,17 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from .fixtures.containerd import start_containerd, stop_containerd, unmount_below
+from .fixtures.containerd import unmount_below
 from .images import push_layout_image
 from .layers import LONG_DIR, big_payload
-from .test_lazy_pull import _mount_view, _tree, lazypull, metric_values
-from .test_snapshotter_containerd import proxy_config
+from .lazy_node import (  # noqa: F401  (lazy_node_fixture: the `node` fixture)
+    lazy_node_fixture,
+    lazypull,
+    pull,
+    start_lazy_node,
+    stop_lazy_node,
+)
+from .test_lazy_pull import _mount_view, _tree, metric_values
 
 BIG = 3 << 20
 BIG_DATA = os.urandom(BIG)
@@ -161,25 +167,6 @@ def images(registry, tmp_path_factory):
     return {"indexed": "gz/indexed:v1", "plain": "gz/plain:v1", "zstd": "gz/zstd:v1",
             "digest": digest, "layers": [layer["digest"] for layer in manifest["layers"]],
             "tars": tars}
-
-
-@pytest.fixture
-def node(snapshotter_factory, registry, fault_proxy_factory, tmp_path_factory):
-    proxy = fault_proxy_factory(registry.host)
-    config = tmp_path_factory.mktemp("cfg") / "config.toml"
-    config.write_text('background_fetch = false\nprefetch_timeout_seconds = 30.0\n'
-                      f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
-    service = snapshotter_factory(None, True, None, "--config", str(config))
-    daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
-    yield {"service": service, "daemon": daemon, "proxy": proxy, "config": config}
-    stop_containerd(daemon)
-
-
-def pull(node, ref: str) -> dict:
-    done = lazypull("pull", f"{node['proxy'].host}/{ref}", "--address", node["daemon"].address,
-                    "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def run(node, ref: str, name: str, script: str, check: bool = True):
@@ -356,13 +343,10 @@ def test_background_fetch_makes_indexed_layers_local(snapshotter_factory, regist
                                                      tmp_path_factory) -> None:
     from .fixtures.fault_proxy import WireFault
 
-    proxy = fault_proxy_factory(registry.host)
-    config = tmp_path_factory.mktemp("cfg") / "config.toml"
-    config.write_text("background_fetch = true\nbackground_quiet_seconds = 0.2\n"
-                      f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
-    service = snapshotter_factory(None, True, None, "--config", str(config))
-    daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
-    node = {"service": service, "daemon": daemon, "proxy": proxy}
+    node = start_lazy_node(snapshotter_factory, registry, fault_proxy_factory,
+                           tmp_path_factory, "background_fetch = true\n"
+                           "background_quiet_seconds = 0.2\n")
+    service, proxy = node["service"], node["proxy"]
     try:
         pull(node, images["indexed"])
         deadline = time.monotonic() + 120
@@ -378,4 +362,4 @@ def test_background_fetch_makes_indexed_layers_local(snapshotter_factory, regist
         assert run(node, images["indexed"], "bg2", "/bin/busybox sha256sum /data/big.bin"
                    ).stdout.split()[0] == hashlib.sha256(BIG_DATA).hexdigest()
     finally:
-        stop_containerd(daemon)
+        stop_lazy_node(node)

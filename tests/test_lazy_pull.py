@@ -12,15 +12,14 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .fixtures.containerd import start_containerd, stop_containerd, unmount_below
+from .fixtures.containerd import unmount_below
 from .images import File, Symlink, build_layout_image, push_layout_image
-from .test_snapshotter_containerd import proxy_config
+from .lazy_node import lazy_node_fixture, lazypull, pull  # noqa: F401  (the `node` fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIG = 24 << 20
@@ -67,9 +66,6 @@ def metric_values(service) -> dict[str, float]:
     return values
 
 
-def lazypull(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -84,25 +80,6 @@ def images(registry, tmp_path_factory):
     assert done.returncode == 0, done.stderr
     return {"plain": "ws/lazy:v1", "lazy": "ws/lazy:v1-esgz", "image": image,
             "report": json.loads(done.stdout)}
-
-
-@pytest.fixture
-def node(snapshotter_factory, registry, fault_proxy_factory, tmp_path_factory):
-    proxy = fault_proxy_factory(registry.host)
-    config = tmp_path_factory.mktemp("cfg") / "config.toml"
-    config.write_text('background_fetch = false\nprefetch_timeout_seconds = 30.0\n'
-                      f'hosts_dir = "{tmp_path_factory.mktemp("hosts")}"\n')
-    service = snapshotter_factory(None, True, None, "--config", str(config))
-    daemon = start_containerd(tmp_path_factory.mktemp("ctrd"), proxy_config(service.address))
-    yield {"service": service, "daemon": daemon, "proxy": proxy, "config": config}
-    stop_containerd(daemon)
-
-
-def pull(node, ref: str) -> dict:
-    done = lazypull("pull", f"{node['proxy'].host}/{ref}", "--address", node["daemon"].address,
-                    "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_converted_image_starts_lazily(node, images) -> None:

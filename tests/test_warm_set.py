@@ -21,7 +21,8 @@ from snapshotter.warm.spec import WarmSpecError, merge, parse_entries, read_dir
 from .fixtures.containerd import start_containerd, stop_containerd
 from .fixtures.fault_proxy import WireFault
 from .images import File, Symlink, build_layout_image, push_layout_image
-from .test_lazy_pull import blob_bytes, lazypull
+from .lazy_node import lazypull
+from .test_lazy_pull import blob_bytes
 from .test_snapshotter_containerd import proxy_config
 
 HOT = "/etc/hot.txt\n"

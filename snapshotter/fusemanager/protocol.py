@@ -7,12 +7,14 @@ order, so a long wait (a prefetch) does not hold up the others.
 """
 
 import contextlib
-import json
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from .. import json_lines
+from ..json_lines import encode as encode  # for the protocol's users
 
 PROTOCOL_VERSION = 1
 # Metrics text and layer lists are the largest messages.
@@ -39,20 +41,11 @@ INTERNAL = "internal"
 NOT_LAZY = "not_lazy"  # the layer cannot be served lazily (the message says why)
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
 def decode(line: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(line)
-    except ValueError as exc:
+        return json_lines.decode(line)
+    except json_lines.LineError as exc:
         raise ManagerError(INVALID, f"malformed message: {exc}") from None
-    except RecursionError:  # the decoder recurses once per level of nesting
-        raise ManagerError(INVALID, "malformed message: nested too deeply") from None
-    if not isinstance(message, dict):
-        raise ManagerError(INVALID, "malformed message: not an object")
-    return message
 
 
 @dataclass(frozen=True)
