@@ -4,8 +4,8 @@ Packed chunks are read from chunks.db, file chunks from sha256/; each is hashed.
 is reported:
 - `chunk-corrupt`: a packed row or a chunk file whose bytes do not match its digest
   (a torn write, a disk fault, a hand). Repair drops the row and the file. The cache
-  itself never serves such a chunk (it hashes every chunk it reads from disk), so
-  this is about disk space and a truthful report, not about what readers see;
+  hashes what it reads from disk, but for the files its running manager wrote and
+  finds unchanged (sealed, see chunk_cache); this also finds a disk fault in those;
 - `chunk-file-missing`: a row that names a file no longer there. Repair drops the row
   (the cache does the same when it opens or reads it).
 A chunk file without a row (a crash between its rename and the commit) is not a
