@@ -26,6 +26,7 @@ import estargz
 from estargz import BuildOptions, Compression
 from oci import mediatypes as mt
 from oci.digest import DigestMismatchError, sha256_of
+from oci.image_config import ConfigError, check_config_size, diff_ids, parse_config
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.store import ImageStore
 
@@ -47,7 +48,6 @@ _STALE_ANNOTATIONS = (
     CONVERSION_ANNOTATION,
 )
 _ATTESTATION = "attestation-manifest"
-_MAX_CONFIG_SIZE = 8 << 20
 # A source blob that fails its digest is downloaded once more: a proxy or cache on the
 # way may have handed out bad bytes once. Twice is not chance.
 _DOWNLOAD_ATTEMPTS = 2
@@ -224,12 +224,11 @@ class ImageConverter:
                                 tag: str | None) -> ManifestReport:
         image = f"{self.source.name}@{source_digest}"
         config = await self._read_config(manifest, image)
-        rootfs = config.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
-            raise ConversionError(f"{image}: config lists {len(diff_ids or [])} diff_ids for "
-                                  f"{len(manifest.layers)} layers")
-        works = [_LayerWork(i, d, diff_ids[i]) for i, d in enumerate(manifest.layers)]
+        try:
+            layer_diff_ids = diff_ids(config, manifest, image)
+        except ConfigError as exc:
+            raise ConversionError(str(exc)) from None
+        works = [_LayerWork(i, d, layer_diff_ids[i]) for i, d in enumerate(manifest.layers)]
         for work in works:
             self._check_layer_type(image, work)
         listings = await _all_or_none(*(self._list_layer(image, w) for w in works))
@@ -239,7 +238,7 @@ class ImageConverter:
         results = await _all_or_none(
             *(self._convert_layer(image, w, plan.per_layer[w.index], layer_type) for w in works)
         )
-        rootfs["diff_ids"] = [diff_id for _, _, diff_id in results]
+        config["rootfs"]["diff_ids"] = [diff_id for _, _, diff_id in results]  # a dict: checked
         config_bytes = json.dumps(config, separators=(",", ":")).encode()
         config_type = mt.OCI_CONFIG if to_oci else manifest.config.media_type
         config_desc = Descriptor(config_type, sha256_of(config_bytes), len(config_bytes),
@@ -256,19 +255,18 @@ class ImageConverter:
                               missing_hot_files=plan.missing)
 
     async def _read_config(self, manifest: Manifest, image: str) -> dict[str, Any]:
-        if manifest.config.size > _MAX_CONFIG_SIZE:
-            raise ConversionError(f"{image}: config of {manifest.config.size} bytes is too large")
+        try:
+            check_config_size(manifest, image)
+        except ConfigError as exc:
+            raise ConversionError(str(exc)) from None
         path = os.path.join(self.workdir, manifest.config.digest[7:] + ".config")
         await self._save_blob(manifest.config, path)
         with open(path, "rb") as f:
             data = f.read()
         try:
-            config = json.loads(data)
-        except (ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise ConversionError(f"{image}: config {manifest.config.digest} is not JSON") from None
-        if not isinstance(config, dict):
-            raise ConversionError(f"{image}: config {manifest.config.digest} is not an object")
-        return config
+            return parse_config(data, manifest, image)
+        except ConfigError as exc:
+            raise ConversionError(str(exc)) from None
 
     def _check_layer_type(self, image: str, work: _LayerWork) -> None:
         d = work.descriptor

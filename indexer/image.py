@@ -12,7 +12,6 @@ digest stays what it was. A layer shared by several platforms is indexed once.
 """
 
 import asyncio
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import gzindex
 from estargz.errors import FormatError
 from oci import mediatypes as mt
 from oci.access_profile import AccessProfile, ImageProfile
+from oci.image_config import ConfigError, check_config_size, diff_ids, parse_config
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.reference import Reference
 from oci.referrers import PushedArtifact, push_artifact
@@ -35,7 +35,6 @@ from . import hotfiles
 _ESTARGZ_TOC = "containerd.io/snapshot/stargz/toc.digest"
 _ZSTD_CHUNKED = "io.containers.zstd-chunked.manifest-checksum"
 _ATTESTATION = "attestation-manifest"
-_MAX_CONFIG_SIZE = 8 << 20
 
 
 class IndexingError(Exception):
@@ -176,15 +175,14 @@ class ImageIndexer:
     async def _index_manifest(self, manifest: Manifest, subject: Descriptor,
                               platform: str) -> ManifestReport:
         where = f"{self.image}@{subject.digest}"
-        config = await self._read_config(manifest, where)
-        rootfs = config.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
-            raise IndexingError(f"{where}: config lists {len(diff_ids or [])} diff_ids for "
-                                f"{len(manifest.layers)} layers")
+        try:
+            config = await self._read_config(manifest, where)
+            layer_diff_ids = diff_ids(config, manifest, where)
+        except ConfigError as exc:
+            raise IndexingError(str(exc)) from None
         reports = [LayerReport(i, d.digest, d.size, skipped=skip_reason(d))
                    for i, d in enumerate(manifest.layers)]
-        for report, layer, diff_id in zip(reports, manifest.layers, diff_ids, strict=True):
+        for report, layer, diff_id in zip(reports, manifest.layers, layer_diff_ids, strict=True):
             if report.skipped is None:
                 await self._scan(where, report, layer, diff_id)
         if not platform:
@@ -206,18 +204,11 @@ class ImageIndexer:
         return result
 
     async def _read_config(self, manifest: Manifest, where: str) -> dict[str, Any]:
-        if manifest.config.size > _MAX_CONFIG_SIZE:
-            raise IndexingError(f"{where}: config of {manifest.config.size} bytes is too large")
+        check_config_size(manifest, where)
         data = bytearray()
         async for piece in self.client.stream_blob(self.reference, manifest.config):
             data += piece
-        try:
-            config = json.loads(data)
-        except ValueError:
-            raise IndexingError(f"{where}: config {manifest.config.digest} is not JSON") from None
-        if not isinstance(config, dict):
-            raise IndexingError(f"{where}: config {manifest.config.digest} is not an object")
-        return config
+        return parse_config(bytes(data), manifest, where)
 
     async def _scan(self, where: str, report: LayerReport, layer: Descriptor,
                     diff_id: object) -> None:
