@@ -14,7 +14,6 @@ import io
 import os
 import stat
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,11 +27,9 @@ from estargz.toc import (
     MAX_XATTR_NAME_BYTES,
     MAX_XATTR_VALUE_BYTES,
 )
-from snapshotter.lazy.filesystem import LazyFilesystem
 
-from .fixtures.containerd import unmount_below
 from .test_bad_input import BIG, edited, expect_toc_error, info, open_blob, tar_of
-from .test_lazy_filesystem import LazyMount, mounts_below
+from .test_lazy_filesystem import LazyMount, serving_lazy_mount
 
 FORMATS = [Compression.GZIP, Compression.ZSTD]
 Edit = Callable[[list[dict]], object]
@@ -242,26 +239,8 @@ def test_parents_a_toc_leaves_out_have_a_budget() -> None:
 @pytest.fixture(scope="module")
 def lazy_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyMount]:
     """One FUSE mount for the module (pyfuse3 allows one per process)."""
-    base = tmp_path_factory.mktemp("hostilefs")
-    mountpoint = base / "mnt"
-    mountpoint.mkdir()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="hostile-fuse", daemon=True)
-    thread.start()
-    fs = LazyFilesystem(str(mountpoint))
-    mount = LazyMount(fs, loop, base)
-    try:
-        asyncio.run_coroutine_threadsafe(fs.start(), loop).result(timeout=30)
+    with serving_lazy_mount(tmp_path_factory.mktemp("hostilefs"), "hostile-fuse") as mount:
         yield mount
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(fs.close(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            loop.close()
-            unmount_below(base)
-        assert not mounts_below(base)
 
 
 def serve(mount: LazyMount, name: str, compression: Compression, edit: Edit) -> Path:

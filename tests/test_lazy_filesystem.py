@@ -6,6 +6,7 @@ own layers and removes them again.
 """
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import io
@@ -276,13 +277,15 @@ class LazyMount:
         self.on_loop(self.fs.remove_layer, name)
 
 
-@pytest.fixture(scope="module")
-def lazy_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyMount]:
-    base = tmp_path_factory.mktemp("lazyfs")
+@contextlib.contextmanager
+def serving_lazy_mount(base: Path, thread_name: str) -> Iterator[LazyMount]:
+    """A LazyFilesystem mounted at BASE/mnt, served by an event loop in its own thread
+    (pyfuse3 allows one mount per process); closed on the way out, which must leave no
+    mount behind, nor may the tests that used it."""
     mountpoint = base / "mnt"
     mountpoint.mkdir()
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="lazy-fuse", daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name=thread_name, daemon=True)
     thread.start()
     fs = LazyFilesystem(str(mountpoint))
     mount = LazyMount(fs, loop, base)
@@ -305,6 +308,12 @@ def lazy_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyMount]:
             unmount_below(base)
         assert not leftovers, f"still mounted after close: {leftovers}"
         assert not leftovers_before_close, f"a test left mounts behind: {leftovers_before_close}"
+
+
+@pytest.fixture(scope="module")
+def lazy_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyMount]:
+    with serving_lazy_mount(tmp_path_factory.mktemp("lazyfs"), "lazy-fuse") as mount:
+        yield mount
 
 
 @pytest.fixture
