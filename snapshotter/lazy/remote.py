@@ -85,11 +85,6 @@ async def find_layer(client: "RegistryClient", source: LayerSource) -> FoundLaye
     return layer_in(manifests, source)
 
 
-async def find_descriptor(client: "RegistryClient", source: LayerSource) -> Descriptor:
-    """The layer's descriptor (with its annotations) from the image's manifest."""
-    return (await find_layer(client, source)).descriptor
-
-
 @dataclass(frozen=True)
 class FetchedToc:
     """A layer's footer and its TOC as the blob holds them, not verified yet."""
@@ -139,8 +134,9 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
     if the caller has read the manifest already. With `ahead`, the manifest and TOC
     come from what it fetched (or fetches) for the whole image."""
     if descriptor is None:
-        descriptor = ((await ahead.find_layer(source)).descriptor if ahead is not None
-                      else await find_descriptor(client, source))
+        found = await (ahead.find_layer(source) if ahead is not None
+                       else find_layer(client, source))
+        descriptor = found.descriptor
     if ahead is not None:
         fetched = await ahead.toc(source.reference, descriptor)
     else:
