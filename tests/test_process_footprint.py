@@ -114,3 +114,13 @@ def test_the_pull_command_loads_neither_trio_nor_image_layouts() -> None:
         "assert sync.trio is None")
     assert {"grpclib", "httpx", "httpcore", "snapshotter.containerd_client.pull"} <= loaded
     assert not {"trio", "attr", "oci.layout", "grpc", "estargz.layer"} & loaded
+
+
+def test_a_pull_handed_to_the_service_loads_no_http_client_there() -> None:
+    """With a FUSE manager, the service's pulls read the registry through it: what the
+    service loads for them (at start, in a thread) carries no HTTP client."""
+    loaded = loaded_after("import snapshotter.server\n"
+                          "from snapshotter.pull_handoff import _load_pull_modules\n"
+                          "_load_pull_modules(relayed=True)")
+    assert {"snapshotter.containerd_client.pull", "snapshotter.relayed_registry"} <= loaded
+    assert not {"httpx", "httpcore", "h11", "certifi", "oci.registry", "oci.auth"} & loaded
