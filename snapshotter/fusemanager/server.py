@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from oci import asyncio_only  # noqa: F401  (before httpx: httpcore would load trio)
 from oci.docker_config import CredentialStore
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
