@@ -99,11 +99,11 @@ class PullHandoff:
                 return
             await send({"result": result.to_json()})
         finally:
-            # What the pull freed goes back to the system (about 0.6 MB of the heap).
-            await asyncio.to_thread(allocator.trim)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+            # What the pull freed goes back to the system (about 0.6 MB of the heap).
+            await asyncio.to_thread(allocator.trim)
 
     def _registry(self, request: dict[str, Any]) -> "RegistryClient":
         from oci import asyncio_only  # noqa: F401  (before httpx: see there)
