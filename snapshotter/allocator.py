@@ -31,3 +31,14 @@ def tune() -> bool:
     if not applied:
         log.debug("mallopt refused the allocator settings")
     return applied
+
+
+def trim() -> bool:
+    """Hand the free memory at the top and in the middle of malloc's heaps back to
+    the system (glibc's malloc_trim); False where the C library is not glibc."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

@@ -107,7 +107,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
     log.info("serving containerd snapshots on %s (root %s)", config.address, config.root)
-    handoff = PullHandoff(socket_path(config.address)) if config.take_pulls else None
+    handoff = PullHandoff(socket_path(config.address), lazy) if config.take_pulls else None
     if handoff is not None:
         await handoff.start()
     if warm is not None:  # after recovery; containerd pulls through the socket just opened

@@ -39,10 +39,10 @@ def stop_lazy_node(node: dict[str, Any]) -> None:
     stop_containerd(node["daemon"])
 
 
-def pull(node: dict[str, Any], ref: str) -> dict:
+def pull(node: dict[str, Any], ref: str, *more: str) -> dict:
     """`lazypull pull` of REF (a repository:tag on the registry) through the proxy."""
     done = lazypull("pull", f"{node['proxy'].host}/{ref}", "--address", node["daemon"].address,
-                    "--json")
+                    "--json", *more)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

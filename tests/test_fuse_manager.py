@@ -178,3 +178,39 @@ def test_a_killed_manager_leaves_a_mount_the_next_one_replaces(tmp_path) -> None
         if _mounted(first.root / "fuse"):  # a failed start: leave no mount behind
             subprocess.run(["umount", "-l", str(first.root / "fuse")], check=False)
             pytest.fail("the FUSE mount outlived both managers")
+
+
+def test_registry_reads_relayed_for_the_service_pulls(manager, registry, tmp_path) -> None:
+    """Manifests and image configs of a pull handed to the service are read by the
+    manager's registry client; failures keep their kind (the pull's exit code)."""
+    import base64
+
+    from oci.digest import sha256_of
+
+    from .images import build_layout_image, push_layout_image
+
+    image = build_layout_image(tmp_path / "layout", "v1", [{"etc/motd": b"relayed\n"}])
+    ref = push_layout_image(tmp_path / "layout", "v1", registry.host,
+                            "relay/app").removeprefix("docker://")
+    settings = {"hosts_dir": None, "plain_http": True,
+                "docker_config": str(tmp_path / "no-credentials.json")}
+    talk = manager.connect()
+    answer = talk.call("registry_manifest", registry=settings, reference=ref)["result"]
+    manifest = base64.b64decode(answer["data"])
+    assert answer["digest"] == sha256_of(manifest) == image.manifest_digest
+    assert json.loads(manifest) == image.manifest
+    config = image.manifest["config"]
+    blob = talk.call("registry_blob", registry=settings, reference=ref, descriptor=config)
+    assert sha256_of(base64.b64decode(blob["result"]["data"])) == config["digest"]
+
+    missing = talk.call("registry_manifest", registry=settings, reference=ref[:-2] + "v9")
+    assert missing["error"]["kind"] == "registry_not_found", missing
+    wrong = talk.call("registry_blob", registry=settings, reference=ref,
+                      descriptor={**config, "digest": "sha256:" + "1" * 64})
+    assert wrong["error"]["kind"] == "registry_not_found", wrong
+    layer = {**image.manifest["layers"][0], "size": 64 << 20}
+    too_big = talk.call("registry_blob", registry=settings, reference=ref, descriptor=layer)
+    assert too_big["error"]["kind"] == "invalid" and "relayed" in too_big["error"]["message"]
+    bad = talk.call("registry_manifest", registry={"hosts_dir": None}, reference=ref)
+    assert bad["error"]["kind"] == "invalid", bad
+    assert talk.call("hello", protocol=PROTOCOL_VERSION)["result"]["layers"] == []

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fusemanager.protocol import RELAY_MAX_BLOB
+
 from .fixtures.containerd import unmount_below
 from .images import File, Symlink, build_layout_image, push_layout_image
 from .lazy_node import lazy_node_fixture, lazypull, pull  # noqa: F401  (the `node` fixture)
@@ -108,6 +110,28 @@ def test_unconverted_image_falls_back_and_runs(node, images) -> None:
     assert [layer["source"] for layer in result["layers"]] == ["fetched+applied"] * 3
     ref = f"{node['proxy'].host}/{images['plain']}"
     run = node["daemon"].ctr("run", "--rm", "--snapshotter", "lazypull", ref, "plain1",
+                             "/app/run.sh")
+    assert run.stdout == "hello lazily\n16\n"
+
+
+def test_a_pull_handed_to_the_service_reads_the_registry_through_the_manager(
+        node, images) -> None:
+    """The service loads no registry client of its own for a lazy pull: manifests and
+    the config come through the FUSE manager. Layers downloaded whole (an unconverted
+    image) are the service's to stream, with its own client, but for small ones."""
+    service = node["service"]
+    handoff = ("--service-socket", str(Path(service.address).parent / "pull.sock"))
+    own_client = "with the service's own registry client"
+    lazy = pull(node, images["lazy"], *handoff)
+    assert [layer["source"] for layer in lazy["layers"]] == ["remote"] * 3
+    assert f"pull of {node['proxy'].host}/{images['lazy']}" in service.log
+    assert own_client not in service.log
+    plain = pull(node, images["plain"], *handoff)
+    assert [layer["source"] for layer in plain["layers"]] == ["fetched+applied"] * 3
+    streamed = [x for x in images["image"].manifest["layers"] if x["size"] > RELAY_MAX_BLOB]
+    assert streamed and service.log.count(own_client) == len(streamed)
+    ref = f"{node['proxy'].host}/{images['plain']}"
+    run = node["daemon"].ctr("run", "--rm", "--snapshotter", "lazypull", ref, "handed1",
                              "/app/run.sh")
     assert run.stdout == "hello lazily\n16\n"
 

@@ -114,3 +114,25 @@ def test_the_pull_command_loads_neither_trio_nor_image_layouts() -> None:
         "assert sync.trio is None")
     assert {"grpclib", "httpx", "httpcore", "snapshotter.containerd_client.pull"} <= loaded
     assert not {"trio", "attr", "oci.layout", "grpc", "estargz.layer"} & loaded
+
+
+def test_a_pull_handed_to_the_service_loads_no_http_client_there() -> None:
+    """With a FUSE manager, the service's pulls read the registry through it: what the
+    service loads for them (at start, in a thread) carries no HTTP client."""
+    loaded = loaded_after("import snapshotter.server\n"
+                          "from snapshotter.pull_handoff import _load_pull_modules\n"
+                          "_load_pull_modules(relayed=True)")
+    assert {"snapshotter.containerd_client.pull", "snapshotter.relayed_registry"} <= loaded
+    assert not {"httpx", "httpcore", "h11", "certifi", "oci.registry", "oci.auth"} & loaded
+
+
+def test_the_fuse_manager_with_its_registry_client_loads_no_trio() -> None:
+    """httpcore imports trio if it can; in the manager trio stays absent (about 3.8 MB),
+    and pyfuse3 still runs on its asyncio shim."""
+    loaded = loaded_after("import snapshotter.fusemanager.server\n"
+                          "from snapshotter.lazy.fuse_binding import pyfuse3\n"
+                          "from oci.registry import RegistryClient\n"
+                          "assert RegistryClient()\n"
+                          "assert pyfuse3.trio.__name__ == 'pyfuse3.asyncio', pyfuse3.trio")
+    assert {"pyfuse3", "httpcore", "h11"} <= loaded
+    assert not {"trio", "attr", "outcome", "sortedcontainers"} & loaded

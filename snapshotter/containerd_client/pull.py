@@ -25,13 +25,12 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from oci import mediatypes as mt
 from oci.digest import validate_digest
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.reference import Reference
-from oci.registry import RegistryClient
 from oci.store import NotFoundError
 
 from . import labels as lb
@@ -40,6 +39,18 @@ from .errors import AlreadyExists, ContainerdError, InvalidArgument
 
 MAX_CONFIG_SIZE = 64 << 20
 PREPARE_ATTEMPTS = 3  # as containerd's unpacker: a key can collide, a chainID vanish
+
+
+class Registry(Protocol):
+    """What a pull reads from the registry: oci.registry.RegistryClient, or the
+    service's relay through the FUSE manager (snapshotter.relayed_registry). Not the
+    client itself here, so that loading the pull does not load an HTTP client."""
+
+    async def get_manifest(self, reference: Reference,
+                           tag_or_digest: str | None = None) -> tuple[bytes, str, str]: ...
+
+    def stream_blob(self, reference: Reference,
+                    descriptor: Descriptor) -> AsyncIterator[bytes]: ...
 
 
 class PullError(Exception):
@@ -203,7 +214,7 @@ class PullProgress:
 
 
 class Puller:
-    def __init__(self, containerd: ContainerdClient, registry: RegistryClient, *,
+    def __init__(self, containerd: ContainerdClient, registry: Registry, *,
                  snapshotter: str = "lazypull", platform: Platform | None = None,
                  progress: PullProgress | None = None):
         self.containerd = containerd
@@ -401,7 +412,7 @@ def _diff_ids(config_bytes: bytes, layer_count: int, digest: str) -> list[str]:
     return list(diff_ids)
 
 
-async def pull(containerd: ContainerdClient, registry: RegistryClient, ref: str, *,
+async def pull(containerd: ContainerdClient, registry: Registry, ref: str, *,
                snapshotter: str = "lazypull", platform: str | Platform | None = None,
                progress: PullProgress | None = None) -> PullResult:
     """Pull `ref` into containerd and unpack it for `snapshotter` (see the module doc)."""
@@ -414,4 +425,4 @@ async def pull(containerd: ContainerdClient, registry: RegistryClient, ref: str,
 
 __all__: Sequence[str] = ["LayerResult", "LayerSource", "Platform", "PlatformNotFoundError",
                           "PullError", "PullPlan", "PullProgress", "PullResult", "Puller",
-                          "SnapshotterNotFoundError", "pull"]
+                          "Registry", "SnapshotterNotFoundError", "pull"]

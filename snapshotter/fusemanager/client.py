@@ -88,7 +88,10 @@ class FuseManagerClient:
         reader, self._writer = await asyncio.open_unix_connection(sock=sock,
                                                                   limit=MAX_LINE_BYTES)
         self._reader = asyncio.create_task(self._read(reader))
-        hello = await self._call("hello", None, protocol=PROTOCOL_VERSION)
+        try:
+            hello = await self._call("hello", None, protocol=PROTOCOL_VERSION)
+        except ManagerError as exc:
+            raise _error(exc.kind, str(exc)) from None
         if hello["mountpoint"] != self.mountpoint:
             raise SnapshotError(f"the FUSE manager on {self.address} mounts at "
                                 f"{hello['mountpoint']}, not {self.mountpoint}")
@@ -121,7 +124,7 @@ class FuseManagerClient:
                 if future is None or future.done():
                     continue
                 if answer.error is not None:
-                    future.set_exception(_error(answer.error.kind, str(answer.error)))
+                    future.set_exception(answer.error)  # what it means: `call` says
                 else:
                     future.set_result(answer.result)
         except (ConnectionError, ValueError, asyncio.LimitOverrunError, ManagerError) as exc:
@@ -199,6 +202,17 @@ class FuseManagerClient:
             self._pending.pop(request_id, None)
 
     async def call(self, op: str, answer_within: float | None = None, **args: Any) -> Any:
+        """The answer to `op`; a refusal as the snapshotter's own error (NotLazy,
+        Unavailable, NotFound or SnapshotError)."""
+        try:
+            return await self.call_as_sent(op, answer_within, **args)
+        except ManagerError as exc:
+            raise _error(exc.kind, str(exc)) from None
+
+    async def call_as_sent(self, op: str, answer_within: float | None = None,
+                           **args: Any) -> Any:
+        """The answer to `op`; a refusal as the ManagerError the manager sent, its kind
+        kept (Unavailable if the manager cannot be reached)."""
         if not self._connected.is_set():
             try:
                 await asyncio.wait_for(self._connected.wait(), RECONNECT_WAIT_SECONDS)

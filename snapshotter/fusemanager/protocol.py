@@ -39,6 +39,14 @@ NOT_FOUND = "not_found"
 INVALID = "invalid"
 INTERNAL = "internal"
 NOT_LAZY = "not_lazy"  # the layer cannot be served lazily (the message says why)
+# A registry read relayed for the service's pull failed: its kind, for the pull's exit code.
+REGISTRY_AUTH = "registry_auth"
+REGISTRY_NOT_FOUND = "registry_not_found"
+REGISTRY_DIGEST = "registry_digest"
+REGISTRY_FAILED = "registry_failed"
+# Relayed blobs are image configs (a few KiB) and small layers; larger ones (layers
+# downloaded whole) the service streams with a client of its own.
+RELAY_MAX_BLOB = 1 << 20
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from oci import asyncio_only  # noqa: F401  (before httpx: httpcore would load trio)
 from oci.docker_config import CredentialStore
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
@@ -36,6 +37,7 @@ from .protocol import (
     encode,
     request_of,
 )
+from .registry_relay import RegistryRelay, registry_key
 from .service import FuseManagerService
 
 log = logging.getLogger("lazypull.fuse-manager")
@@ -142,8 +144,11 @@ async def serve(config: Config) -> None:
     index_lookup = IndexLookup(client, timeout=config.gzip_index_lookup_seconds,
                                negative_ttl=config.gzip_index_negative_ttl_seconds) \
         if config.gzip_index_lookup else None
+    relay = RegistryRelay(client, registry_key(config.hosts_dir, False,
+                                               config.docker_config or None),
+                          config.registry_stall_seconds)
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
-                                 index_lookup=index_lookup)
+                                 index_lookup=index_lookup, registry_relay=relay)
 
     connections: set[asyncio.Task[None]] = set()
 
@@ -173,6 +178,7 @@ async def serve(config: Config) -> None:
     await asyncio.gather(*connections, return_exceptions=True)
     await lazy.close()
     await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
+    await relay.aclose()
     await client.aclose()
     for path in (config.fuse_manager_address, config.fuse_manager_pidfile):
         with contextlib.suppress(FileNotFoundError):

@@ -44,6 +44,7 @@ from .protocol import (
     UNAVAILABLE,
     ManagerError,
 )
+from .registry_relay import RegistryRelay
 
 log = logging.getLogger(__name__)
 Handler = Callable[..., Awaitable[Any]]
@@ -56,7 +57,8 @@ def _check_name(name: str) -> None:
 
 class FuseManagerService:
     def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE,
-                 index_lookup: IndexLookup | None = None):
+                 index_lookup: IndexLookup | None = None,
+                 registry_relay: RegistryRelay | None = None):
         self.lazy = lazy
         self.max_toc_bytes = max_toc_bytes
         self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
@@ -69,6 +71,9 @@ class FuseManagerService:
             "protect": self.protect, "release": self.release, "release_others": self.release_others,
             "metrics": self.metrics,
         }
+        if registry_relay is not None:  # reads for the service's pulls
+            self.handlers |= {"registry_manifest": registry_relay.manifest,
+                              "registry_blob": registry_relay.blob}
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         handler = self.handlers.get(op)

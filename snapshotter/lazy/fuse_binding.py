@@ -17,16 +17,21 @@ class _TrioStandIn(types.ModuleType):
 
 
 def _load() -> types.ModuleType:
-    if "pyfuse3" in sys.modules or "trio" in sys.modules:
+    if "pyfuse3" in sys.modules or sys.modules.get("trio") is not None:
         import pyfuse3
     else:
+        # trio may be marked absent already (oci.asyncio_only): then it stays so.
+        absent = "trio" in sys.modules
         sys.modules["trio"] = _TrioStandIn("trio")
         try:
             import pyfuse3
         finally:
-            # A later `import trio` (from other code) loads the real one.
+            # A later `import trio` (from other code) loads the real one, unless absent.
             if isinstance(sys.modules.get("trio"), _TrioStandIn):
-                del sys.modules["trio"]
+                if absent:
+                    sys.modules["trio"] = None  # type: ignore[assignment]
+                else:
+                    del sys.modules["trio"]
     import pyfuse3.asyncio
 
     pyfuse3.asyncio.enable()
