@@ -72,9 +72,10 @@ def run(argv: list[str], timeout: float = PULL_TIMEOUT, what: str = "") -> str:
 # -- the machine ----------------------------------------------------------------------
 
 
-def drop_caches() -> None:
+def drop_caches(only_dentries_and_inodes: bool = False) -> None:
+    """Drop the page cache and the dentry/inode caches (3), or only the latter (2)."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text("2\n" if only_dentries_and_inodes else "3\n")
 
 
 def remove_cgroups() -> None:

@@ -79,7 +79,7 @@ def test_scale_benchmark_end_to_end(registry, tmp_path: Path) -> None:
             # PSS splits shared pages: below RSS, and never zero for a live process
             assert 0 < mem["total_pss_bytes"] < mem["total_rss_bytes"]
         latency = r["fuse_latency"]
-        for phase in ("cold", "warm"):
+        for phase in scale.PROBE_PHASES:
             probes = latency[phase]
             assert probes["errors"] == 0, probes["error_examples"]
             for op in scale.PROBE_OPS:
