@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .pull_protocol import (
@@ -36,8 +37,10 @@ RegistryKey = tuple[str | None, bool, str | None]  # hosts dir, plain HTTP, Dock
 
 
 class PullHandoff:
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_resolved: Callable[[str, Any], None] | None = None):
         self.path = path
+        # Told (snapshotter, plan) when a pull has resolved its image: open_ahead.
+        self.on_resolved = on_resolved
         self._server: asyncio.base_events.Server | None = None
         self._loading: asyncio.Task[None] | None = None
         # Kept between pulls: their connections to the registry stay open and warm.
@@ -118,6 +121,8 @@ class PullHandoff:
                 self.sending: list[asyncio.Task[None]] = []
 
             def resolved(self, plan: Any) -> None:
+                if on_resolved is not None:
+                    on_resolved(request["snapshotter"], plan)
                 self.sending.append(asyncio.ensure_future(send({"resolved": {
                     "name": plan.name, "digest": plan.top.digest,
                     "platform": str(plan.platform), "layers": len(plan.layers)}})))
@@ -125,6 +130,7 @@ class PullHandoff:
             def layer_done(self, layer: Any) -> None:
                 self.sending.append(asyncio.ensure_future(send({"layer": layer.to_json()})))
 
+        on_resolved = self.on_resolved
         platform = Platform.parse(request["platform"]) if request["platform"] else None
         progress = Forward()
         log.info("pull of %s into %s (namespace %s)", request["reference"],

@@ -143,7 +143,10 @@ async def serve(config: Config) -> None:
                                negative_ttl=config.gzip_index_negative_ttl_seconds) \
         if config.gzip_index_lookup else None
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
-                                 index_lookup=index_lookup)
+                                 index_lookup=index_lookup,
+                                 ahead_dir=os.path.join(config.root, "pull-ahead"))
+    if service.pull_ahead is not None:
+        service.pull_ahead.start()
 
     connections: set[asyncio.Task[None]] = set()
 
@@ -171,6 +174,8 @@ async def serve(config: Config) -> None:
     for task in list(connections):
         task.cancel()
     await asyncio.gather(*connections, return_exceptions=True)
+    if service.pull_ahead is not None:
+        await service.pull_ahead.close()
     await lazy.close()
     await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
     await client.aclose()
