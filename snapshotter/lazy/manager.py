@@ -19,6 +19,7 @@ from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
 from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
+from .raw_ahead import RawAhead
 
 log = logging.getLogger(__name__)
 # Pauses before a background fetch that failed (the registry was down) starts again:
@@ -71,11 +72,18 @@ class LazyLayers:
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name)
 
-    def new_fetcher(self, record: LayerRecord, layer: estargz.Layer) -> LayerFetcher:
+    def new_fetcher(self, record: LayerRecord, layer: estargz.Layer,
+                    raw: RawAhead | None = None) -> LayerFetcher:
+        """`raw`: bytes of the blob already on their way (lazy.raw_ahead)."""
         reference = Reference.parse(record.reference)
 
-        async def read_range(offset: int, length: int) -> bytes:
+        async def fetch_range(offset: int, length: int) -> bytes:
             return await self.client.fetch_range(reference, record.digest, offset, length)
+
+        async def read_range(offset: int, length: int) -> bytes:
+            if raw is None:
+                return await fetch_range(offset, length)
+            return await raw.read(offset, length, fetch_range)
 
         return LayerFetcher(layer, read_range, self.cache, name=record.digest,
                             read_timeout=self.read_timeout, concurrency=self.concurrency,

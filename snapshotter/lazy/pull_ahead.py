@@ -18,6 +18,7 @@ cached stay in the cache).
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from .fetcher import LayerFetcher
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
+from .raw_ahead import RawAhead, landmark_offset
 from .remote import RemoteLayer
 from .toc_ahead import MAX_LAYERS_AHEAD, BlobKey, TocAhead
 
@@ -103,19 +105,29 @@ class PullAhead:
     async def _open(self, source: LayerSource, descriptor: Descriptor) -> OpenedAhead:
         fetched = await self.toc_ahead.toc(source.reference, descriptor)
         toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
+        # The prefetch region's bytes start flowing now; its chunks are known only once
+        # the index is built, which takes long (lazy.raw_ahead).
+        stop = await asyncio.to_thread(landmark_offset, fetched.footer, fetched.toc_bytes,
+                                       toc_digest, self.max_toc_size)
+        raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
+                                         descriptor.digest), stop).start() if stop else None
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
         try:
             layer = await asyncio.to_thread(estargz.load_toc, fetched.footer,
                                             fetched.toc_bytes, toc_digest,
                                             self.max_toc_size, index_path=index_path)
-        except estargz.FormatError as exc:
-            raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
+        except BaseException as exc:
+            if raw is not None:
+                raw.close()
+            if isinstance(exc, estargz.FormatError):
+                raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
+            raise
         remote = RemoteLayer(source, descriptor, toc_digest, fetched.footer,
                              fetched.toc_bytes, layer)
-        fetcher = self.lazy.new_fetcher(LayerRecord.of(remote), layer)
+        fetcher = self.lazy.new_fetcher(LayerRecord.of(remote), layer, raw=raw)
         prefetch = self.lazy.prefetch_ahead(fetcher)
-        prefetch.add_done_callback(lambda t: _report(t, descriptor.digest))
+        prefetch.add_done_callback(lambda t: _report(t, descriptor.digest, raw))
         return OpenedAhead(remote, index_path, fetcher, prefetch)
 
     async def claim(self, source: LayerSource, descriptor: Descriptor,
@@ -182,7 +194,9 @@ class PullAhead:
             await self._drop_task(task)
 
 
-def _report(prefetch: "asyncio.Task[int]", digest: str) -> None:
+def _report(prefetch: "asyncio.Task[int]", digest: str, raw: RawAhead | None) -> None:
+    if raw is not None:
+        raw.close()  # what the prefetch did not take is not wanted
     if prefetch.cancelled():
         return
     if prefetch.exception() is not None:  # its mount fetches the region again
