@@ -31,7 +31,7 @@ def test_bytes_come_once_from_the_pieces_then_from_the_registry(monkeypatch) -> 
     ahead, registry = Blob(), Blob()
 
     async def run() -> None:
-        raw = RawAhead(ahead.read_range, 2_500_000).start()
+        raw = RawAhead(ahead.read_range, [(0, 2_500_000)]).start()
         await asyncio.sleep(0)  # the pieces' requests go out
         assert ahead.requests == [(0, 1 << 20), (1 << 20, 1 << 20),
                                   (2 << 20, 2_500_000 - (2 << 20))]
@@ -56,11 +56,25 @@ def test_a_failed_piece_fails_its_read_and_sends_later_ones_to_the_registry() ->
     ahead, registry = Blob(fail_first=1), Blob()
 
     async def run() -> None:
-        raw = RawAhead(ahead.read_range, 1_000_000).start()
+        raw = RawAhead(ahead.read_range, [(0, 1_000_000)]).start()
         with pytest.raises(OSError):
             await raw.read(0, 1000, registry.read_range)
         assert registry.requests == []
         assert await raw.read(0, 1000, registry.read_range) == BLOB[:1000]
         assert registry.requests == [(0, 1000)]
+
+    asyncio.run(run())
+
+
+def test_gaps_in_the_region_come_from_the_registry(monkeypatch) -> None:
+    monkeypatch.setattr(raw_ahead, "PIECE_BYTES", 1 << 20)
+    ahead, registry = Blob(), Blob()
+
+    async def run() -> None:
+        # An unread chunk's member at 1 MiB .. 2 MiB is left out of the region.
+        raw = RawAhead(ahead.read_range, [(0, 1 << 20), (2 << 20, 2_500_000)]).start()
+        assert await raw.read(0, 2_500_000, registry.read_range) == BLOB[:2_500_000]
+        assert sorted(ahead.requests) == [(0, 1 << 20), (2 << 20, 2_500_000 - (2 << 20))]
+        assert registry.requests == [(1 << 20, 1 << 20)]
 
     asyncio.run(run())

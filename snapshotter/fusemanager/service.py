@@ -33,6 +33,7 @@ from ..lazy.layer_files import (
 from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
+from ..lazy.prefetch_plan import prefetch_runs, read_ranges_of
 from ..lazy.pull_ahead import PullAhead
 from ..lazy.remote import open_remote_layer
 from ..lazy.toc_ahead import TocAhead
@@ -153,7 +154,9 @@ class FuseManagerService:
             self.lazy.mount(name, LayerRecord.of(remote), remote.layer,
                             fetcher=opened.fetcher, prefetching=opened.prefetch)
         else:
-            self.lazy.mount(name, LayerRecord.of(remote), remote.layer)
+            read = read_ranges_of(remote.descriptor)
+            runs = await asyncio.to_thread(prefetch_runs, remote.layer, read) if read else None
+            self.lazy.mount(name, LayerRecord.of(remote), remote.layer, prefetch_runs=runs)
         return self._served(name)
 
     async def open_ahead(self, reference: str, manifest_digest: str,

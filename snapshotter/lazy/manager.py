@@ -73,8 +73,11 @@ class LazyLayers:
         return os.path.join(self.mountpoint, name)
 
     def new_fetcher(self, record: LayerRecord, layer: estargz.Layer,
-                    raw: RawAhead | None = None) -> LayerFetcher:
-        """`raw`: bytes of the blob already on their way (lazy.raw_ahead)."""
+                    raw: RawAhead | None = None,
+                    prefetch_runs: list[tuple[int, int]] | None = None) -> LayerFetcher:
+        """`raw`: bytes of the blob already on their way (lazy.raw_ahead);
+        `prefetch_runs`: the spans to prefetch, if not the whole prefetch region
+        (lazy.prefetch_plan)."""
         reference = Reference.parse(record.reference)
 
         async def fetch_range(offset: int, length: int) -> bytes:
@@ -85,12 +88,14 @@ class LazyLayers:
                 return await fetch_range(offset, length)
             return await raw.read(offset, length, fetch_range)
 
-        return LayerFetcher(layer, read_range, self.cache, name=record.digest,
-                            read_timeout=self.read_timeout, concurrency=self.concurrency,
-                            background_bytes_per_second=self.background_rate,
-                            window_bytes=self.small_file_window_bytes,
-                            decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
-                            foreground_idle=self.fs.idle_seconds)
+        fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
+                               read_timeout=self.read_timeout, concurrency=self.concurrency,
+                               background_bytes_per_second=self.background_rate,
+                               window_bytes=self.small_file_window_bytes,
+                               decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
+                               foreground_idle=self.fs.idle_seconds)
+        fetcher.prefetch_runs = prefetch_runs
+        return fetcher
 
     def prefetch_ahead(self, fetcher: LayerFetcher) -> "asyncio.Task[int]":
         """Start the prefetch of a layer not mounted yet (lazy.pull_ahead). It counts as
@@ -99,12 +104,13 @@ class LazyLayers:
 
     def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
               restored: bool = False, fetcher: LayerFetcher | None = None,
-              prefetching: "asyncio.Task[int] | None" = None) -> str:
+              prefetching: "asyncio.Task[int] | None" = None,
+              prefetch_runs: list[tuple[int, int]] | None = None) -> str:
         """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
         `restored`: served again after a restart, not freshly pulled. `fetcher` and
         `prefetching`: the layer's, made and started before its mount (lazy.pull_ahead);
         the mount's prefetch waits for that one and then fetches what it left out."""
-        fetcher = fetcher or self.new_fetcher(record, layer)
+        fetcher = fetcher or self.new_fetcher(record, layer, prefetch_runs=prefetch_runs)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:

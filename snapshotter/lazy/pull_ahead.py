@@ -32,7 +32,8 @@ from .fetcher import LayerFetcher
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
-from .raw_ahead import RawAhead, landmark_offset
+from .prefetch_plan import prefetch_runs, read_ranges_of
+from .raw_ahead import RawAhead, region_to_fetch
 from .remote import RemoteLayer
 from .toc_ahead import MAX_LAYERS_AHEAD, BlobKey, TocAhead
 
@@ -107,10 +108,11 @@ class PullAhead:
         toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
         # The prefetch region's bytes start flowing now; its chunks are known only once
         # the index is built, which takes long (lazy.raw_ahead).
-        stop = await asyncio.to_thread(landmark_offset, fetched.footer, fetched.toc_bytes,
-                                       toc_digest, self.max_toc_size)
+        read = read_ranges_of(descriptor)
+        region = await asyncio.to_thread(region_to_fetch, fetched.footer, fetched.toc_bytes,
+                                         toc_digest, self.max_toc_size, read)
         raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
-                                         descriptor.digest), stop).start() if stop else None
+                                         descriptor.digest), region).start() if region else None
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
         try:
@@ -125,7 +127,9 @@ class PullAhead:
             raise
         remote = RemoteLayer(source, descriptor, toc_digest, fetched.footer,
                              fetched.toc_bytes, layer)
-        fetcher = self.lazy.new_fetcher(LayerRecord.of(remote), layer, raw=raw)
+        runs = await asyncio.to_thread(prefetch_runs, layer, read) if read else None
+        fetcher = self.lazy.new_fetcher(LayerRecord.of(remote), layer, raw=raw,
+                                        prefetch_runs=runs)
         prefetch = self.lazy.prefetch_ahead(fetcher)
         prefetch.add_done_callback(lambda t: _report(t, descriptor.digest, raw))
         return OpenedAhead(remote, index_path, fetcher, prefetch)

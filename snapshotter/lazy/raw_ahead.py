@@ -4,7 +4,8 @@ built (lazy.pull_ahead).
 Building a layer's index from its TOC is CPU work: about a second for the 340 kB
 TOC of the node image's large layer on a loaded 2-core node, and the chunks of the
 prefetch region are known only after it. The region itself is known at once: it
-ends at the offset of the TOC's prefetch landmark. So its bytes are requested as
+ends at the offset of the TOC's prefetch landmark (less the members of chunks the
+layer's read ranges say went unread, lazy.prefetch_plan). So its bytes are requested as
 soon as the TOC is verified, and the layer's fetcher, once it exists, takes its
 requests' bytes from here instead of the registry. The fetcher still verifies every
 chunk, so these bytes are trusted no more than the registry's.
@@ -16,6 +17,7 @@ prefetch ends.
 """
 
 import asyncio
+import bisect
 import json
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -23,34 +25,75 @@ from dataclasses import dataclass, field
 
 from estargz.errors import FormatError
 from estargz.footer import Footer
+from estargz.read_ranges import ReadRanges, chunk_was_read
 from estargz.reader import spool_toc_json
-from estargz.toc import PREFETCH_LANDMARK
+from estargz.toc import PREFETCH_LANDMARK, TOCError, clean_name
 
 PIECE_BYTES = 8 << 20  # one request each, all under way at once
 MAX_BYTES = 256 << 20  # of one layer's region fetched this way, at most
 
 
-def landmark_offset(footer: Footer, toc_bytes: bytes, toc_digest: str,
-                    max_toc_size: int) -> int | None:
-    """Where the prefetch region ends: the offset of the TOC's prefetch landmark, if
-    the TOC (checked against its digest) has one. Cheap beside the index build: one
-    decompression and a JSON parse in C."""
+def region_to_fetch(footer: Footer, toc_bytes: bytes, toc_digest: str, max_toc_size: int,
+                    read: ReadRanges | None = None) -> list[tuple[int, int]]:
+    """The blob ranges [start, end) of the prefetch region: from 0 to the TOC's prefetch
+    landmark, less the members of the chunks that `read` (the layer's read ranges)
+    says went unread. Empty if the TOC (checked against its digest) has no landmark.
+    Cheap beside the index build: one decompression and a JSON parse in C."""
     try:
         with tempfile.TemporaryFile() as spooled:
             if spool_toc_json(footer, toc_bytes, max_toc_size, spooled) != toc_digest:
-                return None  # the index build says why
+                return []  # the index build says why
             spooled.seek(0)
             doc = json.load(spooled)
     except (FormatError, ValueError, RecursionError):
-        return None  # the index build says why
+        return []  # the index build says why
     entries = doc.get("entries") if isinstance(doc, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and entry.get("name") == PREFETCH_LANDMARK:
-            offset = entry.get("offset")
-            if isinstance(offset, int) and not isinstance(offset, bool) and offset > 0:
-                return offset
-            return None
-    return None
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    stop = next((e.get("offset") for e in entries if e.get("name") == PREFETCH_LANDMARK), None)
+    if not isinstance(stop, int) or isinstance(stop, bool) or stop <= 0:
+        return []
+    skipped = _unread_members(entries, read or {}, stop)
+    region, position = [], 0
+    for start, end in skipped:
+        if position < start:
+            region.append((position, start))
+        position = max(position, end)
+    if position < stop:
+        region.append((position, stop))
+    return region
+
+
+def _unread_members(entries: list[dict], read: ReadRanges, stop: int) -> list[tuple[int, int]]:
+    """[start, end) of the members before `stop` that hold only unread chunks."""
+    if not read:
+        return []
+    offsets = sorted({e["offset"] for e in entries
+                      if isinstance(e.get("offset"), int) and 0 < e["offset"] <= stop} | {stop})
+    sizes: dict[str, int] = {}
+    unread, wanted = set(), set()
+    for entry in entries:
+        name, offset = entry.get("name"), entry.get("offset")
+        if entry.get("type") not in ("reg", "chunk") or not isinstance(name, str) \
+                or not isinstance(offset, int) or not 0 < offset < stop:
+            continue
+        try:
+            path = clean_name(name)
+        except TOCError:
+            continue
+        if path not in read:
+            continue
+        if entry["type"] == "reg":
+            sizes[path] = entry.get("size") if isinstance(entry.get("size"), int) else 0
+        chunk_offset = entry.get("chunkOffset") or 0
+        chunk_size = entry.get("chunkSize") or sizes.get(path, 0) - chunk_offset
+        if not isinstance(chunk_offset, int) or not isinstance(chunk_size, int):
+            continue
+        (wanted if chunk_was_read(chunk_offset, chunk_size, read[path]) else unread).add(offset)
+    members = []
+    for start in sorted(unread - wanted):
+        end = offsets[bisect.bisect_right(offsets, start)]
+        members.append((start, end))
+    return members
 
 
 @dataclass
@@ -64,66 +107,77 @@ class _Piece:
 
 @dataclass
 class RawAhead:
-    """Bytes [0, stop) of one blob, fetched in pieces through `read_range`."""
+    """The blob's bytes in `region` ([start, end) ranges, in order), fetched in pieces
+    through `read_range`."""
 
     read_range: Callable[[int, int], Awaitable[bytes]]
-    stop: int
+    region: list[tuple[int, int]]
     _pieces: list[_Piece] = field(default_factory=list)
     _served: list[tuple[int, int]] = field(default_factory=list)
     _closed: bool = False
 
     def start(self) -> "RawAhead":
-        self.stop = min(self.stop, MAX_BYTES)
-        for offset in range(0, self.stop, PIECE_BYTES):
-            end = min(offset + PIECE_BYTES, self.stop)
-            task = asyncio.create_task(self.read_range(offset, end - offset))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._pieces.append(_Piece(offset, end, task))
+        budget = MAX_BYTES
+        for start, stop in self.region:
+            for offset in range(start, stop, PIECE_BYTES):
+                end = min(offset + PIECE_BYTES, stop)
+                if end - offset > budget:
+                    return self
+                budget -= end - offset
+                task = asyncio.create_task(self.read_range(offset, end - offset))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._pieces.append(_Piece(offset, end, task))
         return self
 
-    def _usable(self, offset: int, end: int) -> bool:
-        if self._closed or offset >= self.stop:
-            return False
-        if any(a < end and offset < b for a, b in self._served):
-            return False  # a retry: the registry's bytes, not these again
-        return not any(p.failed and p.offset < end and offset < p.end for p in self._pieces)
+    def _meeting(self, offset: int, end: int) -> list[_Piece]:
+        """The pieces with bytes in [offset, end), if those bytes may come from them:
+        none handed out before (a retry gets the registry's) and no piece failed."""
+        if self._closed or any(a < end and offset < b for a, b in self._served):
+            return []
+        pieces = [p for p in self._pieces if p.offset < end and offset < p.end]
+        return [] if any(p.failed for p in pieces) else pieces
 
     async def read(self, offset: int, length: int,
                    fetch: Callable[[int, int], Awaitable[bytes]]) -> bytes:
-        """Bytes offset..offset+length: from the pieces where they can be, the rest
-        through `fetch` (the registry)."""
+        """Bytes offset..offset+length: from the pieces where they can be, the gaps
+        between them through `fetch` (the registry)."""
         end = offset + length
-        if length <= 0 or not self._usable(offset, min(end, self.stop)):
+        pieces = self._meeting(offset, end) if length > 0 else []
+        if not pieces:
             return await fetch(offset, length)
-        head_end = min(end, self.stop)
-        self._served.append((offset, head_end))
-        tail = asyncio.ensure_future(fetch(head_end, end - head_end)) if end > head_end \
-            else None
+        self._served.append((offset, end))
+        parts: list[asyncio.Future[bytes]] = []
+        position = offset
         try:
-            parts = []
-            for piece in [p for p in self._pieces if p.offset < head_end and offset < p.end]:
-                try:
-                    data = await asyncio.shield(piece.task)
-                except Exception:
-                    piece.failed = True
-                    raise
-                if len(data) != piece.end - piece.offset:
-                    piece.failed = True
-                    raise ValueError(f"a range request for {piece.end - piece.offset} bytes "
-                                     f"at {piece.offset} got {len(data)}")
-                start, stop = max(offset, piece.offset), min(head_end, piece.end)
-                parts.append(data[start - piece.offset:stop - piece.offset])
-                piece.served += stop - start
-                if piece.served >= piece.end - piece.offset:
-                    self._pieces.remove(piece)  # its bytes are in the fetcher's hands
-            if tail is not None:
-                parts.append(await tail)
-            return b"".join(parts)
+            for piece in pieces:
+                if position < piece.offset:
+                    parts.append(asyncio.ensure_future(fetch(position, piece.offset - position)))
+                parts.append(asyncio.ensure_future(self._take(piece, max(offset, piece.offset),
+                                                              min(end, piece.end))))
+                position = min(end, piece.end)
+            if position < end:
+                parts.append(asyncio.ensure_future(fetch(position, end - position)))
+            return b"".join(await asyncio.gather(*parts))
         except BaseException:
-            self._served.remove((offset, head_end))  # not handed out: may be asked again
-            if tail is not None:
-                tail.cancel()
+            self._served.remove((offset, end))  # not handed out: may be asked again
+            for part in parts:
+                part.cancel()
             raise
+
+    async def _take(self, piece: _Piece, start: int, stop: int) -> bytes:
+        try:
+            data = await asyncio.shield(piece.task)
+        except Exception:
+            piece.failed = True
+            raise
+        if len(data) != piece.end - piece.offset:
+            piece.failed = True
+            raise ValueError(f"a range request for {piece.end - piece.offset} bytes at "
+                             f"{piece.offset} got {len(data)}")
+        piece.served += stop - start
+        if piece.served >= piece.end - piece.offset and piece in self._pieces:
+            self._pieces.remove(piece)  # its bytes are all in the fetcher's hands
+        return data[start - piece.offset:stop - piece.offset]
 
     def close(self) -> None:
         """Drop what is left: the layer's prefetch is over."""
@@ -131,4 +185,3 @@ class RawAhead:
         for piece in self._pieces:
             piece.task.cancel()
         self._pieces.clear()
-
