@@ -2,10 +2,11 @@
 
 Layers are named by the snapshotter (their directories in the FUSE mount). A new
 layer is opened from the registry (the TOCs of its image's other layers fetched at
-the same time, lazy.toc_ahead) and its TOC stored in the directory the request names
-(`toc` and `layer.json`); a layer served again after a restart is loaded from
-that directory, so no request carries a TOC. Warm-set questions name a layer by its
-blob digest.
+the same time, lazy.toc_ahead), or taken over from the work a pull announced before
+its Prepares started (`pull_ahead`, lazy.pull_ahead), and its TOC stored in the
+directory the request names (`toc` and `layer.json`); a layer served again after a
+restart is loaded from that directory, so no request carries a TOC. Warm-set
+questions name a layer by its blob digest.
 """
 
 import asyncio

@@ -30,7 +30,9 @@ from estargz.reader import spool_toc_json
 from estargz.toc import PREFETCH_LANDMARK, TOCError, clean_name
 
 PIECE_BYTES = 8 << 20  # one request each, all under way at once
-MAX_BYTES = 256 << 20  # of one layer's region fetched this way, at most
+# Of one layer's region fetched this way, at most: the pieces are held in memory until
+# the fetcher takes them (after the index build); the rest is the fetcher's to fetch.
+MAX_BYTES = 64 << 20
 
 
 def region_to_fetch(footer: Footer, toc_bytes: bytes, toc_digest: str, max_toc_size: int,
