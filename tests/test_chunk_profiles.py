@@ -8,6 +8,7 @@ real registry (recording proxy), snapshotter service, FUSE manager and container
 (the layers opened at pull), once pulled by the command itself (opened at mount).
 """
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from snapshotter.fusemanager.client import FuseManagerClient
 
 from .images import File, Symlink, build_layout_image, push_layout_image
 from .lazy_node import lazy_node_fixture, lazypull  # noqa: F401  (the `node` fixture)
@@ -78,3 +81,26 @@ def test_layers_opened_at_mount_prefetch_only_the_chunks_read(node, image) -> No
     wait_for(lambda: f"({image['layer']['digest']}): prefetched" in node["service"].log,
              "the prefetch at mount")
     check_unread_chunks_stay_remote(node, image)
+
+
+def test_a_warm_set_still_keeps_the_whole_prefetch_region(node, image) -> None:
+    """The warm set's questions to the FUSE manager: its prefetch policy wants the
+    whole region local, unread chunks included."""
+    digest = image["layer"]["digest"]
+    handoff_pull(node, image["ref"])
+    wait_for(lambda: f"layer {digest}: prefetched" in node["service"].log,
+             "the prefetch at pull")
+    root = node["service"].root
+
+    async def ask() -> tuple[bool, bool]:
+        client = FuseManagerClient(str(root / "fuse-manager.sock"), str(root / "fuse"))
+        await client.connect()
+        try:
+            before = await client.chunks_missing(digest, False)
+            await client.fetch(digest, False)
+            return before, await client.chunks_missing(digest, False)
+        finally:
+            await client.close()
+
+    assert asyncio.run(ask()) == (True, False)
+    assert fetched(node["proxy"], image["layer"]) > len(LIB)

@@ -205,7 +205,9 @@ class FuseManagerService:
             # The prefetch the mount started; if it failed, the one below says why.
             with contextlib.suppress(Exception):
                 await asyncio.shield(mounted.prefetch)
-        await mounted.fetcher.prefetch()
+        # The whole region, unread chunks of large files too: a warm set keeps it all
+        # local (chunks_missing asks about all of it).
+        await mounted.fetcher.prefetch(mounted.fetcher.layer.prefetch_span_ranges())
         if full:
             await mounted.fetcher.fetch_all()
 

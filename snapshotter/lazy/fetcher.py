@@ -603,13 +603,15 @@ class LayerFetcher:
 
     # -- prefetch and background ---------------------------------------------------------
 
-    async def prefetch(self) -> int:
+    async def prefetch(self, runs: list[tuple[int, int]] | None = None) -> int:
         """Fetch the prioritized files' region [0, prefetch_end) in large requests and
-        cache its chunks. Returns the bytes fetched; raises the first failure after
-        every request has ended."""
+        cache its chunks: `runs` of span numbers, else `prefetch_runs`, else the whole
+        region. Returns the bytes fetched; raises the first failure after every
+        request has ended."""
         tasks, futures = [], {}
-        runs = self.prefetch_runs if self.prefetch_runs is not None \
-            else self.layer.prefetch_span_ranges()
+        if runs is None:
+            runs = self.prefetch_runs if self.prefetch_runs is not None \
+                else self.layer.prefetch_span_ranges()
         for start, stop in runs:
             index = start
             while index < stop:  # plan and register everything before the first await
