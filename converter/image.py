@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import estargz
 from estargz import BuildOptions, Compression
+from estargz.read_ranges import READ_RANGES_ANNOTATION, ReadRanges, encode_read_ranges
 from oci import mediatypes as mt
 from oci.digest import DigestMismatchError, sha256_of
 from oci.image_config import ConfigError, check_config_size, diff_ids, parse_config
@@ -34,6 +35,7 @@ from . import hotfiles
 from .access_profile import AccessProfile, ImageProfile
 from .cache import ConversionCache
 from .listing import Listing, write_listing
+from .patterns import normalize_path
 from .progress import NoProgress, Progress
 from .source_layer import LayerFormatError, decompress_layer, iter_paths
 
@@ -43,6 +45,7 @@ CONVERSION_ANNOTATION = "dev.lazypull.conversion"
 _STALE_ANNOTATIONS = (
     estargz.TOC_DIGEST_ANNOTATION,
     estargz.UNCOMPRESSED_SIZE_ANNOTATION,
+    READ_RANGES_ANNOTATION,
     "io.containers.zstd-chunked.manifest-checksum",
     "io.containers.zstd-chunked.manifest-position",
     CONVERSION_ANNOTATION,
@@ -235,8 +238,10 @@ class ImageConverter:
         plan = await self._plan(works, listings, source_digest)
         to_oci = self.options.compression is Compression.ZSTD
         layer_type = self._layer_media_type(manifest.media_type)
+        read = _read_ranges(self._profile_for(source_digest))
         results = await _all_or_none(
-            *(self._convert_layer(image, w, plan.per_layer[w.index], layer_type) for w in works)
+            *(self._convert_layer(image, w, plan.per_layer[w.index], layer_type, read)
+              for w in works)
         )
         config["rootfs"]["diff_ids"] = [diff_id for _, _, diff_id in results]  # a dict: checked
         config_bytes = json.dumps(config, separators=(",", ":")).encode()
@@ -349,13 +354,16 @@ class ImageConverter:
             await asyncio.to_thread(self.cache.put_listing, digest, path)
         return Listing(path, digest)
 
+    def _profile_for(self, source_digest: str) -> ImageProfile | None:
+        if self.options.profile is None:
+            return None
+        reference = getattr(self.source, "reference", None)  # registry stores have one
+        repository = f"{reference.registry}/{reference.repository}" if reference else None
+        return self.options.profile.for_image(repository, {source_digest})
+
     async def _plan(self, works: list[_LayerWork], listings: list[Listing],
                     source_digest: str) -> hotfiles.HotFilePlan:
-        profile: ImageProfile | None = None
-        if self.options.profile is not None:
-            reference = getattr(self.source, "reference", None)  # registry stores have one
-            repository = f"{reference.registry}/{reference.repository}" if reference else None
-            profile = self.options.profile.for_image(repository, {source_digest})
+        profile = self._profile_for(source_digest)
         layers = [hotfiles.LayerFiles(listing, frozenset({w.descriptor.digest, w.diff_id}))
                   for w, listing in zip(works, listings, strict=True)]
         # Reading the listings takes a while for large layers: off the event loop.
@@ -363,7 +371,8 @@ class ImageConverter:
                                        list(self.options.prefetch_patterns), profile)
 
     async def _convert_layer(self, image: str, work: _LayerWork, hot: list[str],
-                             media_type: str) -> tuple[Descriptor, LayerReport, str]:
+                             media_type: str, read: ReadRanges | None = None
+                             ) -> tuple[Descriptor, LayerReport, str]:
         started = time.monotonic()
         source = work.descriptor
         settings = layer_settings(self.options.fingerprint(), hot)
@@ -389,6 +398,10 @@ class ImageConverter:
                        if k not in _STALE_ANNOTATIONS}
         annotations.update(result["annotations"])
         annotations[CONVERSION_ANNOTATION] = settings
+        # Parts of large hot files the profile saw read: a prefetch fetches only those.
+        layer_read = {path: read[path] for path in hot if read and path in read}
+        if layer_read:
+            annotations[READ_RANGES_ANNOTATION] = encode_read_ranges(layer_read)
         descriptor = Descriptor(media_type, result["blob_digest"], result["blob_size"],
                                 annotations=annotations)
         await self._push_file(descriptor, blob_path)
@@ -466,6 +479,14 @@ async def _all_or_none(*coroutines: Awaitable[T]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _read_ranges(profile: ImageProfile | None) -> ReadRanges:
+    """Path (as hot lists name it) -> the ranges the profile saw read of it."""
+    if profile is None:
+        return {}
+    return {normalize_path(access.path): [tuple(r) for r in access.ranges]
+            for access in profile.files if access.ranges}
 
 
 def _config_platform(config: dict[str, Any]) -> str:

@@ -22,6 +22,10 @@ class Config:
     # `lazypull pull` hands its pulls to this service on pull.sock beside `address`
     # (pull_protocol): the command then loads next to nothing.
     take_pulls: bool = True
+    # A pull handed over for this snapshotter name (containerd's name for this service)
+    # has the FUSE manager open the image's lazy layers and start their prefetch as
+    # soon as the manifest is resolved, before containerd's Prepares. Empty: off.
+    pull_ahead_snapshotter: str = "lazypull"
     root: str = "/var/lib/lazypull"
     metrics_address: str = ""  # HOST:PORT of /metrics, /healthz and /readyz; off when empty
     log_level: str = "info"

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import allocator
@@ -42,9 +43,12 @@ RegistryKey = tuple[str | None, bool, str | None]  # hosts dir, plain HTTP, Dock
 
 
 class PullHandoff:
-    def __init__(self, path: str, manager: "FuseManagerClient | None" = None):
+    def __init__(self, path: str, manager: "FuseManagerClient | None" = None,
+                 on_resolved: Callable[[str, Any], None] | None = None):
         self.path = path
         self.manager = manager  # None: the pull reads the registry itself
+        # Told (snapshotter, plan) when a pull has resolved its image: open_ahead.
+        self.on_resolved = on_resolved
         self._server: asyncio.base_events.Server | None = None
         self._loading: asyncio.Task[None] | None = None
         # Kept between pulls: their connections to the registry stay open and warm.
@@ -136,6 +140,8 @@ class PullHandoff:
                 self.sending: list[asyncio.Task[None]] = []
 
             def resolved(self, plan: Any) -> None:
+                if on_resolved is not None:
+                    on_resolved(request["snapshotter"], plan)
                 self.sending.append(asyncio.ensure_future(send({"resolved": {
                     "name": plan.name, "digest": plan.top.digest,
                     "platform": str(plan.platform), "layers": len(plan.layers)}})))
@@ -143,6 +149,7 @@ class PullHandoff:
             def layer_done(self, layer: Any) -> None:
                 self.sending.append(asyncio.ensure_future(send({"layer": layer.to_json()})))
 
+        on_resolved = self.on_resolved
         platform = Platform.parse(request["platform"]) if request["platform"] else None
         progress = Forward()
         log.info("pull of %s into %s (namespace %s)", request["reference"],

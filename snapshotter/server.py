@@ -15,6 +15,7 @@ from . import allocator
 from .config import Config, metrics_host_port
 from .fusemanager.client import FuseManagerClient
 from .http_endpoint import HttpEndpoint, Route
+from .open_ahead import OpenAhead
 from .overlay import OverlaySnapshotter
 from .pull_handoff import PullHandoff
 from .pull_protocol import socket_path
@@ -107,7 +108,11 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     os.chmod(config.address, 0o660)
     os.chown(config.address, 0, 0)
     log.info("serving containerd snapshots on %s (root %s)", config.address, config.root)
-    handoff = PullHandoff(socket_path(config.address), lazy) if config.take_pulls else None
+    ahead = OpenAhead(lazy, config.pull_ahead_snapshotter) \
+        if lazy is not None and config.pull_ahead_snapshotter else None
+    handoff = PullHandoff(socket_path(config.address), lazy,
+                          on_resolved=ahead.resolved if ahead else None) \
+        if config.take_pulls else None
     if handoff is not None:
         await handoff.start()
     if warm is not None:  # after recovery; containerd pulls through the socket just opened
@@ -123,6 +128,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         await warm.close()
     if handoff is not None:
         await handoff.stop()
+    if ahead is not None:
+        await ahead.close()
     server.close()  # no new calls; the ones under way may finish within the grace period
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE_SECONDS)

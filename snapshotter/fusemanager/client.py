@@ -30,6 +30,8 @@ CONNECT_TIMEOUT_SECONDS = 30.0
 # A call made while the connection is down waits this long for the next one.
 RECONNECT_WAIT_SECONDS = 10.0
 RECONNECT_BACKOFF_MAX_SECONDS = 5.0
+# pull_ahead answers once the manager has read the manifest: one registry round trip.
+PULL_AHEAD_ANSWER_SECONDS = 30.0
 
 
 def _error(kind: str, message: str) -> Exception:
@@ -241,6 +243,14 @@ class FuseManagerClient:
             "layer_digest": source.layer_digest, "manifest_digest": source.manifest_digest})
         self.layers[name] = served["digest"]
         return int(served["size"])
+
+    async def pull_ahead(self, reference: str, manifest_digest: str,
+                         layers: list[str]) -> int:
+        """Have the manager open the image's lazy layers and start their prefetch now,
+        before their Prepares; returns how many it started."""
+        return int(await self.call("pull_ahead", PULL_AHEAD_ANSWER_SECONDS,
+                                   reference=reference, manifest_digest=manifest_digest,
+                                   layers=layers))
 
     async def unmount(self, name: str) -> None:
         self.layers.pop(name, None)

@@ -148,7 +148,10 @@ async def serve(config: Config) -> None:
                                                config.docker_config or None),
                           config.registry_stall_seconds)
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
-                                 index_lookup=index_lookup, registry_relay=relay)
+                                 index_lookup=index_lookup, registry_relay=relay,
+                                 ahead_dir=os.path.join(config.root, "pull-ahead"))
+    if service.pull_ahead is not None:
+        service.pull_ahead.start()
 
     connections: set[asyncio.Task[None]] = set()
 
@@ -176,6 +179,8 @@ async def serve(config: Config) -> None:
     for task in list(connections):
         task.cancel()
     await asyncio.gather(*connections, return_exceptions=True)
+    if service.pull_ahead is not None:
+        await service.pull_ahead.close()
     await lazy.close()
     await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
     await relay.aclose()

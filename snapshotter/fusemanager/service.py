@@ -2,10 +2,11 @@
 
 Layers are named by the snapshotter (their directories in the FUSE mount). A new
 layer is opened from the registry (the TOCs of its image's other layers fetched at
-the same time, lazy.toc_ahead) and its TOC stored in the directory the request names
-(`toc` and `layer.json`); a layer served again after a restart is loaded from
-that directory, so no request carries a TOC. Warm-set questions name a layer by its
-blob digest.
+the same time, lazy.toc_ahead), or taken over from the work a pull announced before
+its Prepares started (`pull_ahead`, lazy.pull_ahead), and its TOC stored in the
+directory the request names (`toc` and `layer.json`); a layer served again after a
+restart is loaded from that directory, so no request carries a TOC. Warm-set
+questions name a layer by its blob digest.
 """
 
 import asyncio
@@ -33,6 +34,8 @@ from ..lazy.layer_files import (
 from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
+from ..lazy.prefetch_plan import prefetch_runs, read_ranges_of
+from ..lazy.pull_ahead import PullAhead
 from ..lazy.remote import open_remote_layer
 from ..lazy.toc_ahead import TocAhead
 from ..prometheus import generate_latest
@@ -58,14 +61,17 @@ def _check_name(name: str) -> None:
 class FuseManagerService:
     def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE,
                  index_lookup: IndexLookup | None = None,
-                 registry_relay: RegistryRelay | None = None):
+                 registry_relay: RegistryRelay | None = None, ahead_dir: str | None = None):
         self.lazy = lazy
         self.max_toc_bytes = max_toc_bytes
         self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
         self.toc_ahead = TocAhead(lazy.client, max_toc_bytes)
+        # None: layers are opened by their mounts only (pull_ahead is refused).
+        self.pull_ahead = PullAhead(lazy, self.toc_ahead, ahead_dir, max_toc_bytes) \
+            if ahead_dir else None
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
-            "unmount": self.unmount,
+            "unmount": self.unmount, "pull_ahead": self.open_ahead,
             "wait_prefetched": self.wait_prefetched, "fetch": self.fetch,
             "chunks_missing": self.chunks_missing, "layer_bytes": self.layer_bytes,
             "protect": self.protect, "release": self.release, "release_others": self.release_others,
@@ -134,16 +140,46 @@ class FuseManagerService:
                 if name not in self.lazy.layers:
                     self.lazy.mount(name, indexed.record, indexed.layer)
                 return self._served(name)
-            remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
-                                             index_path=os.path.join(directory, INDEX_FILE),
-                                             descriptor=found.descriptor,
-                                             ahead=self.toc_ahead)
+            index_path = os.path.join(directory, INDEX_FILE)
+            opened = None if self.pull_ahead is None else \
+                await self.pull_ahead.claim(wanted, found.descriptor, index_path)
+            if opened is not None:
+                remote = opened.remote
+            else:
+                remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
+                                                 index_path=index_path,
+                                                 descriptor=found.descriptor,
+                                                 ahead=self.toc_ahead)
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
         await asyncio.to_thread(write_layer_files, directory, remote)
-        if name not in self.lazy.layers:
-            self.lazy.mount(name, LayerRecord.of(remote), remote.layer)
+        if name in self.lazy.layers:  # mounted by another request meanwhile
+            if opened is not None and self.pull_ahead is not None:
+                await self.pull_ahead.drop(opened)
+        elif opened is not None:
+            self.lazy.mount(name, LayerRecord.of(remote), remote.layer,
+                            fetcher=opened.fetcher, prefetching=opened.prefetch)
+        else:
+            read = read_ranges_of(remote.descriptor)
+            runs = await asyncio.to_thread(prefetch_runs, remote.layer, read) if read else None
+            self.lazy.mount(name, LayerRecord.of(remote), remote.layer, prefetch_runs=runs)
         return self._served(name)
+
+    async def open_ahead(self, reference: str, manifest_digest: str,
+                         layers: list[str]) -> int:
+        """A pull of this image is under way: open its lazy layers and start their
+        prefetch now, for the mounts that follow (lazy.pull_ahead). Returns how many
+        layers were started; the work goes on after the answer."""
+        if self.pull_ahead is None:
+            raise ManagerError(INVALID, "this FUSE manager does not open layers ahead")
+        try:
+            parsed = Reference.parse(reference)
+        except ReferenceError as exc:
+            raise ManagerError(INVALID, f"bad reference: {exc}") from None
+        if not isinstance(manifest_digest, str) or not isinstance(layers, list) \
+                or not all(isinstance(d, str) for d in layers):
+            raise ManagerError(INVALID, "manifest_digest and layers must be digests")
+        return await self.pull_ahead.pull(parsed, manifest_digest, layers)
 
     def _served(self, name: str) -> dict[str, Any]:
         mounted = self.lazy.layers[name]
@@ -174,7 +210,9 @@ class FuseManagerService:
             # The prefetch the mount started; if it failed, the one below says why.
             with contextlib.suppress(Exception):
                 await asyncio.shield(mounted.prefetch)
-        await mounted.fetcher.prefetch()
+        # The whole region, unread chunks of large files too: a warm set keeps it all
+        # local (chunks_missing asks about all of it).
+        await mounted.fetcher.prefetch(mounted.fetcher.layer.prefetch_span_ranges())
         if full:
             await mounted.fetcher.fetch_all()
 

@@ -278,6 +278,9 @@ class LayerFetcher:
         # meanwhile (the plan's view of the cache may predate them).
         self._settled_meanwhile: set[str] | None = None
         self._foreground_idle = foreground_idle
+        # The spans prefetch() fetches, as runs of span numbers; None: the layer's
+        # whole prefetch region (lazy.prefetch_plan leaves out unread chunks).
+        self.prefetch_runs: list[tuple[int, int]] | None = None
 
     # -- reading ----------------------------------------------------------------------
 
@@ -600,12 +603,16 @@ class LayerFetcher:
 
     # -- prefetch and background ---------------------------------------------------------
 
-    async def prefetch(self) -> int:
+    async def prefetch(self, runs: list[tuple[int, int]] | None = None) -> int:
         """Fetch the prioritized files' region [0, prefetch_end) in large requests and
-        cache its chunks. Returns the bytes fetched; raises the first failure after
-        every request has ended."""
+        cache its chunks: `runs` of span numbers, else `prefetch_runs`, else the whole
+        region. Returns the bytes fetched; raises the first failure after every
+        request has ended."""
         tasks, futures = [], {}
-        for start, stop in self.layer.prefetch_span_ranges():
+        if runs is None:
+            runs = self.prefetch_runs if self.prefetch_runs is not None \
+                else self.layer.prefetch_span_ranges()
+        for start, stop in runs:
             index = start
             while index < stop:  # plan and register everything before the first await
                 index = self._next_needed(index, stop)

@@ -19,6 +19,7 @@ from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
 from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
+from .raw_ahead import RawAhead
 
 log = logging.getLogger(__name__)
 # Pauses before a background fetch that failed (the registry was down) starts again:
@@ -71,14 +72,21 @@ class LazyLayers:
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name)
 
-    def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
-              restored: bool = False) -> str:
-        """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
-        `restored`: served again after a restart, not freshly pulled."""
+    def new_fetcher(self, record: LayerRecord, layer: estargz.Layer,
+                    raw: RawAhead | None = None,
+                    prefetch_runs: list[tuple[int, int]] | None = None) -> LayerFetcher:
+        """`raw`: bytes of the blob already on their way (lazy.raw_ahead);
+        `prefetch_runs`: the spans to prefetch, if not the whole prefetch region
+        (lazy.prefetch_plan)."""
         reference = Reference.parse(record.reference)
 
-        async def read_range(offset: int, length: int) -> bytes:
+        async def fetch_range(offset: int, length: int) -> bytes:
             return await self.client.fetch_range(reference, record.digest, offset, length)
+
+        async def read_range(offset: int, length: int) -> bytes:
+            if raw is None:
+                return await fetch_range(offset, length)
+            return await raw.read(offset, length, fetch_range)
 
         fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
@@ -86,6 +94,23 @@ class LazyLayers:
                                window_bytes=self.small_file_window_bytes,
                                decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
                                foreground_idle=self.fs.idle_seconds)
+        fetcher.prefetch_runs = prefetch_runs
+        return fetcher
+
+    def prefetch_ahead(self, fetcher: LayerFetcher) -> "asyncio.Task[int]":
+        """Start the prefetch of a layer not mounted yet (lazy.pull_ahead). It counts as
+        a prefetch, so background fetches wait for it too."""
+        return asyncio.create_task(self._counted_prefetch(fetcher))
+
+    def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
+              restored: bool = False, fetcher: LayerFetcher | None = None,
+              prefetching: "asyncio.Task[int] | None" = None,
+              prefetch_runs: list[tuple[int, int]] | None = None) -> str:
+        """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
+        `restored`: served again after a restart, not freshly pulled. `fetcher` and
+        `prefetching`: the layer's, made and started before its mount (lazy.pull_ahead);
+        the mount's prefetch waits for that one and then fetches what it left out."""
+        fetcher = fetcher or self.new_fetcher(record, layer, prefetch_runs=prefetch_runs)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
         if self.profiles is not None:
@@ -93,7 +118,7 @@ class LazyLayers:
                 name, record.reference, record.digest, record.manifest_digest,
                 fresh=not restored))
         self.layers[name] = mounted
-        mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
+        mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted, prefetching))
         self._count()
         return path
 
@@ -102,15 +127,25 @@ class LazyLayers:
         GZIP_INDEX_LAYERS_MOUNTED.set(sum(isinstance(m.fetcher.layer, GzipLayer)
                                           for m in self.layers.values()))
 
-    async def _prefetch(self, name: str, mounted: _MountedLayer) -> int:
+    async def _counted_prefetch(self, fetcher: LayerFetcher) -> int:
         self._prefetching += 1
         self._prefetch_idle.clear()
         try:
-            fetched = await mounted.fetcher.prefetch()
+            return await fetcher.prefetch()
         finally:
             self._prefetching -= 1
             if self._prefetching == 0:
                 self._prefetch_idle.set()
+
+    async def _prefetch(self, name: str, mounted: _MountedLayer,
+                        ahead: "asyncio.Task[int] | None" = None) -> int:
+        fetched = 0
+        if ahead is not None:
+            try:
+                fetched = await asyncio.shield(ahead)
+            except Exception as exc:  # the prefetch below fetches what it could not
+                log.info("layer %s: prefetch started at pull failed: %s", name, exc)
+        fetched += await self._counted_prefetch(mounted.fetcher)
         log.info("layer %s (%s): prefetched %d bytes", name, mounted.record.digest, fetched)
         if self.background:
             mounted.background = asyncio.create_task(self._fetch_rest(name, mounted))

@@ -83,6 +83,13 @@ class TocAhead:
                     self._fetch_ahead(source.reference, manifest.layers)
         return found
 
+    async def image_layers(self, source: LayerSource) -> list[Descriptor]:
+        """The layers of the manifest that lists the source's layer, as `find_layer`
+        finds it (so a first call starts the TOC fetches)."""
+        found = await self.find_layer(source)
+        manifests, _ = await self._manifests_of(source)
+        return next(m.layers for m, d in manifests if d.digest == found.manifest.digest)
+
     async def _manifests_of(self, source: LayerSource) -> tuple[Manifests, bool]:
         """The manifests, and whether this call is the first to ask for them."""
         if not source.manifest_digest:  # a tag may move: asked each time, nothing ahead

@@ -1,0 +1,189 @@
+"""A layer's prefetch region fetched as raw blob bytes while its index is still being
+built (lazy.pull_ahead).
+
+Building a layer's index from its TOC is CPU work: about a second for the 340 kB
+TOC of the node image's large layer on a loaded 2-core node, and the chunks of the
+prefetch region are known only after it. The region itself is known at once: it
+ends at the offset of the TOC's prefetch landmark (less the members of chunks the
+layer's read ranges say went unread, lazy.prefetch_plan). So its bytes are requested as
+soon as the TOC is verified, and the layer's fetcher, once it exists, takes its
+requests' bytes from here instead of the registry. The fetcher still verifies every
+chunk, so these bytes are trusted no more than the registry's.
+
+Each byte is handed out once: a second request for bytes already served (the
+fetcher's retry of a chunk that failed verification) goes to the registry. Pieces
+are dropped once served whole, and everything is dropped when the layer's first
+prefetch ends.
+"""
+
+import asyncio
+import bisect
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from estargz.errors import FormatError
+from estargz.footer import Footer
+from estargz.read_ranges import ReadRanges, chunk_was_read
+from estargz.reader import spool_toc_json
+from estargz.toc import PREFETCH_LANDMARK, TOCError, clean_name
+
+PIECE_BYTES = 8 << 20  # one request each, all under way at once
+# Of one layer's region fetched this way, at most: the pieces are held in memory until
+# the fetcher takes them (after the index build); the rest is the fetcher's to fetch.
+MAX_BYTES = 64 << 20
+
+
+def region_to_fetch(footer: Footer, toc_bytes: bytes, toc_digest: str, max_toc_size: int,
+                    read: ReadRanges | None = None) -> list[tuple[int, int]]:
+    """The blob ranges [start, end) of the prefetch region: from 0 to the TOC's prefetch
+    landmark, less the members of the chunks that `read` (the layer's read ranges)
+    says went unread. Empty if the TOC (checked against its digest) has no landmark.
+    Cheap beside the index build: one decompression and a JSON parse in C."""
+    try:
+        with tempfile.TemporaryFile() as spooled:
+            if spool_toc_json(footer, toc_bytes, max_toc_size, spooled) != toc_digest:
+                return []  # the index build says why
+            spooled.seek(0)
+            doc = json.load(spooled)
+    except (FormatError, ValueError, RecursionError):
+        return []  # the index build says why
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    stop = next((e.get("offset") for e in entries if e.get("name") == PREFETCH_LANDMARK), None)
+    if not isinstance(stop, int) or isinstance(stop, bool) or stop <= 0:
+        return []
+    skipped = _unread_members(entries, read or {}, stop)
+    region, position = [], 0
+    for start, end in skipped:
+        if position < start:
+            region.append((position, start))
+        position = max(position, end)
+    if position < stop:
+        region.append((position, stop))
+    return region
+
+
+def _unread_members(entries: list[dict], read: ReadRanges, stop: int) -> list[tuple[int, int]]:
+    """[start, end) of the members before `stop` that hold only unread chunks."""
+    if not read:
+        return []
+    offsets = sorted({e["offset"] for e in entries
+                      if isinstance(e.get("offset"), int) and 0 < e["offset"] <= stop} | {stop})
+    sizes: dict[str, int] = {}
+    unread, wanted = set(), set()
+    for entry in entries:
+        name, offset = entry.get("name"), entry.get("offset")
+        if entry.get("type") not in ("reg", "chunk") or not isinstance(name, str) \
+                or not isinstance(offset, int) or not 0 < offset < stop:
+            continue
+        try:
+            path = clean_name(name)
+        except TOCError:
+            continue
+        if path not in read:
+            continue
+        if entry["type"] == "reg":
+            sizes[path] = entry.get("size") if isinstance(entry.get("size"), int) else 0
+        chunk_offset = entry.get("chunkOffset") or 0
+        chunk_size = entry.get("chunkSize") or sizes.get(path, 0) - chunk_offset
+        if not isinstance(chunk_offset, int) or not isinstance(chunk_size, int):
+            continue
+        (wanted if chunk_was_read(chunk_offset, chunk_size, read[path]) else unread).add(offset)
+    members = []
+    for start in sorted(unread - wanted):
+        end = offsets[bisect.bisect_right(offsets, start)]
+        members.append((start, end))
+    return members
+
+
+@dataclass
+class _Piece:
+    offset: int
+    end: int
+    task: "asyncio.Task[bytes]"
+    served: int = 0  # bytes handed out
+    failed: bool = False
+
+
+@dataclass
+class RawAhead:
+    """The blob's bytes in `region` ([start, end) ranges, in order), fetched in pieces
+    through `read_range`."""
+
+    read_range: Callable[[int, int], Awaitable[bytes]]
+    region: list[tuple[int, int]]
+    _pieces: list[_Piece] = field(default_factory=list)
+    _served: list[tuple[int, int]] = field(default_factory=list)
+    _closed: bool = False
+
+    def start(self) -> "RawAhead":
+        budget = MAX_BYTES
+        for start, stop in self.region:
+            for offset in range(start, stop, PIECE_BYTES):
+                end = min(offset + PIECE_BYTES, stop)
+                if end - offset > budget:
+                    return self
+                budget -= end - offset
+                task = asyncio.create_task(self.read_range(offset, end - offset))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._pieces.append(_Piece(offset, end, task))
+        return self
+
+    def _meeting(self, offset: int, end: int) -> list[_Piece]:
+        """The pieces with bytes in [offset, end), if those bytes may come from them:
+        none handed out before (a retry gets the registry's) and no piece failed."""
+        if self._closed or any(a < end and offset < b for a, b in self._served):
+            return []
+        pieces = [p for p in self._pieces if p.offset < end and offset < p.end]
+        return [] if any(p.failed for p in pieces) else pieces
+
+    async def read(self, offset: int, length: int,
+                   fetch: Callable[[int, int], Awaitable[bytes]]) -> bytes:
+        """Bytes offset..offset+length: from the pieces where they can be, the gaps
+        between them through `fetch` (the registry)."""
+        end = offset + length
+        pieces = self._meeting(offset, end) if length > 0 else []
+        if not pieces:
+            return await fetch(offset, length)
+        self._served.append((offset, end))
+        parts: list[asyncio.Future[bytes]] = []
+        position = offset
+        try:
+            for piece in pieces:
+                if position < piece.offset:
+                    parts.append(asyncio.ensure_future(fetch(position, piece.offset - position)))
+                parts.append(asyncio.ensure_future(self._take(piece, max(offset, piece.offset),
+                                                              min(end, piece.end))))
+                position = min(end, piece.end)
+            if position < end:
+                parts.append(asyncio.ensure_future(fetch(position, end - position)))
+            return b"".join(await asyncio.gather(*parts))
+        except BaseException:
+            self._served.remove((offset, end))  # not handed out: may be asked again
+            for part in parts:
+                part.cancel()
+            raise
+
+    async def _take(self, piece: _Piece, start: int, stop: int) -> bytes:
+        try:
+            data = await asyncio.shield(piece.task)
+        except Exception:
+            piece.failed = True
+            raise
+        if len(data) != piece.end - piece.offset:
+            piece.failed = True
+            raise ValueError(f"a range request for {piece.end - piece.offset} bytes at "
+                             f"{piece.offset} got {len(data)}")
+        piece.served += stop - start
+        if piece.served >= piece.end - piece.offset and piece in self._pieces:
+            self._pieces.remove(piece)  # its bytes are all in the fetcher's hands
+        return data[start - piece.offset:stop - piece.offset]
+
+    def close(self) -> None:
+        """Drop what is left: the layer's prefetch is over."""
+        self._closed = True
+        for piece in self._pieces:
+            piece.task.cancel()
+        self._pieces.clear()
