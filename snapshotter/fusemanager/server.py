@@ -22,6 +22,7 @@ from oci.registry import RegistryClient
 from .. import allocator
 from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
+from ..lazy.index_ahead import INDEX_AHEAD_DIR, IndexAhead
 from ..lazy.index_lookup import IndexLookup
 from ..lazy.manager import LazyLayers
 from ..lazy.profiles import ProfileRecorder
@@ -140,7 +141,9 @@ async def serve(config: Config) -> None:
     lazy, client = lazy_layers(config)
     await lazy.start()
     index_lookup = IndexLookup(client, timeout=config.gzip_index_lookup_seconds,
-                               negative_ttl=config.gzip_index_negative_ttl_seconds) \
+                               negative_ttl=config.gzip_index_negative_ttl_seconds,
+                               ahead=IndexAhead(client, os.path.join(config.root,
+                                                                     INDEX_AHEAD_DIR))) \
         if config.gzip_index_lookup else None
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
                                  index_lookup=index_lookup)
@@ -172,6 +175,8 @@ async def serve(config: Config) -> None:
         task.cancel()
     await asyncio.gather(*connections, return_exceptions=True)
     await lazy.close()
+    if index_lookup is not None and index_lookup.ahead is not None:
+        index_lookup.ahead.close()  # index trees no mount claimed
     await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
     await client.aclose()
     for path in (config.fuse_manager_address, config.fuse_manager_pidfile):

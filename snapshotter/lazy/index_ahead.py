@@ -1,0 +1,175 @@
+"""The gzip indexes of an image's layers, fetched and built all at once when the first
+of its layers is looked up.
+
+containerd prepares an image's layers one after another, and each mount through a gzip
+index waits for its index blob (a round trip and its transfer) and for the tree built
+from it into SQLite. Once the image's indexes are known (IndexLookup), every layer's
+index blob is fetched at once (a few at a time) and its tree built in a worker thread,
+into a staging directory; the Prepares that follow find theirs ready or on the way,
+and move it into their own directory.
+
+Only work is done ahead, no trust is given ahead: the blob is checked against its
+digest and the layer it names as when fetched for a mount, and the mount checks the
+layer's size against its own descriptor. A blob that fails those checks fails only its
+own layer. What no mount claims within KEEP_SECONDS is deleted.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from estargz import FormatError
+from indexer.lookup import LayerIndex, fetch_index
+from oci.digest import DigestMismatchError
+from oci.reference import Reference
+
+from .gzip_layer import build_gzip_layer
+from .layer_files import GZIP_INDEX_FILE, INDEX_FILE
+
+if TYPE_CHECKING:
+    from oci.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+INDEX_AHEAD_DIR = "gzip-index-ahead"  # the staging directory, under the service's root
+KEEP_SECONDS = 120.0
+MAX_LAYERS_AHEAD = 64  # layers of one image prepared ahead, at most
+FETCHES_AT_ONCE = 4  # index blobs on the wire at once
+BUILDS_AT_ONCE = 2  # trees built at once (worker threads; the machine may have 2 cores)
+BlobKey = tuple[str, str, str]  # registry, repository, layer digest
+
+
+class IndexRefused(Exception):
+    """The index blob fetched ahead is not the one listed (its digest or its layer):
+    fetching it again would give the same bytes."""
+
+
+@dataclass(frozen=True)
+class StagedIndex:
+    """A layer's index blob and the tree built from it, in a directory of their own."""
+
+    directory: str
+    index: LayerIndex
+    layer_size: int  # as the index's header says: the mount checks it against its own
+    fetch_seconds: float
+    build_seconds: float
+
+    def move_into(self, directory: str) -> None:
+        """Move the blob and the tree to `directory` (the tree last: a mount that finds
+        the tree finds its blob) and remove the staging directory."""
+        for name in (GZIP_INDEX_FILE, INDEX_FILE):
+            shutil.move(os.path.join(self.directory, name), os.path.join(directory, name))
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class IndexAhead:
+    def __init__(self, client: "RegistryClient", staging: str, *,
+                 keep_seconds: float = KEEP_SECONDS,
+                 fetches_at_once: int = FETCHES_AT_ONCE, builds_at_once: int = BUILDS_AT_ONCE):
+        self.client = client
+        self.staging = staging
+        self.keep_seconds = keep_seconds
+        self._fetch_slots = asyncio.Semaphore(fetches_at_once)
+        self._build_slots = asyncio.Semaphore(builds_at_once)
+        self._staged: dict[BlobKey, asyncio.Task[StagedIndex]] = {}
+        # Leftovers of an earlier run are no mount's: nothing in the staging area is.
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging, mode=0o700, exist_ok=True)
+
+    def start(self, reference: Reference, indexes: Iterable[LayerIndex]) -> int:
+        """Start fetching and building the indexes no mount has claimed or is waiting
+        for; returns how many were started."""
+        started = 0
+        loop = asyncio.get_running_loop()
+        for index in list(indexes)[:MAX_LAYERS_AHEAD]:
+            key = (reference.registry, reference.repository, index.layer_digest)
+            if key in self._staged:  # (another image's lookup may have started it)
+                continue
+            task = loop.create_task(self._prepare(reference, index))
+            # A preparation nobody awaits must not log "exception never retrieved".
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._staged[key] = task
+            loop.call_later(self.keep_seconds, self._expire, key, task)
+            started += 1
+        return started
+
+    async def claim(self, reference: Reference, index: LayerIndex) -> StagedIndex | None:
+        """The layer's staged index (claimed: nobody else gets it), once ready; None if
+        none was started for this very blob or its fetch failed on the way (the registry
+        may be back: the mount fetches it again). IndexRefused if its bytes are wrong."""
+        key = (reference.registry, reference.repository, index.layer_digest)
+        task = self._staged.get(key)
+        if task is None:
+            return None
+        del self._staged[key]
+        try:
+            staged = await asyncio.shield(task)
+        except IndexRefused:
+            raise
+        except Exception as exc:  # a registry error, a full disk: try again without
+            log.info("layer %s: gzip index fetched ahead failed (%s); fetching it again",
+                     index.layer_digest, exc)
+            return None
+        if staged.index.descriptor != index.descriptor:  # another image listed another blob
+            shutil.rmtree(staged.directory, ignore_errors=True)
+            return None
+        return staged
+
+    async def _prepare(self, reference: Reference, index: LayerIndex) -> StagedIndex:
+        directory = tempfile.mkdtemp(prefix="layer-", dir=self.staging)
+        try:
+            async with self._fetch_slots:
+                started = time.monotonic()
+                try:
+                    opened = await fetch_index(self.client, reference, index,
+                                               os.path.join(directory, GZIP_INDEX_FILE))
+                except Exception as exc:
+                    if _refusal(exc):
+                        raise IndexRefused(str(exc)) from None
+                    raise
+                fetched = time.monotonic()
+            try:
+                async with self._build_slots:
+                    built = time.monotonic()
+                    layer = await asyncio.to_thread(
+                        build_gzip_layer, opened, index.descriptor.digest,
+                        opened.header.layer_size, os.path.join(directory, INDEX_FILE))
+                    layer.close()
+                    finished = time.monotonic()
+                size = opened.header.layer_size
+            finally:
+                opened.close()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        log.info("layer %s: gzip index %s fetched ahead in %.3fs, its tree built in %.3fs",
+                 index.layer_digest, index.descriptor.digest, fetched - started,
+                 finished - built)
+        return StagedIndex(directory, index, size, fetched - started, finished - built)
+
+    def _expire(self, key: BlobKey, task: asyncio.Task[StagedIndex]) -> None:
+        if self._staged.get(key) is not task:
+            return  # claimed (or replaced)
+        del self._staged[key]
+        if not task.done():
+            task.cancel()
+            return
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            shutil.rmtree(task.result().directory, ignore_errors=True)
+
+    def close(self) -> None:
+        for task in self._staged.values():
+            task.cancel()
+        self._staged.clear()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _refusal(exc: Exception) -> bool:
+    """A blob whose bytes are not the ones listed (its digest, its format, its layer)."""
+    return isinstance(exc, DigestMismatchError | FormatError)
