@@ -2,10 +2,12 @@
 real docker-registry 2.8 behind the recording fault proxy: every blob is fetched once
 and the later layers' mounts ask the registry nothing; a tampered blob makes only its
 own layer fall back (fetched once, not again); an image without indexes is still
-remembered for the TTL; what no mount claims is deleted; and end to end, a lazy pull
-through containerd fetches each index blob of the image once."""
+remembered for the TTL; what no mount claims is deleted; a referrers API's answer
+wins over the fallback tag read beside it; and end to end, a lazy pull through
+containerd fetches each index blob of the image once."""
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -215,3 +217,29 @@ def test_lazy_pull_fetches_each_index_blob_once(node, images) -> None:  # noqa: 
     assert len(index_blobs) == 2
     assert all(_blob_gets(proxy, d) == 1 for d in index_blobs)
     assert run_container(node, images["indexed"], "a1", "cat /opt/new").stdout == "new\n"
+
+
+def test_a_referrers_api_answer_wins_over_the_fallback_read_beside_it(
+        image, registry, fault_proxy_factory, tmp_path) -> None:
+    _push(image, registry, "ahead/api", indexed=True)
+    proxy = fault_proxy_factory(registry.host)
+    # As a registry with the referrers API would answer: nothing refers to it (the
+    # fallback tag, read at the same time, lists the index).
+    empty = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": []}).encode()
+    proxy.add(WireFault("answer", "GET", "/referrers/", status=200, body=empty,
+                        headers={"Content-Type": "application/vnd.oci.image.index.v1+json"}))
+    reference = Reference.parse(f"{proxy.host}/ahead/api:v1")
+
+    async def run() -> str:
+        async with client() as registry_client:
+            lookup = IndexLookup(registry_client,
+                                 ahead=IndexAhead(registry_client, str(tmp_path / "staging")))
+            source, found = await _found(registry_client, reference, image.layer_digests[0])
+            with pytest.raises(NotLazy) as refused:
+                await lookup.open(source, found, str(tmp_path))
+            return str(refused.value)
+
+    assert "no gzip index refers to" in asyncio.run(run())
+    assert proxy.requests("GET", "/referrers/")
+    assert proxy.requests("GET", "/blobs/") == []

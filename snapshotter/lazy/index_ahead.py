@@ -41,7 +41,9 @@ INDEX_AHEAD_DIR = "gzip-index-ahead"  # the staging directory, under the service
 KEEP_SECONDS = 120.0
 MAX_LAYERS_AHEAD = 64  # layers of one image prepared ahead, at most
 FETCHES_AT_ONCE = 4  # index blobs on the wire at once
-BUILDS_AT_ONCE = 2  # trees built at once (worker threads; the machine may have 2 cores)
+# Trees built at once: a build is mostly Python (the GIL), so two at once take as long
+# as one after the other, and the layer a mount waits for would finish later.
+BUILDS_AT_ONCE = 1
 BlobKey = tuple[str, str, str]  # registry, repository, layer digest
 
 
@@ -82,12 +84,15 @@ class IndexAhead:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging, mode=0o700, exist_ok=True)
 
-    def start(self, reference: Reference, indexes: Iterable[LayerIndex]) -> int:
+    def start(self, reference: Reference, indexes: Iterable[LayerIndex],
+              first: str | None = None) -> int:
         """Start fetching and building the indexes no mount has claimed or is waiting
-        for; returns how many were started."""
+        for, that of layer `first` (the one a mount waits for) first, then in the
+        image's order; returns how many were started."""
         started = 0
         loop = asyncio.get_running_loop()
-        for index in list(indexes)[:MAX_LAYERS_AHEAD]:
+        ordered = sorted(indexes, key=lambda index: index.layer_digest != first)
+        for index in ordered[:MAX_LAYERS_AHEAD]:
             key = (reference.registry, reference.repository, index.layer_digest)
             if key in self._staged:  # (another image's lookup may have started it)
                 continue

@@ -144,8 +144,10 @@ class IndexLookup:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
+                # The fallback tag read beside the referrers API: a round trip less on
+                # a registry without the API, which answers 404 to it.
                 indexes = await find_layer_indexes(self.client, source.reference,
-                                                   manifest_digest)
+                                                   manifest_digest, fallback_at_once=True)
             log.info("image %s: gzip index lookup took %.3fs, %d layers indexed",
                      manifest_digest, time.monotonic() - started, len(indexes))
         except TimeoutError:
@@ -157,7 +159,7 @@ class IndexLookup:
         if not indexes:
             return _Answer({}, NONE, f"no gzip index refers to {manifest_digest}", expires)
         if self.ahead is not None:
-            self.ahead.start(source.reference, indexes.values())
+            self.ahead.start(source.reference, indexes.values(), first=source.layer_digest)
         return _Answer(indexes, FOUND, "", expires)
 
     # -- one layer's index ----------------------------------------------------------------
