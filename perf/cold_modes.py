@@ -52,6 +52,7 @@ from perf.harness import (
     start_node,
     stop_node,
 )
+from perf.index_phases import index_phases
 from perf.workspace_images import WorkspaceImage
 
 PHASES = ("client start", "resolve", "TOC + mounts", "fetch + unpack", "container start",
@@ -121,6 +122,9 @@ class Sample:
     wire_bytes: int | None = None  # the whole sample, to the workload's exit
     wire_bytes_at_ready: int | None = None
     counters_at_ready: dict[str, float] = field(default_factory=dict)  # the system's own
+    # lazypull: each layer's mount (from the pull's figures) and the gzip index phases
+    # from the FUSE manager's log (perf/index_phases.py)
+    mounts: dict[str, object] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -128,7 +132,8 @@ class Sample:
                 "ready_s": _round(self.ready_s), "exit_s": _round(self.exit_s),
                 "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
                 "wire_bytes": self.wire_bytes, "wire_bytes_at_ready": self.wire_bytes_at_ready,
-                "counters_at_ready": self.counters_at_ready, "error": self.error}
+                "counters_at_ready": self.counters_at_ready, "mounts": self.mounts,
+                "error": self.error}
 
 
 def _round(value: float | None) -> float | None:
@@ -222,6 +227,8 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
                         sum(layer["seconds"] for layer in result["layers"]))
             timed_run(setup, node, image, ref, "lazypull", clock, sample, wire0,
                       lambda: fetch_metrics(node))
+            sample.mounts = {"layer_s": [layer["seconds"] for layer in result["layers"]],
+                             **index_phases(node.service.log if node.service else "")}
         elif mode.system == "stargz":
             assert setup.stargz is not None and node.stargz is not None
             reported = stargz.rpull(setup.stargz, node.daemon.address, NAMESPACE, ref,

@@ -23,7 +23,13 @@ from snapshotter.lazy.layer_source import NotLazy
 
 from .fixtures.fault_proxy import WireFault
 from .images import File, build_layout_image
-from .lazy_node import lazy_node_fixture, pull  # noqa: F401  (the `node` fixture)
+from .lazy_node import (  # noqa: F401  (lazy_node_fixture: the `node` fixture)
+    NO_BACKGROUND,
+    lazy_node_fixture,
+    pull,
+    start_lazy_node,
+    stop_lazy_node,
+)
 from .test_gzip_index_lookup import REFERRER_PATHS, _found, _push
 from .test_gzip_index_mount import images  # noqa: F401  (the indexed image, end to end)
 from .test_gzip_index_mount import run as run_container
@@ -243,3 +249,21 @@ def test_a_referrers_api_answer_wins_over_the_fallback_read_beside_it(
     assert "no gzip index refers to" in asyncio.run(run())
     assert proxy.requests("GET", "/referrers/")
     assert proxy.requests("GET", "/blobs/") == []
+
+
+def test_with_index_ahead_off_each_mount_fetches_its_own(
+        snapshotter_factory, registry, fault_proxy_factory, images,  # noqa: F811
+        tmp_path_factory) -> None:
+    node = start_lazy_node(snapshotter_factory, registry, fault_proxy_factory,
+                           tmp_path_factory, NO_BACKGROUND + "gzip_index_ahead = false\n")
+    try:
+        result = pull(node, images["indexed"])
+        assert [layer["source"] for layer in result["layers"]] == ["remote"] * 2
+        log = node["service"].log
+        assert "fetched ahead" not in log
+        fetched = [line.split("gzip index ")[1].split()[0]
+                   for line in log.splitlines() if "its tree built in" in line]
+        assert len(fetched) == 2
+        assert all(_blob_gets(node["proxy"], d) == 1 for d in fetched)
+    finally:
+        stop_lazy_node(node)
