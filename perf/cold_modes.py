@@ -228,7 +228,8 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
             timed_run(setup, node, image, ref, "lazypull", clock, sample, wire0,
                       lambda: fetch_metrics(node))
             sample.mounts = {"layer_s": [layer["seconds"] for layer in result["layers"]],
-                             **index_phases(node.service.log if node.service else "")}
+                             **index_phases(node.service.log if node.service else "",
+                                            clock.wall)}
         elif mode.system == "stargz":
             assert setup.stargz is not None and node.stargz is not None
             reported = stargz.rpull(setup.stargz, node.daemon.address, NAMESPACE, ref,
