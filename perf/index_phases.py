@@ -10,8 +10,10 @@ _LOOKUP = re.compile(r"gzip index lookup took ([0-9.]+)s")
 _LAYER = re.compile(r"layer (\S+): gzip index \S+ fetched( ahead)? in ([0-9.]+)s, "
                     r"its tree built in ([0-9.]+)s")
 # "2026-12-07 01:07:31,123 INFO name: message" (the services' logging format)
+_HOT = re.compile(r"layer (\S+): (\d+) bytes of hot spans fetched ahead in ([0-9.]+)s")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _EVENTS = (("mounted", re.compile(r"layer (sha256:\w+): served lazily through gzip index")),
+           ("hot ahead", re.compile(r"layer (sha256:\w+): \d+ bytes of hot spans fetched ahead")),
            ("prefetched", re.compile(r"layer \S+ \((sha256:\w+)\): prefetched \d+ bytes")))
 
 
@@ -23,8 +25,10 @@ def index_phases(log: str, started_wall: float | None = None) -> dict[str, objec
     layers = [{"layer": m.group(1)[:19], "ahead": bool(m.group(2)),
                "fetch_s": float(m.group(3)), "build_s": float(m.group(4))}
               for m in _LAYER.finditer(log)]
+    hot = [{"layer": m.group(1)[:19], "bytes": int(m.group(2)), "seconds": float(m.group(3))}
+           for m in _HOT.finditer(log)]
     if lookups or layers:
-        out.update(lookup_s=lookups, layers=layers)
+        out.update(lookup_s=lookups, layers=layers, hot_ahead=hot)
     if started_wall is not None:
         out["timeline_s"] = timeline(log, started_wall)
     return out

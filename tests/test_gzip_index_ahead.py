@@ -4,11 +4,12 @@ and the later layers' mounts ask the registry nothing; a tampered blob makes onl
 own layer fall back (fetched once, not again); an image without indexes is still
 remembered for the TTL; what no mount claims is deleted; a referrers API's answer
 wins over the fallback tag read beside it; and end to end, a lazy pull through
-containerd fetches each index blob of the image once."""
+containerd fetches each index blob of the image once and its hot spans ahead, once."""
 
 import asyncio
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .test_gzip_index_lookup import REFERRER_PATHS, _found, _push
 from .test_gzip_index_mount import images  # noqa: F401  (the indexed image, end to end)
 from .test_gzip_index_mount import run as run_container
 from .test_gzip_index_publish import client
+from .test_lazy_pull import metric_values
 
 LAYERS = [
     {"bin/tool": File(os.urandom(150_000), 0o755), "etc/motd": b"base\n"},
@@ -218,11 +220,22 @@ def test_lazy_pull_fetches_each_index_blob_once(node, images) -> None:  # noqa: 
     proxy, service = node["proxy"], node["service"]
     result = pull(node, images["indexed"])
     assert [layer["source"] for layer in result["layers"]] == ["remote"] * 2
-    index_blobs = [line.split("gzip index ")[1].split()[0]
-                   for line in service.log.splitlines() if "fetched ahead in" in line]
+    index_blobs = re.findall(r"gzip index (sha256:\w+) fetched ahead in", service.log)
     assert len(index_blobs) == 2
     assert all(_blob_gets(proxy, d) == 1 for d in index_blobs)
-    assert run_container(node, images["indexed"], "a1", "cat /opt/new").stdout == "new\n"
+    # The hot spans were fetched ahead, before the mounts; the mounts' prefetch waited
+    # for them and asked for none of them again.
+    assert "bytes of hot spans fetched ahead" in service.log
+    demand = 'lazypull_fetch_requests_total{kind="demand"}'
+    before = metric_values(service).get(demand, 0)
+    out = run_container(node, images["indexed"], "a1", "cat /etc/hostname /opt/new").stdout
+    assert out == "workspace\nnew\n"
+    assert metric_values(service).get(demand, 0) == before  # the hot files were cached
+    ranges = [(r.path, r.headers.get("Range") or r.headers.get("range"))
+              for r in proxy.requests("GET", "/blobs/")
+              if r.path.rsplit("/", 1)[-1] in images["layers"]]
+    assert ranges and all(asked for _, asked in ranges)
+    assert len(ranges) == len(set(ranges))  # no range asked twice
 
 
 def test_a_referrers_api_answer_wins_over_the_fallback_read_beside_it(

@@ -143,7 +143,8 @@ async def serve(config: Config) -> None:
     index_lookup = IndexLookup(client, timeout=config.gzip_index_lookup_seconds,
                                negative_ttl=config.gzip_index_negative_ttl_seconds,
                                ahead=IndexAhead(client, os.path.join(config.root,
-                                                                     INDEX_AHEAD_DIR))
+                                                                     INDEX_AHEAD_DIR),
+                                                cache=lazy.cache)
                                if config.gzip_index_ahead else None) \
         if config.gzip_index_lookup else None
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,

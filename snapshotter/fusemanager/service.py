@@ -127,7 +127,8 @@ class FuseManagerService:
                 indexed = await self.index_lookup.open(wanted, found, directory)
                 await asyncio.to_thread(write_layer_record, directory, indexed.record)
                 if name not in self.lazy.layers:
-                    self.lazy.mount(name, indexed.record, indexed.layer)
+                    self.lazy.mount(name, indexed.record, indexed.layer,
+                                    prefetched_ahead=indexed.prefetch)
                 return self._served(name)
             remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
                                              index_path=os.path.join(directory, INDEX_FILE),

@@ -6,7 +6,11 @@ index waits for its index blob (a round trip and its transfer) and for the tree 
 from it into SQLite. Once the image's indexes are known (IndexLookup), every layer's
 index blob is fetched at once (a few at a time) and its tree built in a worker thread,
 into a staging directory; the Prepares that follow find theirs ready or on the way,
-and move it into their own directory.
+and move it into their own directory. The layer a mount waits for goes first: its blob
+alone on the wire, then the others'; the trees one after another in the image's order
+(a build is mostly Python: two at once take as long as one after the other). With a
+chunk cache, each layer's hot spans are fetched as soon as its index is in hand
+(index_prefetch.py), and its mount's prefetch waits for them rather than asking again.
 
 Only work is done ahead, no trust is given ahead: the blob is checked against its
 digest and the layer it names as when fetched for a mount, and the mount checks the
@@ -25,25 +29,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import gzindex
 from estargz import FormatError
 from indexer.lookup import LayerIndex, fetch_index
 from oci.digest import DigestMismatchError
 from oci.reference import Reference
 
 from .gzip_layer import build_gzip_layer
+from .index_prefetch import prefetch_hot_spans
 from .layer_files import GZIP_INDEX_FILE, INDEX_FILE
 
 if TYPE_CHECKING:
     from oci.registry import RegistryClient
+
+    from .chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
 INDEX_AHEAD_DIR = "gzip-index-ahead"  # the staging directory, under the service's root
 KEEP_SECONDS = 120.0
 MAX_LAYERS_AHEAD = 64  # layers of one image prepared ahead, at most
 FETCHES_AT_ONCE = 4  # index blobs on the wire at once
-# Trees built at once: a build is mostly Python (the GIL), so two at once take as long
-# as one after the other, and the layer a mount waits for would finish later.
-BUILDS_AT_ONCE = 1
+BUILDS_AT_ONCE = 1  # trees built at once, of all images
 BlobKey = tuple[str, str, str]  # registry, repository, layer digest
 
 
@@ -61,6 +67,7 @@ class StagedIndex:
     layer_size: int  # as the index's header says: the mount checks it against its own
     fetch_seconds: float
     build_seconds: float
+    prefetch: "asyncio.Task[int] | None" = None  # its hot spans into the chunk cache
 
     def move_into(self, directory: str) -> None:
         """Move the blob and the tree to `directory` (the tree last: a mount that finds
@@ -72,10 +79,11 @@ class StagedIndex:
 
 class IndexAhead:
     def __init__(self, client: "RegistryClient", staging: str, *,
-                 keep_seconds: float = KEEP_SECONDS,
+                 cache: "ChunkCache | None" = None, keep_seconds: float = KEEP_SECONDS,
                  fetches_at_once: int = FETCHES_AT_ONCE, builds_at_once: int = BUILDS_AT_ONCE):
         self.client = client
         self.staging = staging
+        self.cache = cache  # None: hot spans are left to the mounts' prefetch
         self.keep_seconds = keep_seconds
         self._fetch_slots = asyncio.Semaphore(fetches_at_once)
         self._build_slots = asyncio.Semaphore(builds_at_once)
@@ -92,11 +100,18 @@ class IndexAhead:
         started = 0
         loop = asyncio.get_running_loop()
         ordered = sorted(indexes, key=lambda index: index.layer_digest != first)
+        first_fetched: asyncio.Event | None = None
+        built_before: asyncio.Event | None = None
         for index in ordered[:MAX_LAYERS_AHEAD]:
             key = (reference.registry, reference.repository, index.layer_digest)
             if key in self._staged:  # (another image's lookup may have started it)
                 continue
-            task = loop.create_task(self._prepare(reference, index))
+            fetched, built = asyncio.Event(), asyncio.Event()
+            task = loop.create_task(self._prepare(reference, index, first_fetched, fetched,
+                                                  built_before, built))
+            if first_fetched is None:
+                first_fetched = fetched
+            built_before = built
             # A preparation nobody awaits must not log "exception never retrieved".
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._staged[key] = task
@@ -126,20 +141,36 @@ class IndexAhead:
             return None
         return staged
 
-    async def _prepare(self, reference: Reference, index: LayerIndex) -> StagedIndex:
+    async def _prepare(self, reference: Reference, index: LayerIndex,
+                       fetch_after: asyncio.Event | None, fetched_now: asyncio.Event,
+                       build_after: asyncio.Event | None, built_now: asyncio.Event
+                       ) -> StagedIndex:
+        """Fetch the blob once `fetch_after` is set (the first layer's fetched), build
+        the tree once `build_after` is (the layer before it built); set `fetched_now`
+        and `built_now` when done with each, whether it worked or not."""
         directory = tempfile.mkdtemp(prefix="layer-", dir=self.staging)
+        prefetch = None
         try:
-            async with self._fetch_slots:
-                started = time.monotonic()
-                try:
+            try:
+                if fetch_after is not None:
+                    await fetch_after.wait()
+                async with self._fetch_slots:
+                    started = time.monotonic()
                     opened = await fetch_index(self.client, reference, index,
                                                os.path.join(directory, GZIP_INDEX_FILE))
-                except Exception as exc:
-                    if _refusal(exc):
-                        raise IndexRefused(str(exc)) from None
-                    raise
-                fetched = time.monotonic()
+                    fetched = time.monotonic()
+            except Exception as exc:
+                if _refusal(exc):
+                    raise IndexRefused(str(exc)) from None
+                raise
+            finally:
+                fetched_now.set()
+            if self.cache is not None:
+                prefetch = asyncio.get_running_loop().create_task(
+                    self._prefetch(reference, index, opened))
             try:
+                if build_after is not None:
+                    await build_after.wait()
                 async with self._build_slots:
                     built = time.monotonic()
                     layer = await asyncio.to_thread(
@@ -149,14 +180,37 @@ class IndexAhead:
                     finished = time.monotonic()
                 size = opened.header.layer_size
             finally:
-                opened.close()
+                if prefetch is None:
+                    opened.close()  # else the prefetch closes it when done
         except BaseException:
+            built_now.set()
+            if prefetch is not None:
+                prefetch.cancel()
             shutil.rmtree(directory, ignore_errors=True)
             raise
+        built_now.set()
         log.info("layer %s: gzip index %s fetched ahead in %.3fs, its tree built in %.3fs",
                  index.layer_digest, index.descriptor.digest, fetched - started,
                  finished - built)
-        return StagedIndex(directory, index, size, fetched - started, finished - built)
+        return StagedIndex(directory, index, size, fetched - started, finished - built,
+                           prefetch)
+
+    async def _prefetch(self, reference: Reference, index: LayerIndex,
+                        opened: "gzindex.GzipIndex") -> int:
+        assert self.cache is not None
+
+        async def fetch(offset: int, length: int) -> bytes:
+            return await self.client.fetch_range(reference, index.layer_digest, offset,
+                                                 length)
+        started = time.monotonic()
+        try:
+            fetched = await prefetch_hot_spans(opened, fetch, self.cache)
+        finally:
+            opened.close()
+        if fetched:
+            log.info("layer %s: %d bytes of hot spans fetched ahead in %.3fs",
+                     index.layer_digest, fetched, time.monotonic() - started)
+        return fetched
 
     def _expire(self, key: BlobKey, task: asyncio.Task[StagedIndex]) -> None:
         if self._staged.get(key) is not task:
@@ -171,6 +225,9 @@ class IndexAhead:
     def close(self) -> None:
         for task in self._staged.values():
             task.cancel()
+            if task.done() and not task.cancelled() and task.exception() is None \
+                    and task.result().prefetch is not None:
+                task.result().prefetch.cancel()
         self._staged.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
 

@@ -71,6 +71,9 @@ class IndexedLayer:
 
     record: LayerRecord
     layer: GzipLayer
+    # its hot spans being fetched into the chunk cache (fetched ahead): the mount's
+    # prefetch waits for them first
+    prefetch: "asyncio.Task[int] | None" = None
 
 
 @dataclass
@@ -173,8 +176,10 @@ class IndexLookup:
             except IndexRefused as exc:
                 raise NotLazy(f"layer {found.descriptor.digest}: gzip index "
                               f"{index.descriptor.digest} refused: {exc}") from None
+        prefetch = None
         if staged is not None:
             layer = await asyncio.to_thread(_take_staged, staged, found, directory)
+            prefetch = staged.prefetch
         else:
             layer = await self._fetch_now(source, found, index, directory)
         descriptor = found.descriptor
@@ -183,7 +188,7 @@ class IndexLookup:
                              descriptor.size, 0, descriptor.size, 0, None,
                              source.manifest_digest or found.manifest.digest,
                              kind=GZIP_INDEX_KIND)
-        return IndexedLayer(record, layer)
+        return IndexedLayer(record, layer, prefetch)
 
     async def _fetch_now(self, source: LayerSource, found: FoundLayer, index: LayerIndex,
                          directory: str) -> GzipLayer:

@@ -72,9 +72,11 @@ class LazyLayers:
         return os.path.join(self.mountpoint, name)
 
     def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
-              restored: bool = False) -> str:
+              restored: bool = False,
+              prefetched_ahead: "asyncio.Future[int] | None" = None) -> str:
         """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
-        `restored`: served again after a restart, not freshly pulled."""
+        `restored`: served again after a restart, not freshly pulled. `prefetched_ahead`:
+        a fetch of (some of) that region into the cache, under way: waited for first."""
         reference = Reference.parse(record.reference)
 
         async def read_range(offset: int, length: int) -> bytes:
@@ -93,7 +95,8 @@ class LazyLayers:
                 name, record.reference, record.digest, record.manifest_digest,
                 fresh=not restored))
         self.layers[name] = mounted
-        mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
+        mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted,
+                                                              prefetched_ahead))
         self._count()
         return path
 
@@ -102,11 +105,16 @@ class LazyLayers:
         GZIP_INDEX_LAYERS_MOUNTED.set(sum(isinstance(m.fetcher.layer, GzipLayer)
                                           for m in self.layers.values()))
 
-    async def _prefetch(self, name: str, mounted: _MountedLayer) -> int:
+    async def _prefetch(self, name: str, mounted: _MountedLayer,
+                        ahead: "asyncio.Future[int] | None" = None) -> int:
         self._prefetching += 1
         self._prefetch_idle.clear()
         try:
-            fetched = await mounted.fetcher.prefetch()
+            fetched = 0
+            if ahead is not None:  # what it could not fetch, the fetcher's prefetch does
+                with contextlib.suppress(Exception):
+                    fetched = await ahead
+            fetched += await mounted.fetcher.prefetch()
         finally:
             self._prefetching -= 1
             if self._prefetching == 0:
