@@ -86,6 +86,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "the unmodified image + ctr run", "lazypull", PLAIN_TAG, INDEX_REPO_SUFFIX),
     Mode("index-lazy-prefetch", "lazypull through a gzip index with the workload's profile "
          "(its hot list prefetched)", "lazypull", PLAIN_TAG, INDEX_PREFETCH_REPO_SUFFIX),
+    Mode("index-lazy-prefetch-noahead", "index-lazy-prefetch, service with "
+         "gzip_index_ahead = false (each mount fetches its own index)", "lazypull", PLAIN_TAG,
+         INDEX_PREFETCH_REPO_SUFFIX),
     Mode("lazy-warm-set", "lazypull, first start on a node whose warm set already holds "
          "the profiled image (clock from ctr run)", "lazypull", PREFETCH_TAG),
     Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", ESGZ_TAG),
@@ -101,8 +104,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 )}
 TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
          "lazy-warm-set", "lazy-nobg", "lazy-prefetch-nobg", "index-lazy",
-         "index-lazy-prefetch")
-INDEX_MODES = ("index-lazy", "index-lazy-prefetch")
+         "index-lazy-prefetch", "index-lazy-prefetch-noahead")
+INDEX_MODES = ("index-lazy", "index-lazy-prefetch", "index-lazy-prefetch-noahead")
 DEFAULT_TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
                  "lazy-warm-set")
 STARGZ_MODES = ("stargz-noopt", "stargz-opt")
@@ -212,7 +215,8 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
     if mode_name == "lazy-warm-set":
         return [warm_set_sample(setup, image, sample)]
     lazy = mode.system == "lazypull"
-    config = setup.nobg_config() if mode_name.endswith("-nobg") else setup.service_config
+    config = setup.nobg_config() if mode_name.endswith("-nobg") else \
+        setup.noahead_config() if mode_name.endswith("-noahead") else setup.service_config
     node = start_node(setup.next_base("s"), lazy, config,
                       setup.stargz if mode.system == "stargz" else None)
     samples = [sample]

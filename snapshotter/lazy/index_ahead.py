@@ -166,8 +166,10 @@ class IndexAhead:
             finally:
                 fetched_now.set()
             if self.cache is not None:
-                prefetch = asyncio.get_running_loop().create_task(
-                    self._prefetch(reference, index, opened))
+                # Its own open index: the build reads the file table meanwhile.
+                prefetch = asyncio.get_running_loop().create_task(self._prefetch(
+                    reference, index,
+                    gzindex.GzipIndex.open(os.path.join(directory, GZIP_INDEX_FILE))))
             try:
                 if build_after is not None:
                     await build_after.wait()
@@ -180,8 +182,7 @@ class IndexAhead:
                     finished = time.monotonic()
                 size = opened.header.layer_size
             finally:
-                if prefetch is None:
-                    opened.close()  # else the prefetch closes it when done
+                opened.close()
         except BaseException:
             built_now.set()
             if prefetch is not None:
