@@ -50,6 +50,7 @@ KEEP_SECONDS = 120.0
 MAX_LAYERS_AHEAD = 64  # layers of one image prepared ahead, at most
 FETCHES_AT_ONCE = 4  # index blobs on the wire at once
 BUILDS_AT_ONCE = 1  # trees built at once, of all images
+DECODES_AT_ONCE = 1  # worker threads inflating and hashing hot spans, of all images
 BlobKey = tuple[str, str, str]  # registry, repository, layer digest
 
 
@@ -87,6 +88,7 @@ class IndexAhead:
         self.keep_seconds = keep_seconds
         self._fetch_slots = asyncio.Semaphore(fetches_at_once)
         self._build_slots = asyncio.Semaphore(builds_at_once)
+        self._decode_slots = asyncio.Semaphore(DECODES_AT_ONCE)
         self._staged: dict[BlobKey, asyncio.Task[StagedIndex]] = {}
         # Leftovers of an earlier run are no mount's: nothing in the staging area is.
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,7 +151,7 @@ class IndexAhead:
         the tree once `build_after` is (the layer before it built); set `fetched_now`
         and `built_now` when done with each, whether it worked or not."""
         directory = tempfile.mkdtemp(prefix="layer-", dir=self.staging)
-        prefetch = None
+        prefetch = prefetch_index = None
         try:
             try:
                 if fetch_after is not None:
@@ -167,9 +169,12 @@ class IndexAhead:
                 fetched_now.set()
             if self.cache is not None:
                 # Its own open index: the build reads the file table meanwhile.
-                prefetch = asyncio.get_running_loop().create_task(self._prefetch(
-                    reference, index,
-                    gzindex.GzipIndex.open(os.path.join(directory, GZIP_INDEX_FILE))))
+                prefetch_index = gzindex.GzipIndex.open(os.path.join(directory,
+                                                                     GZIP_INDEX_FILE))
+                prefetch = asyncio.get_running_loop().create_task(
+                    self._prefetch(reference, index, prefetch_index))
+                # Nobody may await it (its layer never claimed): no "never retrieved".
+                prefetch.add_done_callback(lambda t: t.cancelled() or t.exception())
             try:
                 if build_after is not None:
                     await build_after.wait()
@@ -185,8 +190,9 @@ class IndexAhead:
                 opened.close()
         except BaseException:
             built_now.set()
-            if prefetch is not None:
+            if prefetch is not None and prefetch_index is not None:
                 prefetch.cancel()
+                prefetch_index.close()  # (a task cancelled before it ran closes nothing)
             shutil.rmtree(directory, ignore_errors=True)
             raise
         built_now.set()
@@ -205,7 +211,7 @@ class IndexAhead:
                                                  length)
         started = time.monotonic()
         try:
-            fetched = await prefetch_hot_spans(opened, fetch, self.cache)
+            fetched = await prefetch_hot_spans(opened, fetch, self.cache, self._decode_slots)
         finally:
             opened.close()
         if fetched:

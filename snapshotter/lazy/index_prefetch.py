@@ -70,22 +70,26 @@ def runs(spans: list[Span], max_bytes: int = MAX_REQUEST_BYTES) -> list[list[Spa
 
 
 async def prefetch_hot_spans(index: gzindex.GzipIndex, fetch: FetchRange,
-                             cache: "ChunkCache") -> int:
+                             cache: "ChunkCache", decode_slots: asyncio.Semaphore) -> int:
     """Fetch, verify and cache the hot spans of `index` not cached yet; returns the
-    compressed bytes fetched."""
-    spans = await asyncio.to_thread(hot_spans, index)
+    compressed bytes fetched. `decode_slots` bounds the worker threads that inflate
+    and hash, shared by all layers: they share the default executor with the trees'
+    builds, which the mounts wait for (a dozen of them at once queued those builds)."""
+    async with decode_slots:
+        spans = await asyncio.to_thread(hot_spans, index)
     missing = [s for s in spans if "sha256:" + s.digest.hex() not in cache]
     slots = asyncio.Semaphore(REQUESTS_AT_ONCE)
 
     async def one(run: list[Span]) -> int:
-        async with slots:
+        async with slots:  # held until cached: at most that many requests' bytes held
             start, end = run[0].compressed_offset, run[-1].compressed_end
             FETCH_REQUESTS.labels(PREFETCH).inc()
             begun = asyncio.get_running_loop().time()
             data = await fetch(start, end - start)
             FETCH_LATENCY.labels(PREFETCH).observe(asyncio.get_running_loop().time() - begun)
             FETCH_BYTES.labels(PREFETCH).inc(len(data))
-        await asyncio.to_thread(_verify_and_cache, index, run, data, start, cache)
+            async with decode_slots:
+                await asyncio.to_thread(_verify_and_cache, index, run, data, start, cache)
         return len(data)
 
     results = await asyncio.gather(*(one(run) for run in runs(missing)),

@@ -112,8 +112,9 @@ class LazyLayers:
         try:
             fetched = 0
             if ahead is not None:  # what it could not fetch, the fetcher's prefetch does
-                with contextlib.suppress(Exception):
-                    fetched = await ahead
+                await asyncio.wait([ahead])  # its failure is no failure of this prefetch
+                if not ahead.cancelled() and ahead.exception() is None:
+                    fetched = ahead.result()
             fetched += await mounted.fetcher.prefetch()
         finally:
             self._prefetching -= 1
