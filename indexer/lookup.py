@@ -3,16 +3,18 @@
 For the snapshotter (it reads layers through them) and for `lazypull index --show`.
 """
 
+import asyncio
 from dataclasses import dataclass
 
 import gzindex
 from oci.digest import DigestMismatchError
-from oci.manifest import Descriptor
+from oci.manifest import Descriptor, Manifest
 from oci.reference import Reference
 from oci.referrers import find_referrers, read_artifact
 from oci.registry import RegistryClient
 
 MAX_INDEX_SIZE = 1 << 30
+ARTIFACTS_AT_ONCE = 8  # artifact manifests read at once (a registry may list many)
 
 
 @dataclass(frozen=True)
@@ -23,13 +25,22 @@ class LayerIndex:
 
 
 async def find_layer_indexes(client: RegistryClient, reference: Reference,
-                             manifest_digest: str) -> dict[str, LayerIndex]:
+                             manifest_digest: str, *, fallback_at_once: bool = False
+                             ) -> dict[str, LayerIndex]:
     """Layer digest -> its index, from the artifacts that refer to the manifest; a
-    later artifact's index of a layer wins over an earlier one's."""
+    later artifact's index of a layer wins over an earlier one's. `fallback_at_once`:
+    see find_referrers. The artifact manifests are read a few at once."""
     found: dict[str, LayerIndex] = {}
-    for artifact in await find_referrers(client, reference, manifest_digest,
-                                         gzindex.ARTIFACT_TYPE):
-        manifest, subject = await read_artifact(client, reference, artifact)
+    artifacts = await find_referrers(client, reference, manifest_digest,
+                                     gzindex.ARTIFACT_TYPE, fallback_at_once=fallback_at_once)
+    slots = asyncio.Semaphore(ARTIFACTS_AT_ONCE)
+
+    async def read(artifact: Descriptor) -> tuple[Manifest, Descriptor | None]:
+        async with slots:
+            return await read_artifact(client, reference, artifact)
+
+    read_all = await asyncio.gather(*(read(a) for a in artifacts))
+    for artifact, (manifest, subject) in zip(artifacts, read_all, strict=True):
         if subject is None or subject.digest != manifest_digest:
             continue  # an index that lists what does not refer to this manifest
         for layer in manifest.layers:

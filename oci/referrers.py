@@ -13,6 +13,8 @@ by read-modify-write so other referrers stay listed. Lookups ask the referrers A
 first and read the fallback tag when the registry has none.
 """
 
+import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -142,15 +144,31 @@ async def _add_to_fallback(client: RegistryClient, reference: Reference, tag: st
 
 
 async def find_referrers(client: RegistryClient, reference: Reference, subject_digest: str,
-                         artifact_type: str | None = None) -> list[Descriptor]:
+                         artifact_type: str | None = None, *,
+                         fallback_at_once: bool = False) -> list[Descriptor]:
     """Descriptors of the manifests that refer to `subject_digest`, of `artifact_type`
     if given: from the referrers API, else from the fallback tag. Oldest first where
-    the fallback index has them in the order they were pushed."""
-    data = await client.get_referrers(reference, subject_digest, artifact_type)
-    if data is not None:
-        referrers = _referrers_of(data, mt.OCI_INDEX, f"referrers of {subject_digest}")
-    else:
-        referrers = await _read_fallback(client, reference, fallback_tag(subject_digest))
+    the fallback index has them in the order they were pushed. `fallback_at_once`:
+    read the fallback tag while the API is asked (a round trip less where the registry
+    has no API, a request more where it has), its answer used only if the API has none."""
+    fallback = asyncio.ensure_future(
+        _read_fallback(client, reference, fallback_tag(subject_digest))) \
+        if fallback_at_once else None
+    try:
+        data = await client.get_referrers(reference, subject_digest, artifact_type)
+        if data is not None:
+            referrers = _referrers_of(data, mt.OCI_INDEX, f"referrers of {subject_digest}")
+        elif fallback is not None:
+            referrers = await fallback
+        else:
+            referrers = await _read_fallback(client, reference, fallback_tag(subject_digest))
+    finally:
+        if fallback is not None and not fallback.done():
+            fallback.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fallback
+        elif fallback is not None and not fallback.cancelled():
+            fallback.exception()  # retrieved: an unused failed read is no error
     if artifact_type is None:
         return referrers
     return [d for d in referrers if d.extra.get("artifactType") == artifact_type]

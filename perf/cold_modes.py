@@ -52,6 +52,7 @@ from perf.harness import (
     start_node,
     stop_node,
 )
+from perf.index_phases import index_phases
 from perf.workspace_images import WorkspaceImage
 
 PHASES = ("client start", "resolve", "TOC + mounts", "fetch + unpack", "container start",
@@ -85,6 +86,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "the unmodified image + ctr run", "lazypull", PLAIN_TAG, INDEX_REPO_SUFFIX),
     Mode("index-lazy-prefetch", "lazypull through a gzip index with the workload's profile "
          "(its hot list prefetched)", "lazypull", PLAIN_TAG, INDEX_PREFETCH_REPO_SUFFIX),
+    Mode("index-lazy-prefetch-noahead", "index-lazy-prefetch, service with "
+         "gzip_index_ahead = false (each mount fetches its own index)", "lazypull", PLAIN_TAG,
+         INDEX_PREFETCH_REPO_SUFFIX),
     Mode("lazy-warm-set", "lazypull, first start on a node whose warm set already holds "
          "the profiled image (clock from ctr run)", "lazypull", PREFETCH_TAG),
     Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", ESGZ_TAG),
@@ -100,8 +104,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 )}
 TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
          "lazy-warm-set", "lazy-nobg", "lazy-prefetch-nobg", "index-lazy",
-         "index-lazy-prefetch")
-INDEX_MODES = ("index-lazy", "index-lazy-prefetch")
+         "index-lazy-prefetch", "index-lazy-prefetch-noahead")
+INDEX_MODES = ("index-lazy", "index-lazy-prefetch", "index-lazy-prefetch-noahead")
 DEFAULT_TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
                  "lazy-warm-set")
 STARGZ_MODES = ("stargz-noopt", "stargz-opt")
@@ -121,6 +125,9 @@ class Sample:
     wire_bytes: int | None = None  # the whole sample, to the workload's exit
     wire_bytes_at_ready: int | None = None
     counters_at_ready: dict[str, float] = field(default_factory=dict)  # the system's own
+    # lazypull: each layer's mount (from the pull's figures) and the gzip index phases
+    # from the FUSE manager's log (perf/index_phases.py)
+    mounts: dict[str, object] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -128,7 +135,8 @@ class Sample:
                 "ready_s": _round(self.ready_s), "exit_s": _round(self.exit_s),
                 "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
                 "wire_bytes": self.wire_bytes, "wire_bytes_at_ready": self.wire_bytes_at_ready,
-                "counters_at_ready": self.counters_at_ready, "error": self.error}
+                "counters_at_ready": self.counters_at_ready, "mounts": self.mounts,
+                "error": self.error}
 
 
 def _round(value: float | None) -> float | None:
@@ -207,7 +215,8 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
     if mode_name == "lazy-warm-set":
         return [warm_set_sample(setup, image, sample)]
     lazy = mode.system == "lazypull"
-    config = setup.nobg_config() if mode_name.endswith("-nobg") else setup.service_config
+    config = setup.nobg_config() if mode_name.endswith("-nobg") else \
+        setup.noahead_config() if mode_name.endswith("-noahead") else setup.service_config
     node = start_node(setup.next_base("s"), lazy, config,
                       setup.stargz if mode.system == "stargz" else None)
     samples = [sample]
@@ -222,6 +231,9 @@ def cold_sample(setup: Setup, link: Link, image: WorkspaceImage, mode_name: str,
                         sum(layer["seconds"] for layer in result["layers"]))
             timed_run(setup, node, image, ref, "lazypull", clock, sample, wire0,
                       lambda: fetch_metrics(node))
+            sample.mounts = {"layer_s": [layer["seconds"] for layer in result["layers"]],
+                             **index_phases(node.service.log if node.service else "",
+                                            clock.wall)}
         elif mode.system == "stargz":
             assert setup.stargz is not None and node.stargz is not None
             reported = stargz.rpull(setup.stargz, node.daemon.address, NAMESPACE, ref,

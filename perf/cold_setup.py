@@ -108,6 +108,13 @@ class Setup:
             path.write_text(self.service_config.read_text() + "background_fetch = false\n")
         return path
 
+    def noahead_config(self) -> Path:
+        """The service's config with the gzip indexes fetched per mount, none ahead."""
+        path = self.service_config.with_name("service-noahead.toml")
+        if not path.exists():
+            path.write_text(self.service_config.read_text() + "gzip_index_ahead = false\n")
+        return path
+
     def next_base(self, prefix: str) -> Path:
         self.seq += 1
         return self.workdir / f"{prefix}{self.seq}"

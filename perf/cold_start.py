@@ -39,6 +39,8 @@ empty chunk cache; its defaults plus hosts_dir), for stargz modes a new stargz-a
 - lazy-warm-set: a node whose service's warm set holds `v1-esgz-prefetch`, booted and
   ready before the clock; page cache dropped; the clock starts with `ctr run`;
 - lazy-nobg, lazy-prefetch-nobg (on request): the service's background fetch off;
+- index-lazy-prefetch-noahead (on request): index-lazy-prefetch with the service's
+  gzip_index_ahead off (each mount fetches its own index; docs/gzip-index.md);
 - index-lazy, index-lazy-prefetch (on request): the unmodified image (`ws/NAME-index`,
   `ws/NAME-index-prefetch`, pushed and indexed with `lazypull index` at set-up, the
   second with the same profile or list as v1-esgz-prefetch), `lazypull pull` then

@@ -72,6 +72,9 @@ class Config:
     gzip_index_lookup: bool = True
     gzip_index_lookup_seconds: float = 3.0
     gzip_index_negative_ttl_seconds: float = 300.0
+    # The first lookup of an image fetches every layer's index and builds its tree at
+    # once (false: each layer's mount fetches its own when it comes).
+    gzip_index_ahead: bool = True
     # The warm set: images pulled through containerd at start and kept fresh; readiness
     # waits for them. `warm_set` holds tables (ref, policy, namespace, refresh_seconds,
     # block_readiness), `warm_set_dir` files *.toml of [[warm_set]] tables (re-read).

@@ -175,3 +175,11 @@ def test_the_unmodified_image_is_indexed_beside_it(report: dict) -> None:
     assert "unmodified image through its gzip index / converted, with profile" in targets
     sample = next(s for s in data["samples"] if s["mode"] == "index-lazy-prefetch")
     assert sample["counters_at_ready"].get("prefetch_bytes", 0) > 0
+    # where its mounts went: one lookup of the image, each layer's index fetched ahead
+    mounts = sample["mounts"]
+    assert len(mounts["layer_s"]) == len(plain["layers"])
+    assert len(mounts["lookup_s"]) == 1
+    assert len(mounts["layers"]) == len(plain["layers"])
+    assert all(layer["ahead"] for layer in mounts["layers"])
+    converted = next(s for s in data["samples"] if s["mode"] == "lazy")
+    assert "lookup_s" not in converted["mounts"] and converted["mounts"]["layer_s"]

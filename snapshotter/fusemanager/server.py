@@ -23,6 +23,7 @@ from oci.registry import RegistryClient
 from .. import allocator
 from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
+from ..lazy.index_ahead import INDEX_AHEAD_DIR, IndexAhead
 from ..lazy.index_lookup import IndexLookup
 from ..lazy.manager import LazyLayers
 from ..lazy.profiles import ProfileRecorder
@@ -142,7 +143,11 @@ async def serve(config: Config) -> None:
     lazy, client = lazy_layers(config)
     await lazy.start()
     index_lookup = IndexLookup(client, timeout=config.gzip_index_lookup_seconds,
-                               negative_ttl=config.gzip_index_negative_ttl_seconds) \
+                               negative_ttl=config.gzip_index_negative_ttl_seconds,
+                               ahead=IndexAhead(client, os.path.join(config.root,
+                                                                     INDEX_AHEAD_DIR),
+                                                cache=lazy.cache)
+                               if config.gzip_index_ahead else None) \
         if config.gzip_index_lookup else None
     relay = RegistryRelay(client, registry_key(config.hosts_dir, False,
                                                config.docker_config or None),
@@ -182,6 +187,8 @@ async def serve(config: Config) -> None:
     if service.pull_ahead is not None:
         await service.pull_ahead.close()
     await lazy.close()
+    if index_lookup is not None and index_lookup.ahead is not None:
+        index_lookup.ahead.close()  # index trees no mount claimed
     await asyncio.to_thread(lazy.cache.close)  # writes out the recent uses (LRU order)
     await relay.aclose()
     await client.aclose()

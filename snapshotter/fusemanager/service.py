@@ -138,7 +138,8 @@ class FuseManagerService:
                 indexed = await self.index_lookup.open(wanted, found, directory)
                 await asyncio.to_thread(write_layer_record, directory, indexed.record)
                 if name not in self.lazy.layers:
-                    self.lazy.mount(name, indexed.record, indexed.layer)
+                    self.lazy.mount(name, indexed.record, indexed.layer,
+                                    prefetching=indexed.prefetch)
                 return self._served(name)
             index_path = os.path.join(directory, INDEX_FILE)
             opened = None if self.pull_ahead is None else \

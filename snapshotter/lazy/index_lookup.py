@@ -9,12 +9,17 @@ manifest digest for a TTL, so the other layers of the image and the next pull do
 ask again; concurrent Prepares of one image share one lookup. Anything wrong (no
 index, a timeout, an index whose digest or layer does not match) raises NotLazy with
 the reason, and the layer is pulled the ordinary way.
+
+A lookup that finds indexes starts fetching every layer's index blob and building its
+tree at once (index_ahead.py); each layer's mount then claims its own, checked again
+against its descriptor, or fetches it itself if that failed on the way.
 """
 
 import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,7 +33,8 @@ from oci import mediatypes as mt
 from oci.manifest import Descriptor
 
 from ..prometheus import Counter
-from .gzip_layer import GzipLayer, GzipSpanDecoder, build_gzip_layer
+from .gzip_layer import GzipLayer, GzipSpanDecoder, build_gzip_layer, layer_footer
+from .index_ahead import IndexAhead, IndexRefused, StagedIndex
 from .layer_files import GZIP_INDEX_FILE, GZIP_INDEX_KIND, INDEX_FILE, LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .metrics import REGISTRY
@@ -65,6 +71,9 @@ class IndexedLayer:
 
     record: LayerRecord
     layer: GzipLayer
+    # its hot spans being fetched into the chunk cache (fetched ahead): the mount's
+    # prefetch waits for them first
+    prefetch: "asyncio.Task[int] | None" = None
 
 
 @dataclass
@@ -77,8 +86,10 @@ class _Answer:
 
 class IndexLookup:
     def __init__(self, client: "RegistryClient", *, timeout: float = 3.0,
-                 negative_ttl: float = 300.0, clock: Callable[[], float] = time.monotonic):
+                 negative_ttl: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 ahead: IndexAhead | None = None):
         self.client = client
+        self.ahead = ahead  # None: each mount fetches its own index when it comes
         self.timeout = timeout
         self.ttl = negative_ttl
         self._clock = clock
@@ -133,10 +144,15 @@ class IndexLookup:
 
     async def _look_up(self, source: LayerSource, manifest_digest: str) -> _Answer:
         expires = self._clock() + self.ttl
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
+                # The fallback tag read beside the referrers API: a round trip less on
+                # a registry without the API, which answers 404 to it.
                 indexes = await find_layer_indexes(self.client, source.reference,
-                                                   manifest_digest)
+                                                   manifest_digest, fallback_at_once=True)
+            log.info("image %s: gzip index lookup took %.3fs, %d layers indexed",
+                     manifest_digest, time.monotonic() - started, len(indexes))
         except TimeoutError:
             return _Answer({}, TIMEOUT, f"the lookup of {manifest_digest}'s indexes took more "
                            f"than {self.timeout:g}s", expires)
@@ -145,13 +161,39 @@ class IndexLookup:
                            f"{exc}", expires)
         if not indexes:
             return _Answer({}, NONE, f"no gzip index refers to {manifest_digest}", expires)
+        if self.ahead is not None:
+            self.ahead.start(source.reference, indexes.values(), first=source.layer_digest)
         return _Answer(indexes, FOUND, "", expires)
 
     # -- one layer's index ----------------------------------------------------------------
 
     async def _fetch(self, source: LayerSource, found: FoundLayer, index: LayerIndex,
                      directory: str) -> IndexedLayer:
+        staged = None
+        if self.ahead is not None:
+            try:
+                staged = await self.ahead.claim(source.reference, index)
+            except IndexRefused as exc:
+                raise NotLazy(f"layer {found.descriptor.digest}: gzip index "
+                              f"{index.descriptor.digest} refused: {exc}") from None
+        prefetch = None
+        if staged is not None:
+            layer = await asyncio.to_thread(_take_staged, staged, found, directory)
+            prefetch = staged.prefetch
+        else:
+            layer = await self._fetch_now(source, found, index, directory)
         descriptor = found.descriptor
+        record = LayerRecord(str(source.reference), descriptor.digest, descriptor.size,
+                             descriptor.media_type, index.descriptor.digest, "gzip",
+                             descriptor.size, 0, descriptor.size, 0, None,
+                             source.manifest_digest or found.manifest.digest,
+                             kind=GZIP_INDEX_KIND)
+        return IndexedLayer(record, layer, prefetch)
+
+    async def _fetch_now(self, source: LayerSource, found: FoundLayer, index: LayerIndex,
+                         directory: str) -> GzipLayer:
+        descriptor = found.descriptor
+        started = time.monotonic()
         path = os.path.join(directory, GZIP_INDEX_FILE)
         partial = path + ".partial"
         try:
@@ -167,9 +209,13 @@ class IndexLookup:
                     f"it is of a layer of {opened.header.layer_size} bytes, the manifest "
                     f"says {descriptor.size}")
             os.replace(partial, path)
+            fetched = time.monotonic()
             layer = await asyncio.to_thread(
                 build_gzip_layer, opened, index.descriptor.digest, descriptor.size,
                 os.path.join(directory, INDEX_FILE))
+            log.info("layer %s: gzip index %s fetched in %.3fs, its tree built in %.3fs",
+                     descriptor.digest, index.descriptor.digest, fetched - started,
+                     time.monotonic() - fetched)
         except Exception as exc:
             opened.close()
             with contextlib.suppress(OSError):
@@ -177,9 +223,29 @@ class IndexLookup:
             raise NotLazy(f"layer {descriptor.digest}: gzip index {index.descriptor.digest} "
                           f"refused: {exc}") from None
         layer.decoder = GzipSpanDecoder(opened)
-        record = LayerRecord(str(source.reference), descriptor.digest, descriptor.size,
-                             descriptor.media_type, index.descriptor.digest, "gzip",
-                             descriptor.size, 0, descriptor.size, 0, None,
-                             source.manifest_digest or found.manifest.digest,
-                             kind=GZIP_INDEX_KIND)
-        return IndexedLayer(record, layer)
+        return layer
+
+
+def _take_staged(staged: StagedIndex, found: FoundLayer, directory: str) -> GzipLayer:
+    """In a worker thread: the index and tree built ahead, moved into `directory` and
+    opened, if they are of a layer of the descriptor's size."""
+    descriptor, digest = found.descriptor, staged.index.descriptor.digest
+    if staged.layer_size != descriptor.size:
+        shutil.rmtree(staged.directory, ignore_errors=True)
+        raise NotLazy(f"layer {descriptor.digest}: gzip index {digest} refused: it is of a "
+                      f"layer of {staged.layer_size} bytes, the manifest says {descriptor.size}")
+    staged.move_into(directory)
+    opened = None
+    try:
+        opened = gzindex.GzipIndex.open(os.path.join(directory, GZIP_INDEX_FILE))
+        layer = GzipLayer.open_index(os.path.join(directory, INDEX_FILE),
+                                     layer_footer(descriptor.size), digest)
+        if layer is None:
+            raise gzindex.IndexFormatError(f"the tree built from index {digest} did not open")
+    except Exception as exc:
+        if opened is not None:
+            opened.close()
+        raise NotLazy(f"layer {descriptor.digest}: gzip index {digest} refused: {exc}"
+                      ) from None
+    layer.decoder = GzipSpanDecoder(opened)
+    return layer

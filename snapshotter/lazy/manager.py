@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable
 
 import estargz
 from oci.reference import Reference
@@ -100,16 +101,17 @@ class LazyLayers:
     def prefetch_ahead(self, fetcher: LayerFetcher) -> "asyncio.Task[int]":
         """Start the prefetch of a layer not mounted yet (lazy.pull_ahead). It counts as
         a prefetch, so background fetches wait for it too."""
-        return asyncio.create_task(self._counted_prefetch(fetcher))
+        return asyncio.create_task(self._counted(fetcher.prefetch()))
 
     def mount(self, name: str, record: LayerRecord, layer: estargz.Layer, *,
               restored: bool = False, fetcher: LayerFetcher | None = None,
-              prefetching: "asyncio.Task[int] | None" = None,
+              prefetching: "asyncio.Future[int] | None" = None,
               prefetch_runs: list[tuple[int, int]] | None = None) -> str:
         """Serve the layer under MOUNT/<name> and start fetching its prefetch region.
         `restored`: served again after a restart, not freshly pulled. `fetcher` and
-        `prefetching`: the layer's, made and started before its mount (lazy.pull_ahead);
-        the mount's prefetch waits for that one and then fetches what it left out."""
+        `prefetching`: the layer's, made and started before its mount (lazy.pull_ahead),
+        or a fetch of its hot spans under way (lazy.index_prefetch); the mount's prefetch
+        waits for that one and then fetches what it left out."""
         fetcher = fetcher or self.new_fetcher(record, layer, prefetch_runs=prefetch_runs)
         mounted = _MountedLayer(fetcher, record)
         path = self.fs.add_layer(name, layer, fetcher.read)
@@ -127,25 +129,23 @@ class LazyLayers:
         GZIP_INDEX_LAYERS_MOUNTED.set(sum(isinstance(m.fetcher.layer, GzipLayer)
                                           for m in self.layers.values()))
 
-    async def _counted_prefetch(self, fetcher: LayerFetcher) -> int:
+    async def _counted(self, prefetch: Awaitable[int]) -> int:
+        """Await a prefetch, counted so that background fetches wait for it."""
         self._prefetching += 1
         self._prefetch_idle.clear()
         try:
-            return await fetcher.prefetch()
+            return await prefetch
         finally:
             self._prefetching -= 1
             if self._prefetching == 0:
                 self._prefetch_idle.set()
 
     async def _prefetch(self, name: str, mounted: _MountedLayer,
-                        ahead: "asyncio.Task[int] | None" = None) -> int:
+                        ahead: "asyncio.Future[int] | None" = None) -> int:
         fetched = 0
         if ahead is not None:
-            try:
-                fetched = await asyncio.shield(ahead)
-            except Exception as exc:  # the prefetch below fetches what it could not
-                log.info("layer %s: prefetch started at pull failed: %s", name, exc)
-        fetched += await self._counted_prefetch(mounted.fetcher)
+            fetched = await self._counted(_settled(name, ahead))
+        fetched += await self._counted(mounted.fetcher.prefetch())
         log.info("layer %s (%s): prefetched %d bytes", name, mounted.record.digest, fetched)
         if self.background:
             mounted.background = asyncio.create_task(self._fetch_rest(name, mounted))
@@ -248,3 +248,16 @@ class LazyLayers:
 def _failed(task: asyncio.Task[int] | None) -> bool:
     return task is not None and task.done() and not task.cancelled() \
         and task.exception() is not None
+
+
+async def _settled(name: str, ahead: "asyncio.Future[int]") -> int:
+    """Bytes a prefetch started before the mount fetched. Its failure or cancellation is
+    not the mount's: the fetcher's own prefetch then fetches what it could not."""
+    await asyncio.wait([ahead])
+    if ahead.cancelled():
+        log.info("layer %s: prefetch started ahead was cancelled", name)
+        return 0
+    if (exc := ahead.exception()) is not None:
+        log.info("layer %s: prefetch started ahead failed: %s", name, exc)
+        return 0
+    return ahead.result()
