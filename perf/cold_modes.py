@@ -53,6 +53,7 @@ from perf.harness import (
     stop_node,
 )
 from perf.index_phases import index_phases
+from perf.node_memory import node_memory
 from perf.workspace_images import WorkspaceImage
 
 PHASES = ("client start", "resolve", "TOC + mounts", "fetch + unpack", "container start",
@@ -128,6 +129,8 @@ class Sample:
     # lazypull: each layer's mount (from the pull's figures) and the gzip index phases
     # from the FUSE manager's log (perf/index_phases.py)
     mounts: dict[str, object] = field(default_factory=dict)
+    # the snapshotter's processes at READY (perf/node_memory.py)
+    memory_at_ready: dict[str, object] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -136,7 +139,7 @@ class Sample:
                 "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
                 "wire_bytes": self.wire_bytes, "wire_bytes_at_ready": self.wire_bytes_at_ready,
                 "counters_at_ready": self.counters_at_ready, "mounts": self.mounts,
-                "error": self.error}
+                "memory_at_ready": self.memory_at_ready, "error": self.error}
 
 
 def _round(value: float | None) -> float | None:
@@ -169,6 +172,8 @@ def timed_run(setup: Setup, node: Node, image: WorkspaceImage, ref: str, snapsho
     def on_ready() -> None:
         wire_at_ready.append(setup.path.bytes_to_host() - wire0)
         at_ready.update(read_counters())
+        if node.service is not None or node.stargz is not None:
+            sample.memory_at_ready = node_memory(node)
 
     assert node.events is not None
     node.events.first.pop("/tasks/start", None)

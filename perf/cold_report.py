@@ -57,6 +57,11 @@ def mode_summary(samples: list[Sample]) -> dict[str, object]:
                             for p in PHASES if any(p in s.phases for s in ok)},
         "median_wire_bytes_at_ready": _median(s.wire_bytes_at_ready for s in ok),
         "median_wire_bytes": _median(s.wire_bytes for s in ok),
+        # the snapshotter's processes (lazypull: service + FUSE manager) at READY
+        "median_rss_bytes_at_ready": _median(s.memory_at_ready.get("total_rss_bytes")
+                                             for s in ok),
+        "median_pss_bytes_at_ready": _median(s.memory_at_ready.get("total_pss_bytes")
+                                             for s in ok),
         "ready_s": [round(x, 3) for x in ready],
         "errors": [s.error for s in samples if s.error],
     }
@@ -133,19 +138,22 @@ def markdown(results: dict[str, dict], header: str) -> str:
     for link, by_image in results.items():
         lines += [f"### {link}", "",
                   "| image | mode | READY s (median) | spread s | phases s (median) | "
-                  "MB on the wire to READY | x physical limit | runs |",
-                  "|---|---|---:|---:|---|---:|---:|---:|"]
+                  "MB on the wire to READY | x physical limit | snapshotter RSS / PSS MB "
+                  "at READY | runs |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|"]
         for image, entry in by_image.items():
             for mode, s in entry["modes"].items():
                 wire = s["median_wire_bytes_at_ready"]
                 phases = ", ".join(f"{k} {v:.2f}" for k, v in s["median_phases_s"].items()
                                    if v is not None)
                 runs = f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+                rss, pss = s["median_rss_bytes_at_ready"], s["median_pss_bytes_at_ready"]
+                memory = f"{rss / MB:.1f} / {pss / MB:.1f}" if rss and pss else "-"
                 lines.append(
                     f"| {image} | {mode} | {_f(s['median_ready_s'], '.2f')} | "
                     f"{_f(s['spread_s'], '.2f')} | {phases} | "
                     f"{_f(wire / MB if wire is not None else None, '.1f')} | "
-                    f"{_f(s['times_physical_limit'], '.2f')} | {runs} |")
+                    f"{_f(s['times_physical_limit'], '.2f')} | {memory} | {runs} |")
         lines += ["", "| image | bytes read: pages of the files opened, local run, with "
                   "readahead | needed on the wire (est.) | physical limit s | of which local "
                   "floor s |", "|---|---:|---:|---:|---:|"]

@@ -90,6 +90,7 @@ from perf.harness import (
     write_hosts,
 )
 from perf.images import CREATED, GZIP_LEVEL, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, _write_blob
+from perf.node_memory import node_memory
 from perf.workspace_images import push
 from tests.fixtures.registry import RegistryServer, start_registry
 
@@ -510,40 +511,9 @@ def toc_parse(blob: Path, limit: int | None, workdir: Path) -> dict:
 # -- the node: RSS, pulls, FUSE probes ---------------------------------------------------
 
 
-def proc_status(pid: int | None) -> dict[str, int] | None:
-    """VmRSS and VmHWM of `pid`, and its PSS, in bytes; None if it is gone."""
-    if pid is None:
-        return None
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    found = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key.lower() + "_bytes"] = int(value.split()[0]) * KB
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return found
-    for line in rollup.splitlines():
-        key, _, value = line.partition(":")
-        if key == "Pss":
-            found["pss_bytes"] = int(value.split()[0]) * KB
-    return found
-
-
 def memory(node: Node) -> dict:
     assert node.service is not None and node.service.process is not None
-    service = proc_status(node.service.process.pid) if node.service.process.poll() is None \
-        else None
-    manager = proc_status(node.service.fuse_manager_pid)
-    both = [m for m in (service, manager) if m]
-    return {"service": service, "fuse_manager": manager,
-            "total_rss_bytes": sum(m["vmrss_bytes"] for m in both) if both else None,
-            "total_hwm_bytes": sum(m["vmhwm_bytes"] for m in both) if both else None,
-            "total_pss_bytes": sum(m.get("pss_bytes", 0) for m in both) if both else None}
+    return node_memory(node)
 
 
 def telling_lines(node: Node, limit: int = 30) -> list[str]:

@@ -87,6 +87,14 @@ def test_bytes_on_the_wire_and_bytes_read(report: dict) -> None:
     # the lazy service's own counters were read at READY
     sample = next(s for s in data["samples"] if s["mode"] == "lazy")
     assert sample["counters_at_ready"].get("demand_bytes", 0) > 0
+    # and its two processes' memory: the FUSE manager's RSS is in the total
+    memory = sample["memory_at_ready"]
+    assert memory["service"]["vmrss_bytes"] > 0 and memory["fuse_manager"]["pss_bytes"] > 0
+    assert memory["total_rss_bytes"] == (memory["service"]["vmrss_bytes"]
+                                         + memory["fuse_manager"]["vmrss_bytes"])
+    assert modes["lazy"]["median_rss_bytes_at_ready"] == memory["total_rss_bytes"]
+    full = next(s for s in data["samples"] if s["mode"] == "full-overlayfs")
+    assert full["memory_at_ready"] == {}  # no snapshotter of ours or stargz's on that node
 
 
 def test_targets_markdown_and_charts(report: dict) -> None:

@@ -1,0 +1,56 @@
+"""Memory of a benchmark node's snapshotter processes: lazypull's service and FUSE
+manager, or stargz-snapshotter's daemon, read from /proc.
+
+RSS counts every page a process maps, shared ones (libpython, libc) in full for each
+process; PSS splits a shared page between the processes that map it, so the PSS of
+two processes adds up to what they cost together.
+"""
+
+from pathlib import Path
+
+from perf.harness import Node
+
+KB = 1024
+
+
+def proc_status(pid: int | None) -> dict[str, int] | None:
+    """VmRSS and VmHWM of `pid`, and its PSS, in bytes; None if it is gone."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key.lower() + "_bytes"] = int(value.split()[0]) * KB
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return found
+    for line in rollup.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pss":
+            found["pss_bytes"] = int(value.split()[0]) * KB
+    return found
+
+
+def node_memory(node: Node) -> dict:
+    """Each snapshotter process's figures (None if gone) and their totals."""
+    processes: dict[str, dict[str, int] | None] = {}
+    if node.service is not None and node.service.process is not None:
+        alive = node.service.process.poll() is None
+        processes["service"] = proc_status(node.service.process.pid) if alive else None
+        processes["fuse_manager"] = proc_status(node.service.fuse_manager_pid)
+    if node.stargz is not None and node.stargz.process is not None:
+        processes["stargz"] = proc_status(node.stargz.process.pid) \
+            if node.stargz.process.poll() is None else None
+    live = [m for m in processes.values() if m]
+
+    def total(key: str) -> int | None:
+        return sum(m.get(key, 0) for m in live) if live else None
+
+    return {**processes, "total_rss_bytes": total("vmrss_bytes"),
+            "total_hwm_bytes": total("vmhwm_bytes"), "total_pss_bytes": total("pss_bytes")}
