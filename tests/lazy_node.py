@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from .fixtures.containerd import start_containerd, stop_containerd
+from .images import LayoutImage, build_layout_image, push_layout_image
 from .test_snapshotter_containerd import proxy_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,23 @@ NO_BACKGROUND = "background_fetch = false\nprefetch_timeout_seconds = 30.0\n"
 def lazypull(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=300)
+
+
+def convert_pushed(registry: Any, workdir: Path, layers: list[dict[str, Any]], repo: str,
+                   *convert_args: str, hot: str | None = None,
+                   cmd: list[str] | None = None) -> tuple[LayoutImage, dict[str, Any]]:
+    """Build LAYERS, push them as REPO:v1 and `lazypull convert` that to REPO:v1-esgz,
+    its hot files the lines of `hot` (if given); returns the image and the convert
+    command's JSON report."""
+    image = build_layout_image(workdir / "layout", "v1", layers, cmd=cmd)
+    plain = push_layout_image(image.layout, "v1", registry.host, repo)
+    if hot is not None:
+        (workdir / "hot.txt").write_text(hot)
+        convert_args = (*convert_args, "--prefetch-list", str(workdir / "hot.txt"))
+    done = lazypull("convert", plain, f"docker://{registry.host}/{repo}:v1-esgz",
+                    "--no-cache", "--json", *convert_args)
+    assert done.returncode == 0, done.stderr
+    return image, json.loads(done.stdout)
 
 
 def start_lazy_node(snapshotter_factory: Any, registry: Any, fault_proxy_factory: Any,

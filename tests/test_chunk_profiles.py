@@ -19,8 +19,8 @@ import pytest
 
 from snapshotter.fusemanager.client import FuseManagerClient
 
-from .images import File, Symlink, build_layout_image, push_layout_image
-from .lazy_node import lazy_node_fixture, lazypull  # noqa: F401  (the `node` fixture)
+from .images import File, Symlink
+from .lazy_node import convert_pushed, lazy_node_fixture, lazypull  # noqa: F401  (the `node` fixture)
 from .test_pull_ahead import handoff_pull, ranges_of, run_app, wait_for
 
 MIB = 1 << 20
@@ -34,17 +34,13 @@ LAYERS = [
 
 @pytest.fixture(scope="module")
 def image(registry, tmp_path_factory) -> dict[str, Any]:
-    built = build_layout_image(tmp_path_factory.mktemp("img") / "l", "v1", LAYERS,
-                               cmd=["/app/run.sh"])
-    plain = push_layout_image(built.layout, "v1", registry.host, "ws/chunky")
     profile = tmp_path_factory.mktemp("profile") / "profile.json"
     profile.write_text(json.dumps({"schemaVersion": 1, "images": [{"files": [
         {"path": "/app/run.sh"}, {"path": "/bin/busybox"},
         {"path": "/data/lib.bin", "ranges": READ}]}]}))
-    done = lazypull("convert", plain, f"docker://{registry.host}/ws/chunky:v1-esgz",
-                    "--no-cache", "--json", "--prefetch-profile", str(profile))
-    assert done.returncode == 0, done.stderr
-    layer = json.loads(done.stdout)["manifests"][0]["layers"][0]
+    _, report = convert_pushed(registry, tmp_path_factory.mktemp("img"), LAYERS, "ws/chunky",
+                               "--prefetch-profile", str(profile), cmd=["/app/run.sh"])
+    layer = report["manifests"][0]["layers"][0]
     assert layer["prefetch_size"] > len(LIB)  # the whole file is in the prefetch region
     return {"ref": "ws/chunky:v1-esgz", "layer": layer}
 

@@ -9,7 +9,6 @@ of our own in the test registry. A minimal CRI client of our own
 """
 
 import hashlib
-import json
 import tomllib
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .fixtures.cri import (
     write_plain_http_host,
 )
 from .images import File, Symlink, build_layout_image, push_layout_image
-from .lazy_node import lazypull
+from .lazy_node import convert_pushed
 from .test_lazy_pull import HOT, LAYERS, blob_bytes, layer_digests
 from .test_snapshotter_containerd import proxy_config
 
@@ -39,20 +38,15 @@ EXPECTED = "hello lazily\n" + "a" * 100 + "\n100\nrun.sh\n"
 @pytest.fixture(scope="module")
 def images(registry, tmp_path_factory):
     work = tmp_path_factory.mktemp("img")
-    image = build_layout_image(work / "l", "v1", LAYERS, cmd=["/app/run.sh"])
-    plain = push_layout_image(image.layout, "v1", registry.host, "ws/crilazy")
-    hot = work / "hot.txt"
-    hot.write_text(HOT)
-    done = lazypull("convert", plain, f"docker://{registry.host}/ws/crilazy:v1-esgz",
-                    "--no-cache", "--json", "--prefetch-list", str(hot))
-    assert done.returncode == 0, done.stderr
+    image, report = convert_pushed(registry, work, LAYERS, "ws/crilazy", hot=HOT,
+                                   cmd=["/app/run.sh"])
     # The sandbox ("pause") image: busybox sleeping; CRI starts it first in every pod.
     pause = build_layout_image(work / "p", "1", [
         {"bin/busybox": File(Path("/bin/busybox").read_bytes(), 0o755),
          "bin/sleep": Symlink("busybox")}], entrypoint=["/bin/sleep"], cmd=["86400"])
     push_layout_image(pause.layout, "1", registry.host, "ws/pause")
     return {"plain": "ws/crilazy:v1", "lazy": "ws/crilazy:v1-esgz", "image": image,
-            "pause": f"{registry.host}/ws/pause:1", "report": json.loads(done.stdout)}
+            "pause": f"{registry.host}/ws/pause:1", "report": report}
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 from snapshotter.fusemanager.protocol import RELAY_MAX_BLOB
 
 from .fixtures.containerd import unmount_below
-from .images import File, Symlink, build_layout_image, push_layout_image
-from .lazy_node import lazy_node_fixture, lazypull, pull  # noqa: F401  (the `node` fixture)
+from .images import File, Symlink
+from .lazy_node import convert_pushed, lazy_node_fixture, pull  # noqa: F401  (the `node` fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIG = 24 << 20
@@ -72,16 +72,9 @@ def metric_values(service) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def images(registry, tmp_path_factory):
-    image = build_layout_image(tmp_path_factory.mktemp("img") / "l", "v1", LAYERS,
-                               cmd=["/app/run.sh"])
-    plain = push_layout_image(image.layout, "v1", registry.host, "ws/lazy")
-    hot = tmp_path_factory.mktemp("hot") / "hot.txt"
-    hot.write_text(HOT)
-    lazy = f"docker://{registry.host}/ws/lazy:v1-esgz"
-    done = lazypull("convert", plain, lazy, "--no-cache", "--json", "--prefetch-list", str(hot))
-    assert done.returncode == 0, done.stderr
-    return {"plain": "ws/lazy:v1", "lazy": "ws/lazy:v1-esgz", "image": image,
-            "report": json.loads(done.stdout)}
+    image, report = convert_pushed(registry, tmp_path_factory.mktemp("img"), LAYERS, "ws/lazy",
+                                   hot=HOT, cmd=["/app/run.sh"])
+    return {"plain": "ws/lazy:v1", "lazy": "ws/lazy:v1-esgz", "image": image, "report": report}
 
 
 def test_converted_image_starts_lazily(node, images) -> None:

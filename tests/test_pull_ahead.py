@@ -24,8 +24,8 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.fusemanager.client import FuseManagerClient
 
 from .fixtures.fault_proxy import WireFault
-from .images import File, Symlink, build_layout_image, push_layout_image
-from .lazy_node import lazy_node_fixture, lazypull  # noqa: F401  (the `node` fixture)
+from .images import File, Symlink
+from .lazy_node import convert_pushed, lazy_node_fixture, lazypull  # noqa: F401  (the `node` fixture)
 
 BIG = 8 << 20
 BIG_DATA = os.urandom(BIG)
@@ -43,15 +43,9 @@ EXPECTED = "hello ahead\n16\n"
 
 @pytest.fixture(scope="module")
 def images(registry, tmp_path_factory) -> dict[str, Any]:
-    image = build_layout_image(tmp_path_factory.mktemp("img") / "l", "v1", LAYERS,
-                               cmd=["/app/run.sh"])
-    plain = push_layout_image(image.layout, "v1", registry.host, "ws/ahead")
-    hot = tmp_path_factory.mktemp("hot") / "hot.txt"
-    hot.write_text(HOT)
-    done = lazypull("convert", plain, f"docker://{registry.host}/ws/ahead:v1-esgz",
-                    "--no-cache", "--json", "--prefetch-list", str(hot))
-    assert done.returncode == 0, done.stderr
-    manifest = json.loads(done.stdout)["manifests"][0]
+    _, report = convert_pushed(registry, tmp_path_factory.mktemp("img"), LAYERS, "ws/ahead",
+                               hot=HOT, cmd=["/app/run.sh"])
+    manifest = report["manifests"][0]
     assert all(layer["prefetch_size"] for layer in manifest["layers"])
     return {"ref": "ws/ahead:v1-esgz", "manifest": manifest}
 

@@ -21,7 +21,7 @@ from snapshotter.warm.spec import WarmSpecError, merge, parse_entries, read_dir
 from .fixtures.containerd import start_containerd, stop_containerd
 from .fixtures.fault_proxy import WireFault
 from .images import File, Symlink, build_layout_image, push_layout_image
-from .lazy_node import lazypull
+from .lazy_node import convert_pushed, lazypull
 from .test_lazy_pull import blob_bytes
 from .test_snapshotter_containerd import proxy_config
 
@@ -365,15 +365,8 @@ def runnable(registry, tmp_path_factory):
     layers = [{"bin/busybox": File(Path("/bin/busybox").read_bytes(), 0o755),
                "bin/sh": Symlink("busybox"), "etc/hot.txt": b"hot runnable\n"},
               {"data/cold.bin": os.urandom(4 << 20), "etc/cold.txt": b"cold\n"}]
-    image = build_layout_image(tmp_path_factory.mktemp("run") / "l", "v1", layers,
-                               cmd=["/bin/sh"])
-    plain = push_layout_image(image.layout, "v1", registry.host, "ws/warm-run")
-    hot = tmp_path_factory.mktemp("hot") / "hot.txt"
-    hot.write_text(RUN_HOT)
-    done = lazypull("convert", plain, f"docker://{registry.host}/ws/warm-run:v1-esgz",
-                    "--no-cache", "--json", "--prefetch-list", str(hot))
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    _, report = convert_pushed(registry, tmp_path_factory.mktemp("run"), layers, "ws/warm-run",
+                               hot=RUN_HOT, cmd=["/bin/sh"])
     return {"repo": "ws/warm-run:v1-esgz",
             "layers": {layer["digest"] for layer in report["manifests"][0]["layers"]}}
 
