@@ -19,8 +19,31 @@ ReadRanges = dict[str, list[tuple[int, int]]]
 
 
 def encode_read_ranges(ranges: ReadRanges) -> str:
-    return json.dumps({path: [list(r) for r in spans] for path, spans in ranges.items()},
-                      separators=(",", ":"), sort_keys=True)
+    """The annotation for `ranges`, within what decode_read_ranges accepts: ranges
+    whose widened spans meet are merged (the same chunks match), and a file still
+    over MAX_RANGES_PER_FILE, or the largest files while the text is over
+    MAX_ANNOTATION_BYTES, are left out: their prefetch takes them whole."""
+    merged = {path: _merged(spans) for path, spans in ranges.items()}
+    kept = {path: spans for path, spans in merged.items() if len(spans) <= MAX_RANGES_PER_FILE}
+    while True:
+        text = json.dumps({path: [list(r) for r in spans] for path, spans in kept.items()},
+                          separators=(",", ":"), sort_keys=True)
+        if len(text) <= MAX_ANNOTATION_BYTES:
+            return text
+        del kept[max(kept, key=lambda path: len(kept[path]))]
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with ranges closer than twice the margin joined: widened by the margin
+    on each side, they cover the same bytes either way."""
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted(spans):
+        if out and offset <= out[-1][0] + out[-1][1] + 2 * MARGIN_BYTES:
+            start, size = out[-1]
+            out[-1] = (start, max(size, offset + length - start))
+        else:
+            out.append((offset, length))
+    return out
 
 
 def decode_read_ranges(text: str) -> ReadRanges:
