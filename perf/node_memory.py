@@ -6,9 +6,13 @@ process; PSS splits a shared page between the processes that map it, so the PSS 
 two processes adds up to what they cost together.
 """
 
+import os
+import signal
+import time
 from pathlib import Path
 
 from perf.harness import Node
+from snapshotter import memory_trace
 
 KB = 1024
 
@@ -48,9 +52,21 @@ def node_memory(node: Node) -> dict:
         processes["stargz"] = proc_status(node.stargz.process.pid) \
             if node.stargz.process.poll() is None else None
     live = [m for m in processes.values() if m]
+    if memory_trace.trace_dir() is not None and node.service is not None:
+        _ask_for_memory_report(node.service.fuse_manager_pid)
 
     def total(key: str) -> int | None:
         return sum(m.get(key, 0) for m in live) if live else None
 
     return {**processes, "total_rss_bytes": total("vmrss_bytes"),
             "total_hwm_bytes": total("vmhwm_bytes"), "total_pss_bytes": total("pss_bytes")}
+
+
+def _ask_for_memory_report(pid: int | None) -> None:
+    """With LAZYPULL_TRACEMALLOC set, the FUSE manager writes where its memory goes on
+    SIGUSR2 (snapshotter/memory_trace.py); taken after the figures above, as tracing
+    an allocation site costs memory of its own."""
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGUSR2)
+    time.sleep(5)  # the report takes a snapshot of every traced block: let it finish

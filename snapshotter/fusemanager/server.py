@@ -20,7 +20,7 @@ from oci.docker_config import CredentialStore
 from oci.hosts import HostsConfig
 from oci.registry import RegistryClient
 
-from .. import allocator
+from .. import allocator, memory_trace
 from ..config import Config
 from ..lazy.chunk_cache import ChunkCache
 from ..lazy.index_ahead import INDEX_AHEAD_DIR, IndexAhead
@@ -178,6 +178,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    memory_trace.install(loop)
     await stopping.wait()
     log.info("FUSE manager shutting down: unmounting %d lazy layers", len(lazy.layers))
     server.close()
@@ -202,6 +203,7 @@ def run(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     allocator.tune()  # before the worker threads exist
+    memory_trace.start()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     try:
         asyncio.run(serve(config))
