@@ -38,9 +38,13 @@ class Config:
     hosts_dir: str = "/etc/containerd/certs.d"
     docker_config: str = ""  # empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json
     cache_max_bytes: int = 20 << 30
-    # Recently used chunks also kept in memory (a chunk read from disk is hashed again
-    # on every read). The FUSE manager's memory grows by up to this much.
-    cache_memory_bytes: int = 64 << 20
+    # Recently read chunks also kept in memory: the kernel reads a file 128 KiB at a
+    # time, and each read of a chunk only on disk reads all of it (and, unless sealed,
+    # hashes it). The kernel keeps what it read in its page cache, so this needs to hold
+    # the chunks being read, not the image: 16 MiB holds four 4 MiB chunks. The FUSE
+    # manager's memory grows by up to this much (64 MiB before: 13 to 22 MB more at
+    # READY with the python workspace image, docs/node-memory.md).
+    cache_memory_bytes: int = 16 << 20
     # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
     prefetch_timeout_seconds: float = 60.0
     # The longest a read of a lazy file waits for bytes from the registry, retries

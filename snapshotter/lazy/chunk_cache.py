@@ -58,9 +58,12 @@ the writer idle, writes out in one statement; eviction always writes them out fi
 
 Memory tier. Recently used chunks' bytes are also kept in memory (memory_tier: a
 probation segment for chunks just stored, a main one for chunks read; per-entry
-overhead counted). It holds only chunks that are on disk: forgetting a chunk drops
-it from memory as well. `get_from_memory` never touches the disk or the index, so an
-event loop may call it directly.
+overhead counted). Chunks stored ahead of any reader (prefetch, background fetch:
+`put_many(..., keep_in_memory=False)`) stay out of it until a read takes them from
+disk: they would fill it with bytes the disk and the kernel's page cache hold
+already, and which no reader may ask for. It holds only chunks that are on disk:
+forgetting a chunk drops it from memory as well. `get_from_memory` never touches the
+disk or the index, so an event loop may call it directly.
 
 Protection. `protect(digests, owner)` keeps chunks (e.g. an image's warm set) from
 eviction, up to `protected_share` of `max_bytes`; beyond that the chunks protected
@@ -401,11 +404,13 @@ class ChunkCache:
         not). A failure of the disk or the index raises OSError."""
         self.put_many([(digest, data)])
 
-    def put_many(self, chunks: Iterable[tuple[str, bytes]]) -> None:
+    def put_many(self, chunks: Iterable[tuple[str, bytes]], keep_in_memory: bool = True
+                 ) -> None:
         """Store (digest, bytes) pairs in one transaction: one commit for all rather
         than one each. Every chunk is hashed first; a mismatch refuses them all
         (DigestMismatch) before anything is stored. A failure of the disk or the
-        index raises OSError."""
+        index raises OSError. `keep_in_memory`: also into the memory tier (for a
+        reader's chunks; chunks fetched ahead of readers stay on disk only)."""
         incoming: dict[str, tuple[bytes, bytes]] = {}  # digest -> (key, data)
         for digest, data in chunks:
             hex_digest = _hex_of(digest)
@@ -421,19 +426,20 @@ class ChunkCache:
         if not incoming:
             return
         try:
-            self._store(incoming)
+            self._store(incoming, keep_in_memory)
         except OSError as exc:
             if not _disk_full(exc) or not self._make_room(
                     sum(len(data) for _, data in incoming.values())):
                 CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(exc) else "error").inc()
                 raise
             try:  # once more, now that least recently used chunks made room
-                self._store(incoming)
+                self._store(incoming, keep_in_memory)
             except OSError as again:
                 CACHE_WRITE_FAILURES.labels("disk-full" if _disk_full(again) else "error").inc()
                 raise
 
-    def _store(self, incoming: dict[str, tuple[bytes, bytes]]) -> None:
+    def _store(self, incoming: dict[str, tuple[bytes, bytes]], keep_in_memory: bool
+               ) -> None:
         """Write chunks already verified: large ones as files, then every row in one
         transaction. OSError if the disk or the index fails; nothing is stored then."""
         temps: dict[str, str] = {}  # digest -> temp file, for chunks too large to pack
@@ -455,7 +461,8 @@ class ChunkCache:
                                                       placed)
                         if not stored:
                             self._touch_now(digest)
-                        changes.admit[digest] = data
+                        if keep_in_memory:
+                            changes.admit[digest] = data
                     over = self._evict(changes)
                 placed.clear()
                 crash_point("chunk.committed")

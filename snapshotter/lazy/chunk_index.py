@@ -12,7 +12,9 @@ Tables:
 
 WAL with synchronous=NORMAL: a transaction is durable once the WAL reaches the disk,
 a crash at any moment leaves the last committed state, and readers never wait for the
-writer. Each connection keeps at most PAGE_CACHE_KIB of pages in memory.
+writer. Each connection keeps at most PAGE_CACHE_KIB of pages in memory: the kernel's
+page cache holds the file as well, and five connections of 2 MiB held 8 MB of the FUSE
+manager's memory with the python workspace image (mostly packed chunks' pages).
 """
 
 import contextlib
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT = 1  # bumped whenever the tables change: an index of another format is rebuilt
 PACK_LIMIT = 64 << 10  # chunks up to this size are stored in the index, larger ones as files
 HEX = re.compile(r"[0-9a-f]{64}")  # a digest's hex, as the files under sha256/ are named
-PAGE_CACHE_KIB = 2048
+PAGE_CACHE_KIB = 512
 WAL_LIMIT = 64 << 20
 
 _SCHEMA = """

@@ -515,13 +515,14 @@ class LayerFetcher:
         try:
             data = await self._fetch(run[0].offset, run[-1].end - run[0].offset, kind)
             fetched += len(data)
-            first_failures = await self._settle(run, data, futures)
+            first_failures = await self._settle(run, data, futures, kind)
             for group in _adjacent_groups([s for s in run if _holds(s, first_failures)]):
                 self.stats.retries += 1
                 data = await self._fetch(group[0].offset, group[-1].end - group[0].offset, kind)
                 fetched += len(data)
                 digests = {c.digest for span in group for c in span.chunks} & first_failures.keys()
-                failed = await self._settle(group, data, {d: futures[d] for d in digests})
+                failed = await self._settle(group, data, {d: futures[d] for d in digests},
+                                            kind)
                 for digest, reason in failed.items():
                     self._refused.add(digest)
                     self.stats.verification_failures += 1
@@ -550,11 +551,13 @@ class LayerFetcher:
         return data
 
     async def _settle(self, spans: list[Span], data: bytes,
-                      futures: dict[str, asyncio.Future[bytes]]) -> dict[str, str]:
+                      futures: dict[str, asyncio.Future[bytes]], kind: str
+                      ) -> dict[str, str]:
         """Verify and cache the chunks of `futures` found in `data` (the bytes of
-        `spans`), resolve their futures; returns digest -> reason for those that failed."""
+        `spans`), resolve their futures; returns digest -> reason for those that failed.
+        Only a reader's request (DEMAND) puts its chunks in the memory tier as well."""
         good, failed = await asyncio.to_thread(self._verify_and_store, spans, data,
-                                               set(futures))
+                                               set(futures), kind == DEMAND)
         for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
             self._refused.discard(digest)
             future = futures[digest]
@@ -568,7 +571,8 @@ class LayerFetcher:
                 await asyncio.sleep(0)
         return failed
 
-    def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str]
+    def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str],
+                          keep_in_memory: bool = True
                           ) -> tuple[dict[str, bytes], dict[str, str]]:
         """In a worker thread: decompressing and hashing is the slow part."""
         base = spans[0].offset
@@ -587,7 +591,7 @@ class LayerFetcher:
                 failed.pop(chunk.digest, None)  # the same bytes at another place were fine
                 good[chunk.digest] = chunk_bytes
         try:  # in one transaction: a commit per chunk costs more than storing it
-            self.cache.put_many(good.items())
+            self.cache.put_many(good.items(), keep_in_memory=keep_in_memory)
         except OSError as exc:  # a full disk must not fail the read that needs it
             log.warning("cannot cache %d chunks (handed out uncached): %s", len(good), exc)
         return good, failed
