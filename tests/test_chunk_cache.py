@@ -208,6 +208,22 @@ def test_chunks_only_stored_do_not_push_read_chunks_out_of_memory(tmp_path):
     assert cache.get_from_memory(digest_of(chunk_bytes(297))) is None
 
 
+def test_chunks_stored_ahead_of_readers_enter_memory_only_when_read(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=64 * KiB,
+                       memory_item_limit=8 * KiB)
+    ahead = [chunk_bytes(i) for i in range(4)]
+    cache.put_many([(digest_of(data), data) for data in ahead], keep_in_memory=False)
+    assert all(digest_of(data) in cache for data in ahead)
+    assert cache.memory_size_bytes == 0
+    assert cache.get_from_memory(digest_of(ahead[0])) is None
+    assert cache.get(digest_of(ahead[0])) == ahead[0]  # read: from disk, then in memory
+    assert cache.get_from_memory(digest_of(ahead[0])) == ahead[0]
+    assert cache.memory_size_bytes == KiB + ENTRY_OVERHEAD
+    # Stored again ahead of readers (the same chunk in another layer): still disk only.
+    cache.put_many([(digest_of(ahead[1]), ahead[1])], keep_in_memory=False)
+    assert cache.get_from_memory(digest_of(ahead[1])) is None
+
+
 def test_corrupt_chunks_read_as_a_miss_and_are_deleted(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=0)
     packed, flipped, truncated, good = (chunk_bytes(0), chunk_bytes(1, BIG),

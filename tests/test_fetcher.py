@@ -333,6 +333,33 @@ def test_prefetch_then_reading_the_prioritized_files_sends_nothing(blob, tmp_pat
     run(scenario())
 
 
+def test_chunks_fetched_ahead_of_readers_stay_out_of_the_memory_tier(blob, tmp_path):
+    """Prefetch and background fetch store on disk only (the FUSE manager's memory is
+    for the chunks being read); a chunk enters the tier when it is read, and a
+    reader's own request puts its chunks there at once."""
+    async def scenario() -> None:
+        cache = new_cache(tmp_path)
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache,
+                                   background_bytes_per_second=200e6)
+            assert await fetcher.prefetch() > 0
+            assert await fetcher.fetch_all() > 0
+            assert fetcher.is_complete() and len(cache) > 0
+            assert cache.memory_size_bytes == 0
+            name = PRIORITIZED[-1]
+            assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
+            assert 0 < cache.memory_size_bytes
+            read_from_disk = cache.memory_size_bytes
+
+            demand_cache = new_cache(tmp_path / "demand")
+            demand = LayerFetcher(blob.layer, reader_of(client, blob), demand_cache)
+            assert await demand.read(blob.node(name), 0, 1 << 20) == blob.files[name]
+            assert demand.stats.demand_requests > 0
+            assert demand_cache.memory_size_bytes >= read_from_disk
+
+    run(scenario())
+
+
 def test_reads_during_prefetch_wait_for_its_requests(blob, tmp_path):
     async def scenario() -> None:
         log = RangeLog()
