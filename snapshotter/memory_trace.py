@@ -1,11 +1,14 @@
 """Where a node process's memory goes, on request: a diagnostic, off by default.
 
 With LAZYPULL_TRACEMALLOC set to a directory, the process starts tracemalloc at once
-(so the imports are traced as well) and, on SIGUSR2, writes
+and, on SIGUSR2, writes
 `<dir>/memory-<pid>-<n>.txt`: the Python heap's largest allocation sites by traceback,
 the live object counts by type, and /proc/self/smaps_rollup (anonymous against file
 pages). tracemalloc costs memory and time of its own, so the figures of a traced run
-are for attribution, not for reporting.
+are for attribution, not for reporting. LAZYPULL_TRACEMALLOC_FRAMES=0 leaves
+tracemalloc off: the report then holds the figures outside the Python heap and
+those of Python's small-object allocator (which it cannot give while tracing), of a
+process the size it would be.
 """
 
 import asyncio
@@ -16,11 +19,14 @@ import itertools
 import logging
 import os
 import signal
+import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
 ENV_VAR = "LAZYPULL_TRACEMALLOC"
-TRACE_FRAMES = 12
+FRAMES_ENV_VAR = "LAZYPULL_TRACEMALLOC_FRAMES"
+DEFAULT_FRAMES = 12
 TOP_SITES = 40
 TOP_TYPES = 30
 
@@ -33,12 +39,19 @@ def trace_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def frames() -> int:
+    try:
+        return max(0, int(os.environ.get(FRAMES_ENV_VAR, DEFAULT_FRAMES)))
+    except ValueError:
+        return DEFAULT_FRAMES
+
+
 def start() -> bool:
-    """Start tracing if asked; True if tracing."""
+    """Start tracing if asked; True if reports were asked for."""
     if trace_dir() is None:
         return False
-    if not tracemalloc.is_tracing():
-        tracemalloc.start(TRACE_FRAMES)
+    if frames() and not tracemalloc.is_tracing():
+        tracemalloc.start(frames())
     return True
 
 
@@ -53,7 +66,7 @@ def install(loop: asyncio.AbstractEventLoop) -> bool:
 def dump() -> Path | None:
     """Write one report; its path (None if tracing is off or the write failed)."""
     directory = trace_dir()
-    if directory is None or not tracemalloc.is_tracing():
+    if directory is None:
         return None
     gc.collect()
     path = directory / f"memory-{os.getpid()}-{next(_dumps)}.txt"
@@ -68,6 +81,23 @@ def dump() -> Path | None:
 
 
 def report() -> str:
+    lines = _traced_lines() if tracemalloc.is_tracing() else ["tracemalloc off"]
+    lines += ["", "== live objects by type =="]
+    counts = collections.Counter(type(o).__name__ for o in gc.get_objects())
+    lines += [f"{count:10d} {name}" for name, count in counts.most_common(TOP_TYPES)]
+    lines += ["", "== outside the Python heap =="]
+    lines += [f"{name}: {value / 1e6:.2f} MB" for name, value in native_figures().items()]
+    lines += ["", "== Python's small-object allocator (sys._debugmallocstats) =="]
+    lines.append(_small_object_stats())
+    lines += ["", "== /proc/self/smaps_rollup =="]
+    try:
+        lines.append(Path("/proc/self/smaps_rollup").read_text())
+    except OSError as exc:
+        lines.append(f"unreadable: {exc}")
+    return "\n".join(lines) + "\n"
+
+
+def _traced_lines() -> list[str]:
     snapshot = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])
     traced, peak = tracemalloc.get_traced_memory()
@@ -79,17 +109,24 @@ def report() -> str:
     for stat in snapshot.statistics("traceback")[:TOP_SITES]:
         lines.append(f"{stat.size / 1e6:8.2f} MB {stat.count:8d} blocks")
         lines += [f"    {frame}" for frame in stat.traceback.format(most_recent_first=True)]
-    lines += ["", "== live objects by type =="]
-    counts = collections.Counter(type(o).__name__ for o in gc.get_objects())
-    lines += [f"{count:10d} {name}" for name, count in counts.most_common(TOP_TYPES)]
-    lines += ["", "== outside the Python heap =="]
-    lines += [f"{name}: {value / 1e6:.2f} MB" for name, value in native_figures().items()]
-    lines += ["", "== /proc/self/smaps_rollup =="]
-    try:
-        lines.append(Path("/proc/self/smaps_rollup").read_text())
-    except OSError as exc:
-        lines.append(f"unreadable: {exc}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _small_object_stats() -> str:
+    """The summary lines of sys._debugmallocstats, which writes to file descriptor 2:
+    arenas in use, and the bytes their free pools and blocks pin."""
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    keep = ("# arenas", "# bytes in", "Total")
+    return "\n".join(line for line in text.splitlines() if line.startswith(keep))
 
 
 class _MallInfo2(ctypes.Structure):
