@@ -44,6 +44,10 @@ _ROOT_ID = 1
 INDEX_FORMAT = 1
 # Each open layer keeps at most this much of its index in memory (SQLite's page cache).
 _PAGE_CACHE_KIB = 2048
+# ...and, once built and serving, this much: the kernel's page cache holds the file as
+# well, and the FUSE manager keeps one open layer per lazy layer (the python workspace
+# image's five held 2.2 MB more with 2 MiB each, docs/node-memory.md).
+_SERVING_PAGE_CACHE_KIB = 512
 _DIR_CACHE = 4096  # directories remembered by path while a layer is built...
 _DIR_CACHE_CHARS = 32 << 20  # ...and the most path text they may hold
 # Implicit parents each store their whole path, so one deep name implies text that
@@ -254,6 +258,7 @@ class Layer:
 
     def _after_open(self) -> None:
         self._db.execute("PRAGMA query_only = 1")
+        self._db.execute(f"PRAGMA cache_size = -{_SERVING_PAGE_CACHE_KIB}")
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         self.prefetch_end: int | None = meta.get("prefetch_end")
         self.has_no_prefetch_landmark = bool(meta.get("no_prefetch_landmark"))
