@@ -348,7 +348,7 @@ def test_chunks_fetched_ahead_of_readers_stay_out_of_the_memory_tier(blob, tmp_p
             assert cache.memory_size_bytes == 0
             name = PRIORITIZED[-1]
             assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
-            assert 0 < cache.memory_size_bytes
+            assert cache.memory_size_bytes > 0
             read_from_disk = cache.memory_size_bytes
 
             demand_cache = new_cache(tmp_path / "demand")
