@@ -41,7 +41,7 @@ class Config:
     # Recently read chunks also kept in memory: the kernel reads a file 128 KiB at a
     # time, and each read of a chunk only on disk reads all of it (and, unless sealed,
     # hashes it). The kernel keeps what it read in its page cache, so this needs to hold
-    # the chunks being read, not the image: 16 MiB holds four 4 MiB chunks. The FUSE
+    # the chunks being read, not the image: 16 MiB holds three whole 4 MiB chunks. The FUSE
     # manager's memory grows by up to this much (64 MiB before: 13 to 22 MB more at
     # READY with the python workspace image, docs/node-memory.md).
     cache_memory_bytes: int = 16 << 20
