@@ -1,9 +1,11 @@
 """Deciding which layers are lazy, from containerd's Prepare labels and the registry."""
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -125,6 +127,34 @@ def test_first_mount_fetches_every_layers_toc_at_once(images) -> None:
     assert len(manifests) == 1 and len(tails) == 2, seen
     assert {t.split()[1].rsplit("/", 1)[1] for t in tails} == \
         {layer["digest"] for layer in report["layers"]}
+
+
+def test_tocs_claimed_by_their_mounts_are_not_kept_until_the_ahead_timer(images) -> None:
+    """The fetched-ahead TOC bytes go with their mount's claim: the expiry timer (two
+    minutes) holds no reference to them."""
+    _, lazy, report, _ = images
+
+    async def go() -> None:
+        async with RegistryClient(hosts=HostsConfig()) as client:
+            ahead = TocAhead(client, keep_seconds=3600)
+            sources = [layer_source({
+                remote.REF_LABEL: f"sha256:chain{i}", remote.CRI_IMAGE_REF: lazy,
+                remote.CRI_LAYER_DIGEST: layer["digest"],
+                remote.CRI_MANIFEST_DIGEST: report["digest"]})
+                for i, layer in enumerate(report["layers"])]
+            assert all(sources)
+            await ahead.find_layer(sources[0])  # starts every layer's TOC fetch
+            tasks = [weakref.ref(task) for task in ahead._tocs.values()]
+            assert len(tasks) == len(report["layers"])
+            for source in sources:
+                opened = await open_remote_layer(client, source, ahead=ahead)
+                opened.layer.close()
+            del opened
+            assert not ahead._tocs
+            gc.collect()
+            assert all(task() is None for task in tasks)  # while the timers are pending
+
+    asyncio.run(go())
 
 
 def test_toc_beyond_the_tail_takes_a_second_request(images, monkeypatch) -> None:

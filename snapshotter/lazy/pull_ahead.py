@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import shutil
+import weakref
 from dataclasses import dataclass, replace
 
 import estargz
@@ -97,7 +98,9 @@ class PullAhead:
             task = asyncio.create_task(self._open(source, descriptor))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._layers[key] = task
-            asyncio.get_running_loop().call_later(self.keep_seconds, self._expire, key, task)
+            # Weakly: a claimed layer's TOC bytes and fetcher must not wait for the timer.
+            asyncio.get_running_loop().call_later(self.keep_seconds, self._expire, key,
+                                                  weakref.ref(task))
             started += 1
         log.info("pull of %s: opening %d lazy layers ahead of their mounts", reference,
                  started)
@@ -168,8 +171,9 @@ class PullAhead:
         opened.index_path = index_path
         return opened
 
-    def _expire(self, key: BlobKey, task: asyncio.Task[OpenedAhead]) -> None:
-        if self._layers.get(key) is not task:
+    def _expire(self, key: BlobKey, ref: "weakref.ref[asyncio.Task[OpenedAhead]]") -> None:
+        task = ref()
+        if task is None or self._layers.get(key) is not task:
             return
         del self._layers[key]
         asyncio.get_running_loop().create_task(self._drop_task(task))

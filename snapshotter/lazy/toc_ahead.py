@@ -14,6 +14,7 @@ already cost memory only that long.
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,14 +60,17 @@ class TocAhead:
         # A fetch nobody awaits must not log "exception never retrieved".
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         table[key] = task
+        # A weak reference: once a mount has claimed the task (and its TOC bytes), the
+        # timer must not keep them alive until it fires.
         asyncio.get_running_loop().call_later(self.keep_seconds, self._expire, table, key,
-                                              task)
+                                              weakref.ref(task))
         return task
 
     @staticmethod
     def _expire(table: dict[BlobKey, asyncio.Task[Any]], key: BlobKey,
-                task: asyncio.Task[Any]) -> None:
-        if table.get(key) is task:
+                ref: "weakref.ref[asyncio.Task[Any]]") -> None:
+        task = ref()
+        if task is not None and table.get(key) is task:
             del table[key]
 
     async def find_layer(self, source: LayerSource) -> FoundLayer:
