@@ -3,10 +3,17 @@ layer's fetcher once, byte for byte. The registry here is a bytes object behind 
 read_range that logs every request."""
 
 import asyncio
+import functools
+import io
 import os
+import tarfile
+import tracemalloc
 
 import pytest
 
+import estargz
+from estargz.read_ranges import MARGIN_BYTES
+from estargz.reader import spool_toc_json
 from snapshotter.lazy import raw_ahead
 from snapshotter.lazy.raw_ahead import RawAhead
 
@@ -78,3 +85,77 @@ def test_gaps_in_the_region_come_from_the_registry(monkeypatch) -> None:
         assert registry.requests == [(1 << 20, 1 << 20)]
 
     asyncio.run(run())
+
+
+# -- the region, from the TOC -------------------------------------------------------------
+
+def prioritized_blob(extra_files: int) -> tuple[bytes, "estargz.BuildResult"]:
+    """An eStargz blob whose prefetch region holds app/big (1 MiB, chunks of 64 KiB)
+    and app/small, followed by `extra_files` small files."""
+    files = {"app/big": os.urandom(1 << 20), "app/small": b"hello\n"}
+    files.update({f"lib/f{i:06d}": f"file {i}\n".encode() for i in range(extra_files)})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    out = io.BytesIO()
+    result = estargz.build(io.BytesIO(buf.getvalue()), out, estargz.BuildOptions(
+        chunk_size=64 << 10, prioritized_files=["app/big", "app/small"]))
+    return out.getvalue(), result
+
+
+def toc_of(blob: bytes) -> tuple["estargz.Footer", bytes]:
+    footer = estargz.parse_footer(blob[-estargz.footer.MAX_FOOTER_SIZE:], len(blob))
+    return footer, blob[footer.toc_offset:footer.toc_offset + footer.toc_length]
+
+
+def test_the_region_ends_at_the_landmark_less_the_unread_members() -> None:
+    blob, result = prioritized_blob(extra_files=50)
+    footer, toc = toc_of(blob)
+    layer = estargz.load_toc(footer, toc, result.toc_digest)
+    end = layer.prefetch_end
+    assert end and end < len(blob)
+    region = functools.partial(raw_ahead.region_to_fetch, footer, toc, result.toc_digest,
+                               1 << 30)
+    assert region() == [(0, end)]
+    assert region({"lib/f000001": [(0, 1)]}) == [(0, end)]  # a file after the region
+    # app/big read in its first 64 KiB only: its chunks past the margin are left out.
+    chunks = layer.lookup("app/big").chunks
+    got = region({"app/big": [(0, 1)], "app/small": [(0, 6)]})
+    kept = [(c.blob_offset, c.blob_end) for c in chunks if c.file_offset <= MARGIN_BYTES]
+    left = [(c.blob_offset, c.blob_end) for c in chunks if c.file_offset > MARGIN_BYTES]
+    assert left and kept
+
+    def covered(start: int, stop: int) -> bool:
+        return any(a <= start and stop <= b for a, b in got)
+
+    assert all(covered(a, b) for a, b in kept)
+    assert not any(covered(a, b) for a, b in left)
+    small = layer.lookup("app/small").chunks[0]
+    assert covered(small.blob_offset, small.blob_end) and got[-1][1] == end
+    assert region({"app/big": [(0, 1)]}) == got  # app/small absent: kept whole
+    assert raw_ahead.region_to_fetch(footer, toc, "sha256:" + "0" * 64, 1 << 30) == []
+    layer.close()
+
+
+def test_a_large_toc_is_left_to_the_index_build_and_a_small_one_parsed_lean(
+        monkeypatch) -> None:
+    """The TOC's JSON is parsed only up to MAX_TOC_JSON_BYTES, and keeps what the region
+    needs: the parse takes little more than the JSON's own text."""
+    blob, result = prioritized_blob(extra_files=20_000)
+    footer, toc = toc_of(blob)
+    spooled = io.BytesIO()
+    spool_toc_json(footer, toc, 1 << 30, spooled)
+    json_bytes = len(spooled.getvalue())
+    read = {"app/big": [(0, 1)]}
+    tracemalloc.start()
+    try:
+        region = raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert region and peak < 3 * json_bytes
+    monkeypatch.setattr(raw_ahead, "MAX_TOC_JSON_BYTES", json_bytes - 1)
+    assert raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read) == []
