@@ -46,7 +46,7 @@ INDEX_FORMAT = 1
 _PAGE_CACHE_KIB = 2048
 # ...and, once built and serving, this much: the kernel's page cache holds the file as
 # well, and the FUSE manager keeps one open layer per lazy layer (the python workspace
-# image's five held 2.2 MB more with 2 MiB each, docs/node-memory.md).
+# image's layers held 2.1 MB more with 2 MiB each, docs/node-memory.md).
 _SERVING_PAGE_CACHE_KIB = 512
 _DIR_CACHE = 4096  # directories remembered by path while a layer is built...
 _DIR_CACHE_CHARS = 32 << 20  # ...and the most path text they may hold

@@ -13,8 +13,8 @@ Tables:
 WAL with synchronous=NORMAL: a transaction is durable once the WAL reaches the disk,
 a crash at any moment leaves the last committed state, and readers never wait for the
 writer. Each connection keeps at most PAGE_CACHE_KIB of pages in memory: the kernel's
-page cache holds the file as well, and five connections of 2 MiB held 8 MB of the FUSE
-manager's memory with the python workspace image (mostly packed chunks' pages).
+page cache holds the file as well, and with 2 MiB each SQLite held 6 to 8 MB of the FUSE
+manager with the python workspace image (these connections and the layer indexes).
 """
 
 import contextlib
