@@ -224,6 +224,27 @@ def test_chunks_stored_ahead_of_readers_enter_memory_only_when_read(tmp_path):
     assert cache.get_from_memory(digest_of(ahead[1])) is None
 
 
+def test_a_sealed_chunk_file_is_read_in_part_and_never_once_changed(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=8 << 20, memory_bytes=1 << 20,
+                       memory_item_limit=1 << 20)
+    large, packed = chunk_bytes(1, size=2 * PACK_LIMIT), chunk_bytes(2)
+    cache.put_many([(digest_of(large), large), (digest_of(packed), packed)],
+                   keep_in_memory=False)
+    assert cache.read_sealed(digest_of(large), 1000, 70_000) == large[1000:70_000]
+    assert cache.read_sealed(digest_of(large), 5, 5) == b""
+    assert cache.stats.sealed_range_reads == 2 and cache.stats.hashed_reads == 0
+    assert cache.memory_size_bytes == 0  # the kernel's page cache keeps the pages
+    assert cache.read_sealed(digest_of(packed), 0, 10) is None  # not a file: `get` reads it
+    assert cache.read_sealed(digest_of(chunk_bytes(3)), 0, 10) is None  # not stored
+    assert cache.read_sealed(digest_of(large), 0, len(large) + 1) is None  # past its end
+    with pytest.raises(ValueError):
+        cache.read_sealed(digest_of(large), 10, 5)
+    flip_byte(Path(cache.path_of(digest_of(large))), 70_000)  # outside the range read
+    assert cache.read_sealed(digest_of(large), 1000, 2000) is None  # the seal is broken
+    assert cache.get(digest_of(large)) is None and cache.stats.corrupt == 1
+    assert digest_of(large) not in cache
+
+
 def test_corrupt_chunks_read_as_a_miss_and_are_deleted(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=1 << 20, memory_bytes=0)
     packed, flipped, truncated, good = (chunk_bytes(0), chunk_bytes(1, BIG),

@@ -121,11 +121,11 @@ class Blob:
 
 
 def build_and_push(directory: Path, registry: RegistryServer, repository: str,
-                   files: dict[str, bytes]) -> Blob:
+                   files: dict[str, bytes], chunk_size: int = CHUNK_SIZE) -> Blob:
     path = directory / f"{repository.replace('/', '-')}.blob"
     with open(path, "wb") as out:
         result = estargz.build(io.BytesIO(make_tar(files)), out, estargz.BuildOptions(
-            chunk_size=CHUNK_SIZE, prioritized_files=PRIORITIZED, workers=2))
+            chunk_size=chunk_size, prioritized_files=PRIORITIZED, workers=2))
     with estargz.FileSource.open(str(path)) as source:
         layer = estargz.BlobReader.open(source, result.toc_digest).layer
     reference = Reference.parse(f"{registry.host}/{repository}")
@@ -356,6 +356,41 @@ def test_chunks_fetched_ahead_of_readers_stay_out_of_the_memory_tier(blob, tmp_p
             assert await demand.read(blob.node(name), 0, 1 << 20) == blob.files[name]
             assert demand.stats.demand_requests > 0
             assert demand_cache.memory_size_bytes >= read_from_disk
+
+    run(scenario())
+
+
+def test_reads_of_large_chunks_on_disk_take_only_their_part(registry, tmp_path):
+    """A FUSE read of 128 KiB from a sealed 256 KiB chunk file reads those 128 KiB and
+    keeps nothing in memory; a chunk file changed behind the cache's back is hashed,
+    refused and fetched again."""
+    files = {name: big_payload(1 << 20, seed=n) for n, name in enumerate(PRIORITIZED)}
+    blob = build_and_push(tmp_path, registry, "lazy/large-chunks", files,
+                          chunk_size=256 * KiB)
+
+    async def scenario() -> None:
+        cache = ChunkCache(str(tmp_path / "cache"), max_bytes=64 << 20,
+                           memory_bytes=1 << 20, memory_item_limit=512 * KiB)
+        async with make_client() as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache,
+                                   background_bytes_per_second=200e6)
+            assert await fetcher.fetch_all() > 0 and cache.memory_size_bytes == 0
+            name = PRIORITIZED[0]
+            node, data = blob.node(name), files[name]
+            step = 128 * KiB
+            for offset in range(0, len(data), step):
+                assert await fetcher.read(node, offset, step) == data[offset:offset + step]
+            assert cache.stats.sealed_range_reads == len(data) // step
+            assert cache.stats.hashed_reads == 0 and cache.memory_size_bytes == 0
+            assert fetcher.stats.demand_requests == 0
+            chunk = node.chunks[1]
+            path = Path(cache.path_of(chunk.digest))
+            damaged = bytearray(path.read_bytes())
+            damaged[7] ^= 0xFF
+            path.write_bytes(bytes(damaged))
+            offset = chunk.file_offset
+            assert await fetcher.read(node, offset, step) == data[offset:offset + step]
+            assert cache.stats.corrupt == 1 and fetcher.stats.demand_requests == 1
 
     run(scenario())
 

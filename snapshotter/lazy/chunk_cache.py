@@ -31,7 +31,10 @@ every chunk it needed from disk that way). Any write or truncation sets the
 modification time to the present, and any change at all moves the change time, so
 such a file is hashed again and refused if it no longer matches. Files found at a
 start, packed chunks (at most PACK_LIMIT bytes) and files past SEALS_LIMIT are hashed
-on every read from disk, as before.
+on every read from disk, as before. A sealed file may also be read in part
+(`read_sealed`: the seal checked after the read, as for a whole one), so a FUSE read
+of 128 KiB from a 4 MiB chunk reads 128 KiB, and the chunk need not be kept in memory
+for the reads that follow.
 
 Crashes. Rows change in transactions (WAL, synchronous=NORMAL: no fsync per chunk; a
 power loss may lose the last transactions, never tear one). A file is written to
@@ -142,6 +145,7 @@ class CacheStats:
     evictions: int = 0
     corrupt: int = 0
     hashed_reads: int = 0  # disk hits served after hashing the chunk (not sealed)
+    sealed_range_reads: int = 0  # parts of sealed files read (read_sealed)
 
 
 @dataclass
@@ -396,6 +400,39 @@ class ChunkCache:
         if write_touches:
             self._write_touches_if_idle()
         return data
+
+    def read_sealed(self, digest: str, start: int, stop: int) -> bytes | None:
+        """Bytes start..stop of a chunk, if the memory tier holds it or it is a file
+        this process sealed and the seal still holds after the read; None otherwise
+        (then `get` reads, and if need be hashes, the whole chunk). Nothing enters the
+        memory tier: the kernel's page cache keeps the file's pages."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad range {start}..{stop}")
+        data = self.get_from_memory(digest)
+        if data is not None:
+            return data[start:stop]
+        key = bytes.fromhex(_hex_of(digest))
+        with self._lock:
+            noted = self._seals.get(key)
+        if noted is None:
+            return None
+        try:
+            with open(self.path_of(digest), "rb") as file:
+                part = os.pread(file.fileno(), stop - start, start)
+                stat = os.fstat(file.fileno())  # after the read, as in `get`
+        except OSError:
+            return None  # evicted meanwhile, or unreadable: `get` finds out and counts it
+        if _seal_of(stat) != noted or stop > stat.st_size:
+            return None
+        with self._lock:
+            self._touch(digest)
+            self.stats.disk_hits += 1
+            self.stats.sealed_range_reads += 1
+            write_touches = len(self._touches) >= TOUCH_FLUSH
+        _DISK_HITS.inc()
+        if write_touches:
+            self._write_touches_if_idle()
+        return part
 
     # -- writing ---------------------------------------------------------------------
 

@@ -302,21 +302,51 @@ class LayerFetcher:
         chunks = self.layer.chunks_for_range(node, offset, length)
         if not chunks:
             return b""
-        deadline = None if self.read_timeout is None else \
-            asyncio.get_running_loop().time() + self.read_timeout
-        try:
-            found = await self._gather(chunks, deadline)
-        except _ChunkUnavailable as failure:
-            self._report(node, offset, length, failure)
-            raise failure.error from None
         end = min(offset + length, node.size)
-        pieces = []
+        ranges = []  # of each chunk, the bytes wanted, in what the cache keeps for it
         for chunk in chunks:
-            data = found[chunk.digest]
             base = self._decoder.offset_in_decoded(chunk) - chunk.file_offset
-            pieces.append(data[base + max(offset, chunk.file_offset):
-                               base + min(end, chunk.file_offset + chunk.size)])
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            ranges.append((base + max(offset, chunk.file_offset),
+                           base + min(end, chunk.file_offset + chunk.size)))
+        pieces = self._parts_in_memory(chunks, ranges)
+        if any(piece is None for piece in pieces):
+            pieces = await asyncio.to_thread(self._parts_on_disk, chunks, ranges, pieces)
+        missing = [chunk for chunk, piece in zip(chunks, pieces, strict=True) if piece is None]
+        if missing:
+            deadline = None if self.read_timeout is None else \
+                asyncio.get_running_loop().time() + self.read_timeout
+            try:
+                found = await self._gather(missing, deadline)
+            except _ChunkUnavailable as failure:
+                self._report(node, offset, length, failure)
+                raise failure.error from None
+            pieces = [found[chunk.digest][start:stop] if piece is None else piece
+                      for chunk, (start, stop), piece in zip(chunks, ranges, pieces, strict=True)]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[arg-type]
+
+    def _parts_in_memory(self, chunks: list[Chunk], ranges: list[tuple[int, int]]
+                         ) -> list[bytes | None]:
+        parts: list[bytes | None] = []
+        for chunk, (start, stop) in zip(chunks, ranges, strict=True):
+            data = self.cache.get_from_memory(chunk.digest)
+            parts.append(None if data is None else data[start:stop])
+        return parts
+
+    def _parts_on_disk(self, chunks: list[Chunk], ranges: list[tuple[int, int]],
+                       parts: list[bytes | None]) -> list[bytes | None]:
+        """In a worker thread: the parts still missing, read from sealed chunk files
+        (only the bytes wanted), else whole from the cache (verified, and then held in
+        its memory tier for the reads that follow); None for chunks not cached."""
+        found = list(parts)
+        for number, (chunk, (start, stop)) in enumerate(zip(chunks, ranges, strict=True)):
+            if found[number] is not None:
+                continue
+            part = self.cache.read_sealed(chunk.digest, start, stop)
+            if part is None:
+                data = self.cache.get(chunk.digest)
+                part = None if data is None else data[start:stop]
+            found[number] = part
+        return found
 
     def _report(self, node: Node, offset: int, length: int,
                 failure: _ChunkUnavailable) -> None:
