@@ -39,11 +39,11 @@ class Config:
     docker_config: str = ""  # empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json
     cache_max_bytes: int = 20 << 30
     # Recently read chunks also kept in memory: the kernel reads a file 128 KiB at a
-    # time, and each read of a chunk only on disk reads all of it (and, unless sealed,
-    # hashes it). The kernel keeps what it read in its page cache, so this needs to hold
-    # the chunks being read, not the image: 16 MiB holds three whole 4 MiB chunks. The FUSE
-    # manager's memory grows by up to this much (64 MiB before: 13 to 22 MB more at
-    # READY with the python workspace image, docs/node-memory.md).
+    # time, and each read of a chunk that is packed in the index or not sealed reads
+    # (and hashes) all of it; sealed chunk files are read in part, past the tier. The
+    # kernel keeps what it read in its page cache, so this needs to hold the chunks
+    # being read, not the image: 16 MiB holds three whole 4 MiB chunks. The FUSE
+    # manager's memory grows by up to this much (docs/node-memory.md).
     cache_memory_bytes: int = 16 << 20
     # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
     prefetch_timeout_seconds: float = 60.0

@@ -78,8 +78,8 @@ def lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
                             credentials=CredentialStore(config.docker_config or None),
                             timeout=config.registry_stall_seconds)
     # Whole chunks (4 MiB by default) must fit the memory tier: FUSE reads 128 KiB at a
-    # time, and each read of a chunk only on disk reads (and, unless sealed, hashes) all
-    # of it.
+    # time, and each read of a chunk on disk that is not a sealed file reads and hashes
+    # all of it.
     cache = ChunkCache(config.cache_dir, config.cache_max_bytes, config.cache_memory_bytes,
                        memory_item_limit=min(16 << 20, config.cache_memory_bytes // 4))
     profiles = None
