@@ -29,6 +29,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 
 from .fetcher import LayerFetcher
+from .index_build import build_index
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
@@ -116,15 +117,16 @@ class PullAhead:
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
         try:
-            layer = await asyncio.to_thread(estargz.load_toc, fetched.footer,
-                                            fetched.toc_bytes, toc_digest,
-                                            self.max_toc_size, index_path=index_path)
+            built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest,
+                                      self.max_toc_size, index_path=index_path)
         except BaseException as exc:
             if raw is not None:
                 raw.close()
             if isinstance(exc, estargz.FormatError):
                 raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
             raise
+        log.info("layer %s: TOC verified at pull, %s", descriptor.digest, built.describe())
+        layer = built.layer
         remote = RemoteLayer(source, descriptor, toc_digest, fetched.footer,
                              fetched.toc_bytes, layer)
         runs = await asyncio.to_thread(prefetch_runs, layer, read) if read else None

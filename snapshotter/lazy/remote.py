@@ -7,7 +7,7 @@ else is not lazy, and the caller falls back to an ordinary snapshot. (Which Prep
 asks for which layer is `lazy.layer_source`.)
 """
 
-import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manif
 from oci.reference import Reference
 from oci.store import StoreError
 
+from .index_build import build_index
 from .layer_source import LayerSource, NotLazy
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 # eStargz layer of the node workspace image has one of 340 kB), a round trip saved per
 # layer for at most this many bytes of payload fetched with it.
 TAIL_BYTES = 512 << 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,8 +146,10 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
         fetched = await fetch_toc(client, source.reference, descriptor, max_toc_size)
     toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
     try:
-        layer = await asyncio.to_thread(estargz.load_toc, fetched.footer, fetched.toc_bytes,
-                                        toc_digest, max_toc_size, index_path=index_path)
+        built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest, max_toc_size,
+                                  index_path=index_path)
     except estargz.FormatError as exc:
         raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
-    return RemoteLayer(source, descriptor, toc_digest, fetched.footer, fetched.toc_bytes, layer)
+    log.info("layer %s: TOC verified, %s", descriptor.digest, built.describe())
+    return RemoteLayer(source, descriptor, toc_digest, fetched.footer, fetched.toc_bytes,
+                       built.layer)
