@@ -9,12 +9,13 @@ JSON line to stdout (`reply`); the caller reopens the index with `Layer.open_ind
 Request: one JSON line (`request_header`), then the TOC as the blob stores it.
 Reply: {"toc_digest": D, "entries": N, "seconds": S} when the index is complete at
 `index_path`; {"error": "<FormatError class name>", "message": M} for bad input;
-{"os_error": ERRNO, "message": M, "filename": F} when the index cannot be written
-(a full disk). Any other failure ends the child with a non-zero status and a
-traceback on stderr.
+{"os_error": ERRNO, "message": M, "filename": F} or {"sqlite_error": CLASS, "message": M}
+when the index cannot be written (a full disk). Any other failure ends the child
+with a non-zero status and a traceback on stderr.
 """
 
 import json
+import sqlite3
 import sys
 import time
 from typing import Any, BinaryIO
@@ -63,6 +64,8 @@ def reply(stdin: BinaryIO) -> dict[str, Any]:
     except OSError as exc:  # a full disk, say: the caller raises it as OSError again
         return {"os_error": exc.errno, "message": exc.strerror or str(exc),
                 "filename": exc.filename}
+    except sqlite3.Error as exc:  # SQLite's word for the same, raised as its class again
+        return {"sqlite_error": type(exc).__name__, "message": str(exc)}
     answer = {"toc_digest": layer.toc_digest, "entries": layer.entry_count,
               "seconds": round(time.perf_counter() - started, 4)}
     layer.close()

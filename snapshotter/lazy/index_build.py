@@ -9,7 +9,8 @@ on the other core, and its transient memory goes back to the system when it exit
 The child is started with exec (not a bare fork of this threaded process, whose SQLite
 and allocator locks another thread may hold at that moment). At most MAX_BUILDS run at
 once, so the builds leave a core to the event loop. A malformed TOC raises the same
-FormatError subclass, with the same message, as `estargz.load_toc` in this process.
+FormatError subclass, with the same message, as `estargz.load_toc` in this process; a
+full disk the same OSError or sqlite3 error.
 """
 
 import asyncio
@@ -17,6 +18,7 @@ import contextlib
 import glob
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -105,6 +107,10 @@ async def _build(footer: estargz.Footer, toc_bytes: bytes, expected_digest: str 
         raise FORMAT_ERRORS.get(str(error), estargz.FormatError)(str(answer.get("message")))
     if "os_error" in answer:
         raise OSError(answer["os_error"], answer.get("message"), answer.get("filename"))
+    if "sqlite_error" in answer:
+        kind = getattr(sqlite3, str(answer["sqlite_error"]), sqlite3.Error)
+        raise (kind if isinstance(kind, type) and issubclass(kind, sqlite3.Error)
+               else sqlite3.Error)(str(answer.get("message")))
     layer = estargz.Layer.open_index(index_path, footer, str(answer["toc_digest"]))
     if layer is None:
         raise IndexBuildError(f"the index built at {index_path} does not open as complete")
