@@ -164,6 +164,8 @@ class FuseManagerService:
             read = read_ranges_of(remote.descriptor)
             runs = await asyncio.to_thread(prefetch_runs, remote.layer, read) if read else None
             self.lazy.mount(name, LayerRecord.of(remote), remote.layer, prefetch_runs=runs)
+        log.info("layer %s: served lazily from its TOC%s", remote.descriptor.digest,
+                 " (opened at pull)" if opened is not None else "")
         return self._served(name)
 
     async def open_ahead(self, reference: str, manifest_digest: str,
