@@ -55,21 +55,27 @@ def test_child_builds_the_index_load_toc_builds(compression: Compression,
 def test_without_a_path_the_index_is_temporary(tmp_path: Path) -> None:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
+    before = _temporary_indexes()
     built = asyncio.run(build_index(footer, toc, result.toc_digest))
     try:
         assert built.layer.lookup("/") is not None and built.entries > 0
-        (db,) = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                 if "lazypull-layer-" in _link(fd)]
+        (db,) = _temporary_indexes() - before
         assert db.endswith("(deleted)")  # open, but gone from the file system
     finally:
         built.layer.close()
 
 
-def _link(fd: str) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return ""
+def _temporary_indexes() -> set[str]:
+    """What this process's open temporary layer indexes are (their fds' targets)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "lazypull-layer-" in target:
+            found.add(f"{fd} {target}")
+    return found
 
 
 def _hardlink_to_a_later_file(entries: list[dict]) -> None:
