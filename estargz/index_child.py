@@ -5,6 +5,8 @@ A service that serves lazy layers builds each layer's index in a child started w
 does not hold the service's interpreter lock; the memory it needs goes back to the
 system when the child ends. The child reads one request from stdin and writes one
 JSON line to stdout (`reply`); the caller reopens the index with `Layer.open_index`.
+A child may be started ahead of its request, so that its imports are done when the
+TOC arrives; it ends without a reply when its stdin closes or stays empty.
 
 Request: one JSON line (`request_header`), then the TOC as the blob stores it.
 Reply: {"toc_digest": D, "entries": N, "seconds": S} when the index is complete at
@@ -15,6 +17,7 @@ with a non-zero status and a traceback on stderr.
 """
 
 import json
+import select
 import sqlite3
 import sys
 import time
@@ -72,7 +75,14 @@ def reply(stdin: BinaryIO) -> dict[str, Any]:
     return answer
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    # `--wait SECONDS`: started ahead as a spare, the child gives up waiting for its
+    # request after that long (its parent normally ends it sooner).
+    wait = float(argv[argv.index("--wait") + 1]) if "--wait" in argv else None
+    if wait is not None and not select.select([sys.stdin], [], [], wait)[0]:
+        return 0
+    if not sys.stdin.buffer.peek(1):  # the parent closed the pipe: nothing to build
+        return 0
     answer = reply(sys.stdin.buffer)
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
@@ -80,4 +90,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

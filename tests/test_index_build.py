@@ -7,16 +7,22 @@ import errno
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import estargz
 from estargz import Compression, DigestMismatch, FormatError, TOCError, load_toc
-from snapshotter.lazy.index_build import MAX_BUILDS, build_index
+from snapshotter.lazy.index_build import MAX_BUILDS, BuiltIndex, IndexBuilder, build_index
 
 from .test_bad_input import edited, footer_of, index, sample_blob
+
+
+def build(*args: object, **kwargs: object) -> Coroutine[Any, Any, BuiltIndex]:
+    """`build_index` in a child process, whatever the TOC's size (the samples' are small)."""
+    return build_index(*args, in_process_below=0, **kwargs)  # type: ignore[arg-type]
 
 
 def toc_of(blob: bytes) -> tuple[estargz.Footer, bytes]:
@@ -35,7 +41,7 @@ def test_child_builds_the_index_load_toc_builds(compression: Compression,
     blob, result = sample_blob(compression)
     footer, toc = toc_of(blob)
     path = str(tmp_path / "index.db")
-    built = asyncio.run(build_index(footer, toc, result.toc_digest, index_path=path))
+    built = asyncio.run(build(footer, toc, result.toc_digest, index_path=path))
     here = load_toc(footer, toc, result.toc_digest)
     try:
         assert built.entries == here.entry_count > 0
@@ -56,7 +62,7 @@ def test_without_a_path_the_index_is_temporary(tmp_path: Path) -> None:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
     before = _temporary_indexes()
-    built = asyncio.run(build_index(footer, toc, result.toc_digest))
+    built = asyncio.run(build(footer, toc, result.toc_digest))
     try:
         assert built.layer.lookup("/") is not None and built.entries > 0
         (db,) = _temporary_indexes() - before
@@ -92,12 +98,12 @@ def test_a_bad_toc_raises_what_load_toc_raises(compression: Compression,
     with pytest.raises(TOCError) as here:
         load_toc(footer, toc, toc_digest)
     with pytest.raises(TOCError) as child:
-        asyncio.run(build_index(footer, toc, toc_digest, index_path=str(tmp_path / "i.db")))
+        asyncio.run(build(footer, toc, toc_digest, index_path=str(tmp_path / "i.db")))
     assert "is not an earlier entry" in str(child.value)
     assert type(child.value) is type(here.value) and str(child.value) == str(here.value)
 
     with pytest.raises(DigestMismatch, match="TOC digest is sha256:"):
-        asyncio.run(build_index(footer, toc, "sha256:" + "0" * 64))
+        asyncio.run(build(footer, toc, "sha256:" + "0" * 64))
     with pytest.raises(FormatError, match="cannot decompress the TOC"):
         asyncio.run(build_index(footer, b"\x1f\x8b" + b"x" * len(toc), toc_digest))
     assert os.listdir(tmp_path) == []
@@ -121,7 +127,7 @@ def test_a_full_disk_raises_what_load_toc_raises(tiny_disk: Path) -> None:
     with pytest.raises((OSError, sqlite3.Error)) as here:
         load_toc(footer, toc, result.toc_digest, index_path=path)
     with pytest.raises((OSError, sqlite3.Error)) as child:
-        asyncio.run(build_index(footer, toc, result.toc_digest, index_path=path))
+        asyncio.run(build(footer, toc, result.toc_digest, index_path=path))
     assert type(child.value) is type(here.value)
     if isinstance(here.value, OSError):
         assert child.value.errno == here.value.errno == errno.ENOSPC  # type: ignore[union-attr]
@@ -138,8 +144,8 @@ def test_a_cancelled_build_leaves_no_partial_index(tmp_path: Path) -> None:
     async def go() -> None:
         # More builds than may run at once: the last ones are cancelled while queued,
         # the running one while its child works or right after.
-        tasks = [asyncio.create_task(build_index(footer, toc, result.toc_digest,
-                                                 index_path=f"{path}.{n}"))
+        tasks = [asyncio.create_task(build(footer, toc, result.toc_digest,
+                                           index_path=f"{path}.{n}"))
                  for n in range(MAX_BUILDS + 2)]
         await asyncio.sleep(0)
         for task in tasks:
@@ -150,6 +156,66 @@ def test_a_cancelled_build_leaves_no_partial_index(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".building")]
-    after = asyncio.run(build_index(footer, toc, result.toc_digest, index_path=path))
+    after = asyncio.run(build(footer, toc, result.toc_digest, index_path=path))
     assert after.entries > 0  # the slots were given back
     after.layer.close()
+
+
+def test_a_small_toc_is_indexed_in_process(tmp_path: Path) -> None:
+    blob, result = sample_blob(Compression.ZSTD)
+    footer, toc = toc_of(blob)
+    built = asyncio.run(build_index(footer, toc, result.toc_digest,
+                                    index_path=str(tmp_path / "index.db")))
+    assert built.in_process and "built in process" in built.describe()
+    child = asyncio.run(build(footer, toc, result.toc_digest))
+    assert not child.in_process
+    assert tree(built.layer) == tree(child.layer)
+    built.layer.close()
+    child.layer.close()
+
+
+async def _until(condition: Callable[[], object]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_builds_take_the_children_started_ahead(tmp_path: Path) -> None:
+    blob, result = sample_blob(Compression.GZIP)
+    footer, toc = toc_of(blob)
+
+    async def go() -> None:
+        builder = IndexBuilder(spares=1, spare_seconds=60)
+        builder.warm()
+        await asyncio.wait_for(_until(lambda: builder.waiting), 60)
+        (spare,) = builder.waiting
+        built = await build(footer, toc, result.toc_digest, builder=builder,
+                            index_path=str(tmp_path / "index.db"))
+        assert built.entries > 0
+        built.layer.close()
+        assert _gone(spare)  # it did the build and was reaped
+        await asyncio.wait_for(_until(lambda: builder.waiting), 60)  # one in its place
+        (replacement,) = builder.waiting
+        assert replacement != spare
+        await builder.close()
+        assert builder.waiting == [] and _gone(replacement)
+        builder.warm()  # closed: starts nothing
+        assert builder.waiting == [] and builder._adding == 0
+
+    asyncio.run(go())
+
+
+def test_a_spare_not_taken_is_ended() -> None:
+    async def go() -> None:
+        builder = IndexBuilder(spares=2, spare_seconds=0.5)
+        builder.warm()
+        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 2), 60)
+        spares = builder.waiting
+        await asyncio.wait_for(_until(lambda: not builder.waiting), 60)
+        await asyncio.wait_for(_until(lambda: all(_gone(pid) for pid in spares)), 60)
+        await builder.close()
+
+    asyncio.run(go())

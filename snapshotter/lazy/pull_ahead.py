@@ -29,7 +29,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 
 from .fetcher import LayerFetcher
-from .index_build import build_index
+from .index_build import IndexBuilder, build_index
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
@@ -55,8 +55,9 @@ class OpenedAhead:
 class PullAhead:
     def __init__(self, lazy: LazyLayers, toc_ahead: TocAhead, directory: str,
                  max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE,
-                 keep_seconds: float = KEEP_SECONDS):
+                 keep_seconds: float = KEEP_SECONDS, builder: IndexBuilder | None = None):
         self.lazy = lazy
+        self.builder = builder  # processes started ahead for the index builds
         self.toc_ahead = toc_ahead
         self.directory = directory  # where indexes wait for their mount
         self.max_toc_size = max_toc_size
@@ -94,6 +95,8 @@ class PullAhead:
                     or descriptor.digest in mounted or key in self._layers \
                     or key in self._claimed:
                 continue
+            if self.builder is not None:
+                self.builder.warm()  # their start overlaps the TOCs' fetch
             source = LayerSource("", reference, descriptor.digest, manifest_digest)
             task = asyncio.create_task(self._open(source, descriptor))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -118,7 +121,8 @@ class PullAhead:
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
         try:
             built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest,
-                                      self.max_toc_size, index_path=index_path)
+                                      self.max_toc_size, index_path=index_path,
+                                      builder=self.builder)
         except BaseException as exc:
             if raw is not None:
                 raw.close()

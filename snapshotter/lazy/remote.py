@@ -17,7 +17,7 @@ from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manif
 from oci.reference import Reference
 from oci.store import StoreError
 
-from .index_build import build_index
+from .index_build import IndexBuilder, build_index
 from .layer_source import LayerSource, NotLazy
 
 if TYPE_CHECKING:
@@ -131,11 +131,13 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
                             max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
                             index_path: str | None = None,
                             descriptor: Descriptor | None = None,
-                            ahead: "TocAhead | None" = None) -> RemoteLayer:
+                            ahead: "TocAhead | None" = None,
+                            builder: IndexBuilder | None = None) -> RemoteLayer:
     """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
     index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
     if the caller has read the manifest already. With `ahead`, the manifest and TOC
-    come from what it fetched (or fetches) for the whole image."""
+    come from what it fetched (or fetches) for the whole image. `builder`: the
+    processes that build indexes (lazy.index_build), started ahead."""
     if descriptor is None:
         found = await (ahead.find_layer(source) if ahead is not None
                        else find_layer(client, source))
@@ -147,7 +149,7 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
     toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
     try:
         built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest, max_toc_size,
-                                  index_path=index_path)
+                                  index_path=index_path, builder=builder)
     except estargz.FormatError as exc:
         raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
     log.info("layer %s: TOC verified, %s", descriptor.digest, built.describe())
