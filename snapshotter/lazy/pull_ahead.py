@@ -110,20 +110,31 @@ class PullAhead:
     async def _open(self, source: LayerSource, descriptor: Descriptor) -> OpenedAhead:
         fetched = await self.toc_ahead.toc(source.reference, descriptor)
         toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
-        # The prefetch region's bytes start flowing now; its chunks are known only once
-        # the index is built, which takes long (lazy.raw_ahead).
-        read = read_ranges_of(descriptor)
-        region = await asyncio.to_thread(region_to_fetch, fetched.footer, fetched.toc_bytes,
-                                         toc_digest, self.max_toc_size, read)
-        raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
-                                         descriptor.digest), region).start() if region else None
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
+        # The index is built in a child process (lazy.index_build) while this process
+        # reads the prefetch region from the TOC, whose bytes start flowing at once; its
+        # chunks are known only once the index is built (lazy.raw_ahead).
+        building = asyncio.create_task(build_index(
+            fetched.footer, fetched.toc_bytes, toc_digest, self.max_toc_size,
+            index_path=index_path, builder=self.builder))
+        raw = None
         try:
-            built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest,
-                                      self.max_toc_size, index_path=index_path,
-                                      builder=self.builder)
+            read = read_ranges_of(descriptor)
+            region = await asyncio.to_thread(region_to_fetch, fetched.footer,
+                                             fetched.toc_bytes, toc_digest, self.max_toc_size,
+                                             read)
+            raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
+                                             descriptor.digest), region).start() \
+                if region else None
+            built = await building
         except BaseException as exc:
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(BaseException):
+                    await building
+            elif not building.cancelled() and building.exception() is None:
+                building.result().layer.close()
             if raw is not None:
                 raw.close()
             if isinstance(exc, estargz.FormatError):
