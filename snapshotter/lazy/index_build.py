@@ -150,16 +150,15 @@ class IndexBuilder:
         return [process.pid for _, process in self._ready]
 
     async def child(self) -> Process:
-        """A started child for one build: a spare if one waits (another is started in
-        its place), else a new one."""
+        """A started child for one build: a spare if one waits, else a new one. None is
+        started in a spare's place: on 2 cores its start would slow the builds under
+        way, and the next pull or mount warms again."""
         now = time.monotonic()
         while self._ready:
             started, process = self._ready.pop(0)
             if now - started < self.spare_seconds and process.returncode is None:
-                self.warm()
                 return process
             await _end(process)
-        self.warm()
         return await _start_child()
 
     async def close(self) -> None:
