@@ -128,6 +128,8 @@ class IndexBuilder:
     async def _add_spare(self) -> None:
         try:
             process = await _start_child(wait=2 * self.spare_seconds)
+        except OSError:
+            return  # no spare: a build starts its own child, and says why if it cannot
         finally:
             self._adding -= 1
         if self._closed:
