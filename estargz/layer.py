@@ -211,7 +211,13 @@ class Layer:
         # A kept index is built beside its place and renamed when complete, so a crash
         # never leaves a half-built one under the real name.
         building = None if index_path is None else _building_path(index_path)
-        self._db = _open_for_build(building)
+        try:
+            self._db = _open_for_build(building)
+        except BaseException:  # a full disk, say: no file is left either way
+            if building is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(building)
+            raise
         try:
             _Builder(self._db, footer).run(entries)
             self._set_meta({"format": INDEX_FORMAT, "toc_digest": toc_digest,

@@ -1,7 +1,9 @@
 """Where a lazy pull spends its time in the FUSE manager, from its log lines
-(snapshotter/lazy/index_lookup.py, index_ahead.py, manager.py): the image's gzip index
-lookup, each layer's index fetch and tree build (and whether it was fetched ahead),
-and when each layer was mounted and its prefetch done, on the sample's clock."""
+(snapshotter/lazy/index_lookup.py, index_ahead.py, remote.py, pull_ahead.py,
+manager.py): the image's gzip index lookup, each layer's index fetch and tree build
+(and whether it was fetched ahead), each converted layer's TOC index build (at pull or
+at mount; its time in the build process and queued for it), and when each layer's
+index was built, the layer mounted and its prefetch done, on the sample's clock."""
 
 import re
 from datetime import datetime
@@ -9,10 +11,14 @@ from datetime import datetime
 _LOOKUP = re.compile(r"gzip index lookup took ([0-9.]+)s")
 _LAYER = re.compile(r"layer (\S+): gzip index \S+ fetched( ahead)? in ([0-9.]+)s, "
                     r"its tree built in ([0-9.]+)s")
+_BUILT = re.compile(r"layer (\S+): TOC verified( at pull)?, index of (\d+) entries built in "
+                    r"([0-9.]+)s \(([0-9.]+)s building, ([0-9.]+)s queued\)")
 # "2026-12-07 01:07:31,123 INFO name: message" (the services' logging format)
 _HOT = re.compile(r"layer (\S+): (\d+) bytes of hot spans fetched ahead in ([0-9.]+)s")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-_EVENTS = (("mounted", re.compile(r"layer (sha256:\w+): served lazily through gzip index")),
+_EVENTS = (("index built", re.compile(r"layer (sha256:\w+): TOC verified")),
+           ("mounted", re.compile(r"layer (sha256:\w+): served lazily (through gzip index|"
+                                  r"from its TOC)")),
            ("hot ahead", re.compile(r"layer (sha256:\w+): \d+ bytes of hot spans fetched ahead")),
            ("prefetched", re.compile(r"layer \S+ \((sha256:\w+)\): prefetched \d+ bytes")))
 
@@ -27,8 +33,14 @@ def index_phases(log: str, started_wall: float | None = None) -> dict[str, objec
               for m in _LAYER.finditer(log)]
     hot = [{"layer": m.group(1)[:19], "bytes": int(m.group(2)), "seconds": float(m.group(3))}
            for m in _HOT.finditer(log)]
+    builds = [{"layer": m.group(1)[:19], "at_pull": bool(m.group(2)),
+               "entries": int(m.group(3)), "total_s": float(m.group(4)),
+               "build_s": float(m.group(5)), "queued_s": float(m.group(6))}
+              for m in _BUILT.finditer(log)]
     if lookups or layers:
         out.update(lookup_s=lookups, layers=layers, hot_ahead=hot)
+    if builds:
+        out["toc_builds"] = builds
     if started_wall is not None:
         out["timeline_s"] = timeline(log, started_wall)
     return out
@@ -36,7 +48,7 @@ def index_phases(log: str, started_wall: float | None = None) -> dict[str, objec
 
 def timeline(log: str, started_wall: float) -> list[tuple[float, str, str]]:
     """(seconds since the clock started, event, layer digest prefix) of each layer's
-    mount through an index and each layer's prefetch end, in log order."""
+    index built from its TOC, its mount and its prefetch end, in log order."""
     events = []
     for line in log.splitlines():
         stamp = _STAMP.match(line)

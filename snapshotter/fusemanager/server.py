@@ -187,6 +187,7 @@ async def serve(config: Config) -> None:
     await asyncio.gather(*connections, return_exceptions=True)
     if service.pull_ahead is not None:
         await service.pull_ahead.close()
+    await service.index_builder.close()
     await lazy.close()
     if index_lookup is not None and index_lookup.ahead is not None:
         index_lookup.ahead.close()  # index trees no mount claimed

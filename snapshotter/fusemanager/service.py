@@ -22,6 +22,7 @@ from estargz.toc import DEFAULT_MAX_TOC_SIZE
 from oci.reference import Reference, ReferenceError
 
 from ..errors import Unavailable
+from ..lazy.index_build import IndexBuilder
 from ..lazy.index_lookup import IndexLookup, indexable
 from ..lazy.layer_chunks import bytes_cached, chunks_missing, wanted_digests
 from ..lazy.layer_files import (
@@ -66,9 +67,10 @@ class FuseManagerService:
         self.max_toc_bytes = max_toc_bytes
         self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
         self.toc_ahead = TocAhead(lazy.client, max_toc_bytes)
+        self.index_builder = IndexBuilder()  # the processes that index layers' TOCs
         # None: layers are opened by their mounts only (pull_ahead is refused).
-        self.pull_ahead = PullAhead(lazy, self.toc_ahead, ahead_dir, max_toc_bytes) \
-            if ahead_dir else None
+        self.pull_ahead = PullAhead(lazy, self.toc_ahead, ahead_dir, max_toc_bytes,
+                                    builder=self.index_builder) if ahead_dir else None
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount, "pull_ahead": self.open_ahead,
@@ -147,10 +149,12 @@ class FuseManagerService:
             if opened is not None:
                 remote = opened.remote
             else:
+                self.index_builder.warm()  # its start overlaps the TOC's fetch
                 remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
                                                  index_path=index_path,
                                                  descriptor=found.descriptor,
-                                                 ahead=self.toc_ahead)
+                                                 ahead=self.toc_ahead,
+                                                 builder=self.index_builder)
         except NotLazy as exc:
             raise ManagerError(NOT_LAZY, str(exc)) from None
         await asyncio.to_thread(write_layer_files, directory, remote)
@@ -164,6 +168,8 @@ class FuseManagerService:
             read = read_ranges_of(remote.descriptor)
             runs = await asyncio.to_thread(prefetch_runs, remote.layer, read) if read else None
             self.lazy.mount(name, LayerRecord.of(remote), remote.layer, prefetch_runs=runs)
+        log.info("layer %s: served lazily from its TOC%s", remote.descriptor.digest,
+                 " (opened at pull)" if opened is not None else "")
         return self._served(name)
 
     async def open_ahead(self, reference: str, manifest_digest: str,

@@ -30,6 +30,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 
 from .fetcher import LayerFetcher
+from .index_build import IndexBuilder, build_index
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
@@ -55,8 +56,9 @@ class OpenedAhead:
 class PullAhead:
     def __init__(self, lazy: LazyLayers, toc_ahead: TocAhead, directory: str,
                  max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE,
-                 keep_seconds: float = KEEP_SECONDS):
+                 keep_seconds: float = KEEP_SECONDS, builder: IndexBuilder | None = None):
         self.lazy = lazy
+        self.builder = builder  # processes started ahead for the index builds
         self.toc_ahead = toc_ahead
         self.directory = directory  # where indexes wait for their mount
         self.max_toc_size = max_toc_size
@@ -94,6 +96,8 @@ class PullAhead:
                     or descriptor.digest in mounted or key in self._layers \
                     or key in self._claimed:
                 continue
+            if self.builder is not None:
+                self.builder.warm()  # their start overlaps the TOCs' fetch
             source = LayerSource("", reference, descriptor.digest, manifest_digest)
             task = asyncio.create_task(self._open(source, descriptor))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -109,25 +113,38 @@ class PullAhead:
     async def _open(self, source: LayerSource, descriptor: Descriptor) -> OpenedAhead:
         fetched = await self.toc_ahead.toc(source.reference, descriptor)
         toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
-        # The prefetch region's bytes start flowing now; its chunks are known only once
-        # the index is built, which takes long (lazy.raw_ahead).
-        read = read_ranges_of(descriptor)
-        region = await asyncio.to_thread(region_to_fetch, fetched.footer, fetched.toc_bytes,
-                                         toc_digest, self.max_toc_size, read)
-        raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
-                                         descriptor.digest), region).start() if region else None
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
+        # The index is built in a child process (lazy.index_build) while this process
+        # reads the prefetch region from the TOC, whose bytes start flowing at once; its
+        # chunks are known only once the index is built (lazy.raw_ahead).
+        building = asyncio.create_task(build_index(
+            fetched.footer, fetched.toc_bytes, toc_digest, self.max_toc_size,
+            index_path=index_path, builder=self.builder))
+        raw = None
         try:
-            layer = await asyncio.to_thread(estargz.load_toc, fetched.footer,
-                                            fetched.toc_bytes, toc_digest,
-                                            self.max_toc_size, index_path=index_path)
+            read = read_ranges_of(descriptor)
+            region = await asyncio.to_thread(region_to_fetch, fetched.footer,
+                                             fetched.toc_bytes, toc_digest, self.max_toc_size,
+                                             read)
+            raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
+                                             descriptor.digest), region).start() \
+                if region else None
+            built = await building
         except BaseException as exc:
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(BaseException):
+                    await building
+            elif not building.cancelled() and building.exception() is None:
+                building.result().layer.close()
             if raw is not None:
                 raw.close()
             if isinstance(exc, estargz.FormatError):
                 raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
             raise
+        log.info("layer %s: TOC verified at pull, %s", descriptor.digest, built.describe())
+        layer = built.layer
         remote = RemoteLayer(source, descriptor, toc_digest, fetched.footer,
                              fetched.toc_bytes, layer)
         runs = await asyncio.to_thread(prefetch_runs, layer, read) if read else None

@@ -7,7 +7,7 @@ else is not lazy, and the caller falls back to an ordinary snapshot. (Which Prep
 asks for which layer is `lazy.layer_source`.)
 """
 
-import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manif
 from oci.reference import Reference
 from oci.store import StoreError
 
+from .index_build import IndexBuilder, build_index
 from .layer_source import LayerSource, NotLazy
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 # eStargz layer of the node workspace image has one of 340 kB), a round trip saved per
 # layer for at most this many bytes of payload fetched with it.
 TAIL_BYTES = 512 << 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,11 +131,13 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
                             max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE, *,
                             index_path: str | None = None,
                             descriptor: Descriptor | None = None,
-                            ahead: "TocAhead | None" = None) -> RemoteLayer:
+                            ahead: "TocAhead | None" = None,
+                            builder: IndexBuilder | None = None) -> RemoteLayer:
     """Fetch and verify the layer's TOC and index it (at `index_path` to keep the
     index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
     if the caller has read the manifest already. With `ahead`, the manifest and TOC
-    come from what it fetched (or fetches) for the whole image."""
+    come from what it fetched (or fetches) for the whole image. `builder`: the
+    processes that build indexes (lazy.index_build), started ahead."""
     if descriptor is None:
         found = await (ahead.find_layer(source) if ahead is not None
                        else find_layer(client, source))
@@ -143,8 +148,10 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
         fetched = await fetch_toc(client, source.reference, descriptor, max_toc_size)
     toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
     try:
-        layer = await asyncio.to_thread(estargz.load_toc, fetched.footer, fetched.toc_bytes,
-                                        toc_digest, max_toc_size, index_path=index_path)
+        built = await build_index(fetched.footer, fetched.toc_bytes, toc_digest, max_toc_size,
+                                  index_path=index_path, builder=builder)
     except estargz.FormatError as exc:
         raise NotLazy(f"layer {descriptor.digest}: {exc}") from None
-    return RemoteLayer(source, descriptor, toc_digest, fetched.footer, fetched.toc_bytes, layer)
+    log.info("layer %s: TOC verified, %s", descriptor.digest, built.describe())
+    return RemoteLayer(source, descriptor, toc_digest, fetched.footer, fetched.toc_bytes,
+                       built.layer)

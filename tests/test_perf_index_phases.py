@@ -1,0 +1,33 @@
+"""perf/index_phases.py reads the FUSE manager's log lines of a converted layer's
+index build, mount and prefetch as the services write them."""
+
+import logging
+from datetime import datetime
+
+from perf.index_phases import index_phases
+from snapshotter.lazy.index_build import BuiltIndex
+
+
+def test_converted_layer_phases_are_read_from_the_log_lines() -> None:
+    built = BuiltIndex(layer=None, entries=6654, build_seconds=0.1304,  # type: ignore[arg-type]
+                       queued_seconds=0.012, total_seconds=0.2513)
+    digest = "sha256:" + "ab" * 32
+    # The services' logging format, and the messages remote.py, pull_ahead.py,
+    # fusemanager/service.py and manager.py log.
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lines = []
+    for seconds, message in ((0.25, f"layer {digest}: TOC verified at pull, {built.describe()}"),
+                             (0.5, f"layer {digest}: served lazily from its TOC (opened at pull)"),
+                             (1.75, f"layer m1 ({digest}): prefetched 10 bytes")):
+        record = logging.LogRecord("x", logging.INFO, "", 0, message, None, None)
+        record.created, record.msecs = 1_800_000_000 + seconds, seconds % 1 * 1000
+        lines.append(formatter.format(record))
+    started = datetime.fromtimestamp(1_800_000_000).timestamp()
+
+    phases = index_phases("\n".join(lines), started)
+
+    assert phases["toc_builds"] == [{"layer": digest[:19], "at_pull": True, "entries": 6654,
+                                     "total_s": 0.251, "build_s": 0.130, "queued_s": 0.012}]
+    assert phases["timeline_s"] == [(0.25, "index built", digest[:19]),
+                                    (0.5, "mounted", digest[:19]),
+                                    (1.75, "prefetched", digest[:19])]
