@@ -41,13 +41,42 @@ def proc_status(pid: int | None) -> dict[str, int] | None:
     return found
 
 
+def children_of(pid: int | None) -> list[int]:
+    """The PIDs of `pid`'s child processes (none if it is gone)."""
+    if pid is None:
+        return []
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in threads:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _children_status(pids: list[int]) -> dict[str, int] | None:
+    """The summed figures of these processes (index builds of the FUSE manager, which
+    are children of its own), None if there are none."""
+    found = [m for m in map(proc_status, pids) if m]
+    if not found:
+        return None
+    return {key: sum(m.get(key, 0) for m in found) for key in found[0]} | {"count": len(found)}
+
+
 def node_memory(node: Node) -> dict:
-    """Each snapshotter process's figures (None if gone) and their totals."""
+    """Each snapshotter process's figures (None if gone) and their totals. The FUSE
+    manager's children (processes that build layer indexes) count as one entry."""
     processes: dict[str, dict[str, int] | None] = {}
     if node.service is not None and node.service.process is not None:
         alive = node.service.process.poll() is None
         processes["service"] = proc_status(node.service.process.pid) if alive else None
         processes["fuse_manager"] = proc_status(node.service.fuse_manager_pid)
+        processes["fuse_manager_children"] = _children_status(
+            children_of(node.service.fuse_manager_pid))
     if node.stargz is not None and node.stargz.process is not None:
         processes["stargz"] = proc_status(node.stargz.process.pid) \
             if node.stargz.process.poll() is None else None
