@@ -15,7 +15,14 @@ import pytest
 
 import estargz
 from estargz import Compression, DigestMismatch, FormatError, TOCError, load_toc
-from snapshotter.lazy.index_build import MAX_BUILDS, BuiltIndex, IndexBuilder, build_index
+from snapshotter.lazy.index_build import (
+    MAX_BUILDS,
+    SMALL_LAYER_BYTES,
+    BuiltIndex,
+    IndexBuilder,
+    build_index,
+    builds_in_a_child,
+)
 
 from .test_bad_input import edited, footer_of, index, sample_blob
 
@@ -212,7 +219,7 @@ def test_builds_take_the_children_started_ahead(tmp_path: Path) -> None:
 def test_a_spare_not_taken_is_ended() -> None:
     async def go() -> None:
         builder = IndexBuilder(spares=2, spare_seconds=0.5)
-        builder.warm()
+        builder.warm(2)
         await asyncio.wait_for(_until(lambda: len(builder.waiting) == 2), 60)
         spares = builder.waiting
         await asyncio.wait_for(_until(lambda: not builder.waiting), 60)
@@ -220,3 +227,27 @@ def test_a_spare_not_taken_is_ended() -> None:
         await builder.close()
 
     asyncio.run(go())
+
+
+def test_only_the_builds_about_to_be_asked_for_are_warmed() -> None:
+    async def go() -> None:
+        builder = IndexBuilder(spares=2, spare_seconds=60)
+        builder.warm(0)  # no layer large enough: nothing started
+        assert builder._adding == 0 and builder.waiting == []
+        builder.warm(1)
+        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 1), 60)
+        builder.warm(1)  # one already waits for that build
+        assert builder._adding == 0
+        builder.warm(5)  # more builds than spares: as many as spares
+        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 2), 60)
+        spares = builder.waiting
+        await builder.close()
+        assert all(_gone(pid) for pid in spares)
+
+    asyncio.run(go())
+
+
+def test_small_layers_are_not_counted_as_builds_in_a_child() -> None:
+    assert builds_in_a_child([]) == 0
+    assert builds_in_a_child([SMALL_LAYER_BYTES - 1, 4096]) == 0
+    assert builds_in_a_child([SMALL_LAYER_BYTES, 30 << 20, 10]) == 2

@@ -39,6 +39,9 @@ MAX_BUILDS = max(1, os.cpu_count() or 1)
 # A compressed TOC smaller than this is indexed in a thread: a few milliseconds of
 # work (a few hundred entries), less than a child's start.
 IN_PROCESS_TOC_BYTES = 16 << 10
+# A layer blob smaller than this is taken to have a TOC indexed in a thread (a few
+# hundred files at most): no child is started ahead for it, as none would be taken.
+SMALL_LAYER_BYTES = 1 << 20
 # A child started ahead waits this long for its build, then is ended (and ends itself
 # after twice as long, should this process be gone).
 SPARE_SECONDS = 20.0
@@ -68,6 +71,11 @@ class BuiltIndex:
         where = " in process" if self.in_process else ""
         return (f"index of {self.entries} entries built{where} in {self.total_seconds:.3f}s "
                 f"({self.build_seconds:.3f}s building, {self.queued_seconds:.3f}s queued)")
+
+
+def builds_in_a_child(layer_sizes: "list[int]") -> int:
+    """How many of layers of these blob sizes likely build their index in a child."""
+    return sum(size >= SMALL_LAYER_BYTES for size in layer_sizes)
 
 
 def _slot() -> asyncio.Semaphore:
@@ -112,11 +120,13 @@ class IndexBuilder:
         self._adding = 0
         self._closed = False
 
-    def warm(self) -> None:
-        """Start children so that `spares` wait for a build (a pull or mount begins)."""
+    def warm(self, builds: int = 1) -> None:
+        """Start children so that as many wait as the `builds` about to be asked for
+        (a pull or mount begins), at most `spares`: a child not taken costs memory
+        until it is ended."""
         if self._closed:
             return
-        for _ in range(self.spares - len(self._ready) - self._adding):
+        for _ in range(min(builds, self.spares) - len(self._ready) - self._adding):
             self._adding += 1
             self._track(self._add_spare())
 

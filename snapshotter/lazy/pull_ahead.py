@@ -30,7 +30,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 
 from .fetcher import LayerFetcher
-from .index_build import IndexBuilder, build_index
+from .index_build import IndexBuilder, build_index, builds_in_a_child
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
@@ -89,15 +89,16 @@ class PullAhead:
         except NotLazy as exc:
             log.info("pull of %s: nothing opened ahead: %s", reference, exc)
             return 0
-        started = 0
+        opening: dict[tuple[str, str, str], Descriptor] = {}  # a layer twice: once
         for descriptor in layers[:MAX_LAYERS_AHEAD]:
             key = (reference.registry, reference.repository, descriptor.digest)
-            if estargz.TOC_DIGEST_ANNOTATION not in descriptor.annotations \
-                    or descriptor.digest in mounted or key in self._layers \
-                    or key in self._claimed:
-                continue
-            if self.builder is not None:
-                self.builder.warm()  # their start overlaps the TOCs' fetch
+            if estargz.TOC_DIGEST_ANNOTATION in descriptor.annotations \
+                    and descriptor.digest not in mounted and key not in self._layers \
+                    and key not in self._claimed:
+                opening.setdefault(key, descriptor)
+        if self.builder is not None:  # their start overlaps the TOCs' fetch
+            self.builder.warm(builds_in_a_child([d.size for d in opening.values()]))
+        for key, descriptor in opening.items():
             source = LayerSource("", reference, descriptor.digest, manifest_digest)
             task = asyncio.create_task(self._open(source, descriptor))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -105,10 +106,9 @@ class PullAhead:
             # Weakly: a claimed layer's TOC bytes and fetcher must not wait for the timer.
             asyncio.get_running_loop().call_later(self.keep_seconds, self._expire, key,
                                                   weakref.ref(task))
-            started += 1
         log.info("pull of %s: opening %d lazy layers ahead of their mounts", reference,
-                 started)
-        return started
+                 len(opening))
+        return len(opening)
 
     async def _open(self, source: LayerSource, descriptor: Descriptor) -> OpenedAhead:
         fetched = await self.toc_ahead.toc(source.reference, descriptor)
