@@ -308,7 +308,7 @@ class LayerFetcher:
             base = self._decoder.offset_in_decoded(chunk) - chunk.file_offset
             ranges.append((base + max(offset, chunk.file_offset),
                            base + min(end, chunk.file_offset + chunk.size)))
-        pieces = self._parts_in_memory(chunks, ranges)
+        pieces = self._parts_at_hand(chunks, ranges)
         if any(piece is None for piece in pieces):
             pieces = await asyncio.to_thread(self._parts_on_disk, chunks, ranges, pieces)
         missing = [chunk for chunk, piece in zip(chunks, pieces, strict=True) if piece is None]
@@ -324,28 +324,26 @@ class LayerFetcher:
                       for chunk, (start, stop), piece in zip(chunks, ranges, pieces, strict=True)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[arg-type]
 
-    def _parts_in_memory(self, chunks: list[Chunk], ranges: list[tuple[int, int]]
-                         ) -> list[bytes | None]:
+    def _parts_at_hand(self, chunks: list[Chunk], ranges: list[tuple[int, int]]
+                       ) -> list[bytes | None]:
+        """The parts in the memory tier or in chunk files this process sealed (only the
+        bytes wanted, read here: a read of 128 KiB costs less than a worker thread's
+        hand-off, measured at about 0.4 ms a read on the warm-set start)."""
         parts: list[bytes | None] = []
         for chunk, (start, stop) in zip(chunks, ranges, strict=True):
-            data = self.cache.get_from_memory(chunk.digest)
-            parts.append(None if data is None else data[start:stop])
+            parts.append(self.cache.read_sealed(chunk.digest, start, stop))
         return parts
 
     def _parts_on_disk(self, chunks: list[Chunk], ranges: list[tuple[int, int]],
                        parts: list[bytes | None]) -> list[bytes | None]:
-        """In a worker thread: the parts still missing, read from sealed chunk files
-        (only the bytes wanted), else whole from the cache (verified, and then held in
-        its memory tier for the reads that follow); None for chunks not cached."""
+        """In a worker thread: the parts still missing, read whole from the cache
+        (verified, and then held in its memory tier for the reads that follow); None
+        for chunks not cached."""
         found = list(parts)
         for number, (chunk, (start, stop)) in enumerate(zip(chunks, ranges, strict=True)):
-            if found[number] is not None:
-                continue
-            part = self.cache.read_sealed(chunk.digest, start, stop)
-            if part is None:
+            if found[number] is None:
                 data = self.cache.get(chunk.digest)
-                part = None if data is None else data[start:stop]
-            found[number] = part
+                found[number] = None if data is None else data[start:stop]
         return found
 
     def _report(self, node: Node, offset: int, length: int,
