@@ -104,9 +104,11 @@ def test_a_manager_killed_while_chunks_are_written_leaves_a_whole_cache(
     (tmp_path / "hosts" / host).mkdir(parents=True)
     (tmp_path / "hosts" / host / "hosts.toml").write_text(f'server = "http://{host}"\n')
     background = step == "fetch.background"
+    # A second of quiet: the background fetch (and the crash it meets) starts after the
+    # mount's Prepares, not during them.
     (tmp_path / "config.toml").write_text(
         f'hosts_dir = "{tmp_path / "hosts"}"\nbackground_fetch = {str(background).lower()}\n'
-        "background_quiet_seconds = 0.0\nprofile_window_seconds = 0.0\n")
+        "background_quiet_seconds = 1.0\nprofile_window_seconds = 0.0\n")
     once = tmp_path / "crashed"
     monkeypatch.setenv(ENVIRONMENT, step)
     monkeypatch.setenv(ONCE_ENVIRONMENT, str(once))

@@ -44,7 +44,7 @@ IN_PROCESS_TOC_BYTES = 16 << 10
 SMALL_LAYER_BYTES = 1 << 20
 # A child started ahead waits this long for its build, then is ended (and ends itself
 # after twice as long, should this process be gone).
-SPARE_SECONDS = 20.0
+SPARE_SECONDS = 5.0
 _STDERR_SHOWN = 2000  # characters of a failed child's stderr kept in the error
 _slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = \
     weakref.WeakKeyDictionary()
