@@ -392,13 +392,8 @@ class ChunkCache:
             return self._miss()
         with self._lock:
             self.stats.hashed_reads += not sealed
-            self._touch(digest)
             self._memory.admit_read(digest, data, since=mark)
-            self.stats.disk_hits += 1
-            write_touches = len(self._touches) >= TOUCH_FLUSH
-        _DISK_HITS.inc()
-        if write_touches:
-            self._write_touches_if_idle()
+        self._count_disk_hit(digest)
         return data
 
     def read_sealed(self, digest: str, start: int, stop: int) -> bytes | None:
@@ -418,9 +413,8 @@ class ChunkCache:
             return None
         try:
             with open(self.path_of(digest), "rb") as file:
-                # A reader asks 128 KiB at a time and each read opens the file anew,
-                # which restarts the kernel's readahead: ask for the whole chunk now,
-                # or a cold chunk is read from disk in as many small synchronous reads.
+                # A reader asks 128 KiB at a time and each read opens the file anew, so
+                # the kernel sees no sequence to read ahead on: ask for the whole chunk.
                 os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
                 part = os.pread(file.fileno(), stop - start, start)
                 stat = os.fstat(file.fileno())  # after the read, as in `get`
@@ -429,14 +423,20 @@ class ChunkCache:
         if _seal_of(stat) != noted or stop > stat.st_size:
             return None
         with self._lock:
+            self.stats.sealed_range_reads += 1
+        self._count_disk_hit(digest)
+        return part
+
+    def _count_disk_hit(self, digest: str) -> None:
+        """Note a chunk served from disk: its use for the LRU (written out when the
+        cache is idle and enough have gathered) and the hit counters."""
+        with self._lock:
             self._touch(digest)
             self.stats.disk_hits += 1
-            self.stats.sealed_range_reads += 1
             write_touches = len(self._touches) >= TOUCH_FLUSH
         _DISK_HITS.inc()
         if write_touches:
             self._write_touches_if_idle()
-        return part
 
     # -- writing ---------------------------------------------------------------------
 
