@@ -752,3 +752,22 @@ def test_protecting_a_million_digests_takes_bounded_memory(tmp_path):
     assert cache.owners() == []
     cache.put(digest_of(b"x" * 60), b"x" * 60)
     assert not any(digest_of(data(i)) in cache for i in range(8))
+
+
+def test_range_reads_leave_their_uses_to_be_written_by_the_caller(tmp_path, monkeypatch):
+    monkeypatch.setattr("snapshotter.lazy.chunk_cache.TOUCH_FLUSH", 2)
+    cache = ChunkCache(str(tmp_path), max_bytes=8 << 20, memory_bytes=1 << 20,
+                       memory_item_limit=1 << 20)
+    files = [chunk_bytes(n, size=2 * PACK_LIMIT) for n in (1, 2)]
+    cache.put_many([(digest_of(data), data) for data in files], keep_in_memory=False)
+    db = sqlite3.connect(tmp_path / "chunks.db")
+    before = dict(db.execute("SELECT digest, used FROM chunks"))
+    for data in files:
+        assert cache.read_sealed(digest_of(data), 0, 10) == data[:10]
+    assert cache.touches_due  # gathered, not written on the reading thread
+    assert dict(db.execute("SELECT digest, used FROM chunks")) == before
+    cache.write_touches_if_due()
+    assert not cache.touches_due
+    after = dict(db.execute("SELECT digest, used FROM chunks"))
+    assert all(after[key] > before[key] for key in before)
+    db.close()

@@ -394,13 +394,16 @@ class ChunkCache:
             self.stats.hashed_reads += not sealed
             self._memory.admit_read(digest, data, since=mark)
         self._count_disk_hit(digest)
+        self.write_touches_if_due()
         return data
 
     def read_sealed(self, digest: str, start: int, stop: int) -> bytes | None:
         """Bytes start..stop of a chunk, if the memory tier holds it or it is a file
         this process sealed and the seal still holds after the read; None otherwise
         (then `get` reads, and if need be hashes, the whole chunk). Nothing enters the
-        memory tier: the kernel's page cache keeps the file's pages."""
+        memory tier: the kernel's page cache keeps the file's pages. Made to be called
+        on an event loop, it leaves the recent uses it gathers to be written out by
+        `write_touches_if_due` (a transaction), which its caller runs elsewhere."""
         if not 0 <= start <= stop:
             raise ValueError(f"bad range {start}..{stop}")
         data = self.get_from_memory(digest)
@@ -427,16 +430,22 @@ class ChunkCache:
         self._count_disk_hit(digest)
         return part
 
+    @property
+    def touches_due(self) -> bool:
+        """Enough recent uses have gathered to be written out."""
+        return len(self._touches) >= TOUCH_FLUSH
+
+    def write_touches_if_due(self) -> None:
+        """Write the recent uses out if enough have gathered and no writer is busy."""
+        if self.touches_due:
+            self._write_touches_if_idle()
+
     def _count_disk_hit(self, digest: str) -> None:
-        """Note a chunk served from disk: its use for the LRU (written out when the
-        cache is idle and enough have gathered) and the hit counters."""
+        """Note a chunk served from disk: its use for the LRU and the hit counters."""
         with self._lock:
             self._touch(digest)
             self.stats.disk_hits += 1
-            write_touches = len(self._touches) >= TOUCH_FLUSH
         _DISK_HITS.inc()
-        if write_touches:
-            self._write_touches_if_idle()
 
     # -- writing ---------------------------------------------------------------------
 

@@ -311,6 +311,8 @@ class LayerFetcher:
         pieces = self._parts_at_hand(chunks, ranges)
         if any(piece is None for piece in pieces):
             pieces = await asyncio.to_thread(self._parts_on_disk, chunks, ranges, pieces)
+        elif self.cache.touches_due:  # a transaction: not on the event loop
+            await asyncio.to_thread(self.cache.write_touches_if_due)
         missing = [chunk for chunk, piece in zip(chunks, pieces, strict=True) if piece is None]
         if missing:
             deadline = None if self.read_timeout is None else \
