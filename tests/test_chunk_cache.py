@@ -224,6 +224,18 @@ def test_chunks_stored_ahead_of_readers_enter_memory_only_when_read(tmp_path):
     assert cache.get_from_memory(digest_of(ahead[1])) is None
 
 
+def test_a_readers_large_chunk_is_served_from_its_sealed_file_not_memory(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=8 << 20, memory_bytes=1 << 20,
+                       memory_item_limit=1 << 20)
+    large, packed = chunk_bytes(1, size=2 * PACK_LIMIT), chunk_bytes(2)
+    cache.put_many([(digest_of(large), large), (digest_of(packed), packed)])
+    assert cache.get_from_memory(digest_of(large)) is None
+    assert cache.get_from_memory(digest_of(packed)) == packed
+    assert cache.memory_size_bytes == len(packed) + ENTRY_OVERHEAD
+    assert cache.read_sealed(digest_of(large), 100, 100_000) == large[100:100_000]
+    assert cache.stats.sealed_range_reads == 1 and cache.stats.hashed_reads == 0
+
+
 def test_a_sealed_chunk_file_is_read_in_part_and_never_once_changed(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=8 << 20, memory_bytes=1 << 20,
                        memory_item_limit=1 << 20)

@@ -64,7 +64,9 @@ probation segment for chunks just stored, a main one for chunks read; per-entry
 overhead counted). Chunks stored ahead of any reader (prefetch, background fetch:
 `put_many(..., keep_in_memory=False)`) stay out of it until a read takes them from
 disk: they would fill it with bytes the disk and the kernel's page cache hold
-already, and which no reader may ask for. It holds only chunks that are on disk:
+already, and which no reader may ask for. Nor do chunks stored as files, whoever
+fetched them: a file written here is sealed, and `read_sealed` serves ranges of it
+from the page cache without hashing. It holds only chunks that are on disk:
 forgetting a chunk drops it from memory as well. `get_from_memory` never touches the
 disk or the index, so an event loop may call it directly.
 
@@ -459,8 +461,9 @@ class ChunkCache:
         """Store (digest, bytes) pairs in one transaction: one commit for all rather
         than one each. Every chunk is hashed first; a mismatch refuses them all
         (DigestMismatch) before anything is stored. A failure of the disk or the
-        index raises OSError. `keep_in_memory`: also into the memory tier (for a
-        reader's chunks; chunks fetched ahead of readers stay on disk only)."""
+        index raises OSError. `keep_in_memory`: packed chunks also into the memory
+        tier (for a reader's chunks; chunks fetched ahead of readers stay on disk
+        only). Larger chunks never enter it here: they are sealed files."""
         incoming: dict[str, tuple[bytes, bytes]] = {}  # digest -> (key, data)
         for digest, data in chunks:
             hex_digest = _hex_of(digest)
@@ -511,7 +514,9 @@ class ChunkCache:
                                                       placed)
                         if not stored:
                             self._touch_now(digest)
-                        if keep_in_memory:
+                        # A large chunk is a sealed file now: readers take their
+                        # ranges from it (and the kernel's page cache) instead.
+                        if keep_in_memory and len(data) <= PACK_LIMIT:
                             changes.admit[digest] = data
                     over = self._evict(changes)
                 placed.clear()
