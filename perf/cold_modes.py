@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 from perf import stargz
 from perf.cold_setup import (
-    ESGZ_TAG,
     INDEX_PREFETCH_REPO_SUFFIX,
     INDEX_REPO_SUFFIX,
+    LAZY_PREFETCH_TAG,
+    LAZY_TAG,
     PLAIN_TAG,
-    PREFETCH_TAG,
     STARGZ_NOOPT_TAG,
     STARGZ_OPT_TAG,
     Link,
@@ -80,9 +80,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("stargz-opt", "stargz-snapshotter: rpull of ctr-remote optimize (workload run "
          "once) + ctr run", "stargz", STARGZ_OPT_TAG),
     Mode("lazy", "lazypull without a profile: lazypull pull of the eStargz image + ctr run",
-         "lazypull", ESGZ_TAG),
+         "lazypull", LAZY_TAG),
     Mode("lazy-prefetch", "lazypull with a profile: the workload's files first, prefetched",
-         "lazypull", PREFETCH_TAG),
+         "lazypull", LAZY_PREFETCH_TAG),
     Mode("index-lazy", "lazypull through a gzip index without a profile: lazypull pull of "
          "the unmodified image + ctr run", "lazypull", PLAIN_TAG, INDEX_REPO_SUFFIX),
     Mode("index-lazy-prefetch", "lazypull through a gzip index with the workload's profile "
@@ -91,17 +91,17 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "gzip_index_ahead = false (each mount fetches its own index)", "lazypull", PLAIN_TAG,
          INDEX_PREFETCH_REPO_SUFFIX),
     Mode("lazy-warm-set", "lazypull, first start on a node whose warm set already holds "
-         "the profiled image (clock from ctr run)", "lazypull", PREFETCH_TAG),
-    Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", ESGZ_TAG),
+         "the profiled image (clock from ctr run)", "lazypull", LAZY_PREFETCH_TAG),
+    Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", LAZY_TAG),
     Mode("lazy-prefetch-nobg", "lazy-prefetch, service with background_fetch = false",
-         "lazypull", PREFETCH_TAG),
+         "lazypull", LAZY_PREFETCH_TAG),
     # measured on the node of another mode's sample once its run is over
     Mode("local-cold", "fully local floor: ctr run alone, image unpacked in overlayfs, "
          "page cache dropped", "overlayfs", PLAIN_TAG),
     Mode("local-warm", "ctr run alone, image unpacked in overlayfs, page cache warm",
          "overlayfs", PLAIN_TAG),
     Mode("lazy-prefetch-second", "second start on lazy-prefetch's lazy mounts, page "
-         "cache warm", "lazypull", PREFETCH_TAG),
+         "cache warm", "lazypull", LAZY_PREFETCH_TAG),
 )}
 TIMED = ("full-overlayfs", "stargz-noopt", "stargz-opt", "lazy", "lazy-prefetch",
          "lazy-warm-set", "lazy-nobg", "lazy-prefetch-nobg", "index-lazy",
@@ -289,7 +289,7 @@ def warm_set_sample(setup: Setup, image: WorkspaceImage, sample: Sample) -> Samp
     /readyz (untimed: the node was warmed before the workspace was asked for), drop the
     page cache, then time `ctr run` to READY."""
     from perf.warm_boot import start_warm_node, wait_ready
-    ref = setup.ref(image.name, PREFETCH_TAG)
+    ref = setup.ref(image.name, LAZY_PREFETCH_TAG)
     node = start_warm_node(setup, ref)
     node.events = TaskEvents.watch(node)
     try:

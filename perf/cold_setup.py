@@ -48,9 +48,13 @@ from perf.workspace_images import (
     push,
 )
 
+# The lazy modes' layer formats and the compression level each gets by default: the
+# smallest standard zstd level (fewest bytes on the wire; zstd decodes as fast at any
+# level), gzip's usual one.
+LAZY_FORMATS = {"zstdchunked": 19, "estargz": 6}
 PLAIN_TAG = "v1"  # the image as built: gzip layers
-ESGZ_TAG = "v1-esgz"  # lazypull convert, no prefetch
-PREFETCH_TAG = "v1-esgz-prefetch"  # lazypull convert with the workload's files first
+LAZY_TAG = "v1-lazy"  # lazypull convert, no prefetch
+LAZY_PREFETCH_TAG = "v1-lazy-prefetch"  # lazypull convert, the workload's files first
 STARGZ_NOOPT_TAG = "v1-stargz-noopt"  # ctr-remote image optimize --no-optimize
 STARGZ_OPT_TAG = "v1-stargz-opt"  # ctr-remote image optimize with the workload
 # The unmodified image (PLAIN_TAG) in repositories of its own, with its gzip index
@@ -97,6 +101,8 @@ class Setup:
     reads: dict[str, dict] = field(default_factory=dict)  # what each workload opened
     stargz: StargzTools | None = None
     seq: int = 0
+    # `lazypull convert` options of the lazy modes' images (format, compression level)
+    lazy_convert: list[str] = field(default_factory=list)
 
     def ref(self, image: str, tag: str) -> str:
         return f"{self.registry.host}/ws/{image}:{tag}"
@@ -136,7 +142,8 @@ def convert(setup: Setup, image: str, tag: str, extra: list[str]) -> dict:
         "hot_files": sum(layer.get("hot_files", 0) for layer in manifest["layers"]),
         "prefetch_bytes": sum(layer.get("prefetch_size") or 0 for layer in manifest["layers"]),
         "missing_hot_files": len(manifest.get("missing_hot_files", [])),
-        "layers": [{k: layer.get(k) for k in ("size", "hot_files", "prefetch_size")}
+        "layers": [{k: layer.get(k) for k in ("size", "media_type", "hot_files",
+                                              "prefetch_size")}
                    for layer in manifest["layers"]],
     }
 
@@ -149,7 +156,7 @@ def profile_export_available() -> bool:
 
 def record_profile(setup: Setup, image: WorkspaceImage) -> tuple[Path, dict]:
     """Run the workload once lazily; the service records what it read; export that."""
-    ref = setup.ref(image.name, ESGZ_TAG)
+    ref = setup.ref(image.name, LAZY_TAG)
     node = start_node(setup.next_base("rec"), True, setup.service_config)
     out = setup.workdir / f"{image.name}.profile.json"
     try:
@@ -308,8 +315,9 @@ def prepare(setup: Setup, names: list[str], bigfile_bytes: int, source: str,
     for name, image in setup.images.items():
         log(f"pushing {name} ({image.compressed_bytes / MB:.1f} MB gzip) ...")
         push(image, setup.registry.host, f"ws/{name}", PLAIN_TAG)
-        log(f"converting {name} -> {ESGZ_TAG} ...")
-        setup.conversions[f"{name}:{ESGZ_TAG}"] = convert(setup, name, ESGZ_TAG, [])
+        log(f"converting {name} -> {LAZY_TAG} ...")
+        setup.conversions[f"{name}:{LAZY_TAG}"] = convert(setup, name, LAZY_TAG,
+                                                          setup.lazy_convert)
     for name in names:
         image = setup.images[name]
         log(f"recording the files {name}'s workload opens (strace) ...")
@@ -322,8 +330,9 @@ def prepare(setup: Setup, names: list[str], bigfile_bytes: int, source: str,
             path, info = strace_list, setup.reads[name]
             extra = ["--prefetch-list", str(path)]
         setup.prefetch[name] = info
-        log(f"converting {name} -> {PREFETCH_TAG} ({info['files']} files from {source}) ...")
-        setup.conversions[f"{name}:{PREFETCH_TAG}"] = convert(setup, name, PREFETCH_TAG, extra)
+        log(f"converting {name} -> {LAZY_PREFETCH_TAG} ({info['files']} files from {source}) ...")
+        setup.conversions[f"{name}:{LAZY_PREFETCH_TAG}"] = convert(
+            setup, name, LAZY_PREFETCH_TAG, extra + setup.lazy_convert)
         if indexes:
             profile = path if source == "profile" else profile_of_list(path)
             for suffix, options in ((INDEX_REPO_SUFFIX, []),

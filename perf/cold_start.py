@@ -13,11 +13,12 @@ userspace forwarder that holds every frame half the round trip each way, with tb
 the rate on both sides (perf/netem.py). Every node reaches it that way.
 
 Set-up, untimed and before the link is shaped (perf/cold_setup.py): push each image
-(`ws/NAME:v1`); `lazypull convert` it to eStargz without a prefetch list (`v1-esgz`);
+(`ws/NAME:v1`); `lazypull convert` it without a prefetch list (`v1-lazy`; zstd:chunked
+at level 19 unless --lazy-format/--lazy-level say otherwise);
 record the files its workload opens (strace in a chroot of the fully pulled image: the
 bytes the workload read are their sizes); record an access profile of one lazy run on a
 node (`--prefetch-source profile`, the default where `lazypull profile export` exists,
-else the strace list) and convert again with those files first (`v1-esgz-prefetch`).
+else the strace list) and convert again with those files first (`v1-lazy-prefetch`).
 With --with-stargz, the stargz-snapshotter comparator (perf/stargz.py) is built once
 into the cache, and its images made as its users make them: stock `ctr-remote image
 optimize --oci --no-optimize` (`v1-stargz-noopt`) and `ctr-remote image optimize --oci`
@@ -33,17 +34,17 @@ empty chunk cache; its defaults plus hosts_dir), for stargz modes a new stargz-a
   dropping the page cache) and local-warm (once more, page cache warm);
 - stargz-noopt, stargz-opt: `rpull-anchor` (as `ctr-remote rpull`), then
   `ctr run --snapshotter stargz`;
-- lazy: `lazypull pull v1-esgz`, then `ctr run --snapshotter lazypull`;
-- lazy-prefetch: the same with `v1-esgz-prefetch`; on its node afterwards
+- lazy: `lazypull pull v1-lazy`, then `ctr run --snapshotter lazypull`;
+- lazy-prefetch: the same with `v1-lazy-prefetch`; on its node afterwards
   lazy-prefetch-second (the warm second start on the lazy mounts);
-- lazy-warm-set: a node whose service's warm set holds `v1-esgz-prefetch`, booted and
+- lazy-warm-set: a node whose service's warm set holds `v1-lazy-prefetch`, booted and
   ready before the clock; page cache dropped; the clock starts with `ctr run`;
 - lazy-nobg, lazy-prefetch-nobg (on request): the service's background fetch off;
 - index-lazy-prefetch-noahead (on request): index-lazy-prefetch with the service's
   gzip_index_ahead off (each mount fetches its own index; docs/gzip-index.md);
 - index-lazy, index-lazy-prefetch (on request): the unmodified image (`ws/NAME-index`,
   `ws/NAME-index-prefetch`, pushed and indexed with `lazypull index` at set-up, the
-  second with the same profile or list as v1-esgz-prefetch), `lazypull pull` then
+  second with the same profile or list as v1-lazy-prefetch), `lazypull pull` then
   `ctr run --snapshotter lazypull`: its layers are read through their gzip index.
 
 The clock starts when the pull command starts and stops when READY arrives on
@@ -84,6 +85,7 @@ from perf.cold_modes import (
     describe,
 )
 from perf.cold_setup import (
+    LAZY_FORMATS,
     LINKS,
     Link,
     Setup,
@@ -135,8 +137,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where the report goes: OUT.json, OUT.md, OUT-ready.png, "
                              f"OUT-phases.png (default: {DEFAULT_OUT})")
+    parser.add_argument("--lazy-format", choices=sorted(LAZY_FORMATS), default="zstdchunked",
+                        help="layer format of the lazy modes' images (default: zstdchunked)")
+    parser.add_argument("--lazy-level", type=int, default=None, metavar="N",
+                        help="their compression level (default: "
+                             + ", ".join(f"{level} for {name}"
+                                         for name, level in LAZY_FORMATS.items()) + ")")
     add_shaped_link_arguments(parser, default_json=None)
     args = parser.parse_args(argv)
+    if args.lazy_level is None:
+        args.lazy_level = LAZY_FORMATS[args.lazy_format]
     args.image_names = _names(parser, args.images, SPECS, "image")
     args.links = [LINKS[n] for n in _names(parser, ",".join(LINKS) if args.link == BOTH
                                            else args.link, LINKS, "link")]
@@ -198,7 +208,8 @@ def write_report(args: argparse.Namespace, data: dict) -> list[Path]:
              f"median of {args.repeat}")
     header = (f"Cold start to READY, {data['time_utc']} on {env['cpu_model']} "
               f"({env['cpu_count']} cores), commit {str(env['git_commit'])[:12]}; median of "
-              f"{args.repeat} interleaved runs; MB = 10^6 bytes; spread = max - min.")
+              f"{args.repeat} interleaved runs; lazypull's images {args.lazy_format} "
+              f"level {args.lazy_level}; MB = 10^6 bytes; spread = max - min.")
     paths = [out.with_suffix(".json"), out.with_suffix(".md"),
              out.with_name(out.name + "-ready.png"), out.with_name(out.name + "-phases.png")]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
@@ -221,6 +232,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="lazypull-perf-cold-", dir=args.tmpdir) as tmp, \
             shaped_registry(args, Path(tmp)) as setup:
         setup.stargz = tools
+        setup.lazy_convert = ["--format", args.lazy_format,
+                              "--compression-level", str(args.lazy_level)]
         prepare(setup, args.image_names, args.bigfile_mib * MIB, source,
                 indexes=any(m in INDEX_MODES for m in args.mode_names))
         setup_s = time.monotonic() - started
@@ -252,6 +265,7 @@ def main(argv: list[str]) -> int:
             "order": "interleaved: repetitions, links, images, modes (forward on even "
                      "repetitions, reversed on odd)",
             "prefetch_source": source,
+            "lazypull_images": {"format": args.lazy_format, "level": args.lazy_level},
             "service_config": service_config,
             "wire_bytes": "tbf 'Sent' counter on the registry side's veth (frames)",
             "physical_limit": cold_report.__doc__.split("Physical limit of a start: ")[1]

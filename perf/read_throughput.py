@@ -5,7 +5,7 @@ import statistics
 import time
 from pathlib import Path
 
-from perf.cold_setup import Setup, chain_id_of
+from perf.cold_setup import LAZY_TAG, Setup, chain_id_of
 from perf.harness import (
     MB,
     MIB,
@@ -47,7 +47,7 @@ def measure_throughput(setup: Setup, warm_reads: int) -> dict:
     node = start_node(setup.next_base("tp"), True, setup.service_config)
     try:
         native_ref = f"{setup.registry.host}/ws/bigfile:v1"
-        lazy_ref = f"{setup.registry.host}/ws/bigfile:v1-esgz"
+        lazy_ref = setup.ref("bigfile", LAZY_TAG)
         run(node.ctr("images", "pull", "--plain-http", native_ref))
         result = lazy_pull(setup, node, lazy_ref)
         targets = {"native-overlayfs": node.base / "native", "lazy-fuse": node.base / "lazy"}

@@ -7,7 +7,7 @@ registry in its own network namespace behind tbf at RATE and a forwarder that ho
 every frame DELAY ms each way. Untimed set-up before the link is shaped: push IMAGE
 (default gcc, the largest workspace image) as `ws/IMAGE:v1`, convert it to eStargz,
 record which files its workload reads (an access profile of one lazy run, or strace),
-and convert it again with those files first: `ws/IMAGE:v1-esgz-prefetch`.
+and convert it again with those files first: `ws/IMAGE:v1-lazy-prefetch` (eStargz).
 
 Timed samples, each on a fresh node (new containerd root and state; for the warm set
 a new service root, so an empty chunk cache), with `sync` + `drop_caches` before the
@@ -49,6 +49,7 @@ from pathlib import Path
 
 from perf import harness
 from perf.cold_setup import (
+    LAZY_PREFETCH_TAG,
     Setup,
     add_shaped_link_arguments,
     network_method,
@@ -81,7 +82,7 @@ from tests.fixtures.snapshotter import SnapshotterProcess, free_tcp_port
 DEFAULT_JSON = Path(__file__).parent / "results" / "warm-boot.json"
 DEFAULT_IMAGE = "gcc"
 PLAIN_TAG = "v1"
-WARM_TAG = "v1-esgz-prefetch"
+WARM_TAG = LAZY_PREFETCH_TAG
 VARIANTS = ("warm-boot", "full-pull")
 READY_POLL_SECONDS = 0.05
 READY_TIMEOUT = 900.0

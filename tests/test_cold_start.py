@@ -65,6 +65,15 @@ def test_every_mode_reaches_ready_once_with_its_phases(report: dict) -> None:
         assert modes[name]["median_phases_s"]["TOC + mounts"] > 0, name
 
 
+def test_lazy_images_are_zstd_chunked_at_the_smallest_level(report: dict) -> None:
+    data = report["data"]
+    assert data["method"]["lazypull_images"] == {"format": "zstdchunked", "level": 19}
+    for tag in ("v1-lazy", "v1-lazy-prefetch"):
+        layers = data["conversions"][f"tiny:{tag}"]["layers"]
+        assert layers and all(layer["media_type"].endswith("+zstd") for layer in layers)
+    assert "zstdchunked level 19" in report["out"].with_suffix(".md").read_text()
+
+
 def test_bytes_on_the_wire_and_bytes_read(report: dict) -> None:
     data = report["data"]
     modes = data["results"][LINK]["tiny"]["modes"]
