@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
+from urllib.request import getproxies
 
 import httpx
 
@@ -31,6 +32,7 @@ from .auth import RegistryAuthenticator, repository_scope
 from .digest import Digester, DigestMismatchError, is_digest, sha256_of
 from .docker_config import CredentialSource, CredentialStore
 from .hosts import PULL, PUSH, RESOLVE, Endpoint, HostsConfig, TLSSettings
+from .http1 import Http1Transport
 from .manifest import Descriptor
 from .reference import Reference
 from .store import AuthError, NotFoundError, StoreError
@@ -107,6 +109,12 @@ class RetryPolicy:
 def _display(reference: Reference, tag_or_digest: str | None = None) -> str:
     obj = tag_or_digest or reference.object
     return f"{reference.registry}/{reference.repository}{'@' if is_digest(obj) else ':'}{obj}"
+
+
+def _environment_proxies() -> bool:
+    """Whether the environment names a proxy for HTTP(S), as httpx reads it."""
+    proxies = getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
 
 
 def _media_type_of(response: httpx.Response) -> str:
@@ -212,9 +220,19 @@ class RegistryClient:
             credentials if credentials is not None else CredentialStore(), self._send_for_auth)
 
     def _new_http_client(self, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
-        return httpx.AsyncClient(verify=verify, timeout=self._timeout,
-                                 headers={"User-Agent": USER_AGENT}, follow_redirects=False,
-                                 event_hooks=self._event_hooks, trust_env=self._trust_env)
+        options = {"timeout": self._timeout, "headers": {"User-Agent": USER_AGENT},
+                   "follow_redirects": False, "event_hooks": self._event_hooks,
+                   "trust_env": self._trust_env}
+        if self._trust_env and _environment_proxies():  # httpx's transport uses them
+            return httpx.AsyncClient(verify=verify, **options)  # type: ignore[arg-type]
+
+        def ssl_context() -> ssl.SSLContext:  # at the first https connection
+            if isinstance(verify, ssl.SSLContext):
+                return verify
+            return httpx.create_ssl_context(verify=verify, trust_env=self._trust_env)
+
+        return httpx.AsyncClient(transport=Http1Transport(ssl_context),
+                                 **options)  # type: ignore[arg-type]
 
     async def __aenter__(self) -> "RegistryClient":
         return self

@@ -99,22 +99,55 @@ def test_the_command_line_loads_only_what_its_command_needs() -> None:
     assert "grpclib" not in loaded  # the service's modules load when it runs
 
 
+NO_PROXIES = ("import os\n"
+              "for name in ('http_proxy', 'https_proxy', 'all_proxy'):\n"
+              "    os.environ.pop(name, None)\n"
+              "    os.environ.pop(name.upper(), None)\n")
+
+
 def test_the_pull_command_loads_neither_trio_nor_image_layouts() -> None:
     """`lazypull pull` as far as containerd (absent here), then the registry client it
-    makes: httpcore, which imports trio if it can, runs without it."""
+    makes: its HTTP/1.1 transport (oci.http1) needs neither httpcore nor anyio."""
     loaded = loaded_after(
-        "import asyncio, cli.main\n"
+        NO_PROXIES + "import asyncio, cli.main\n"
         "argv = ['pull', '-q', '--no-service', '--address', '/nonexistent/c.sock', 'r.io/a:b']\n"
         "assert cli.main.main(argv) == 6  # containerd unreachable\n"
         "from oci.registry import RegistryClient\n"
         "async def go():\n"
         "    async with RegistryClient() as client:\n"
         "        assert client\n"
-        "asyncio.run(go())\n"
-        "import httpcore._synchronization as sync\n"
-        "assert sync.trio is None")
-    assert {"grpclib", "httpx", "httpcore", "snapshotter.containerd_client.pull"} <= loaded
-    assert not {"trio", "attr", "oci.layout", "grpc", "estargz.layer"} & loaded
+        "asyncio.run(go())\n")
+    assert {"grpclib", "httpx", "h11", "snapshotter.containerd_client.pull"} <= loaded
+    assert not {"trio", "attr", "oci.layout", "grpc", "estargz.layer", "httpcore",
+                "anyio"} & loaded
+
+
+def test_requests_of_the_registry_client_load_no_httpcore_anyio_or_http2() -> None:
+    """A request, answered by a server on 127.0.0.1: about 6 MB of modules (httpcore,
+    anyio and its asyncio backend, h2) that httpx's own transport would load stay out;
+    so does the CA bundle of a plain-HTTP registry. With a proxy in the environment the
+    client keeps httpx's transport, which goes through it."""
+    request = (
+        "import asyncio\n"
+        "from oci.registry import RegistryClient\n"
+        "async def answer(reader, writer):\n"
+        "    await reader.readuntil(b'\\r\\n\\r\\n')\n"
+        "    writer.write(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok')\n"
+        "    await writer.drain()\n"
+        "async def go():\n"
+        "    server = await asyncio.start_server(answer, '127.0.0.1', 0)\n"
+        "    port = server.sockets[0].getsockname()[1]\n"
+        "    async with RegistryClient() as client:\n"
+        "        assert (await client._http.get(f'http://127.0.0.1:{port}/v2/')).text == 'ok'\n"
+        "    server.close()\n"
+        "asyncio.run(go())\n")
+    loaded = loaded_after(NO_PROXIES + "import snapshotter.fusemanager.server\n" + request)
+    assert {"h11", "oci.http1", "pyfuse3"} <= loaded
+    assert not {"httpcore", "anyio", "sniffio", "h2", "hpack", "certifi"} & loaded
+    proxied = loaded_after("import os\nos.environ['HTTPS_PROXY'] = 'http://127.0.0.1:9'\n"
+                           "from oci.registry import RegistryClient\n"
+                           "assert RegistryClient()\n")
+    assert "httpcore" in proxied
 
 
 def test_a_pull_handed_to_the_service_loads_no_http_client_there() -> None:
@@ -128,14 +161,15 @@ def test_a_pull_handed_to_the_service_loads_no_http_client_there() -> None:
 
 
 def test_the_fuse_manager_with_its_registry_client_loads_no_trio() -> None:
-    """httpcore imports trio if it can; in the manager trio stays absent (about 3.8 MB),
-    and pyfuse3 still runs on its asyncio shim."""
+    """httpcore (httpx's transport, used where a proxy is set) imports trio if it can;
+    in the manager trio stays absent (about 3.8 MB), and pyfuse3 still runs on its
+    asyncio shim."""
     loaded = loaded_after("import snapshotter.fusemanager.server\n"
                           "from snapshotter.lazy.fuse_binding import pyfuse3\n"
                           "from oci.registry import RegistryClient\n"
                           "assert RegistryClient()\n"
                           "assert pyfuse3.trio.__name__ == 'pyfuse3.asyncio', pyfuse3.trio")
-    assert {"pyfuse3", "httpcore", "h11"} <= loaded
+    assert {"pyfuse3", "h11"} <= loaded
     assert not {"trio", "attr", "outcome", "sortedcontainers"} & loaded
 
 
