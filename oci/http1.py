@@ -279,7 +279,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._busy.discard(connection)
                 connection.close()
                 # The server may close a kept connection just as a request goes out: not
-                # the request's failure (no byte of a response came), so once more anew.
+                # the request's failure (no whole response head came), so once more anew.
                 if not (reused and request.method in _REPLAYABLE and isinstance(
                         exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))):
                     raise
@@ -287,7 +287,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         now = time.monotonic()
-        for connection in reversed(self._idle):  # the most recently used first
+        for connection in reversed(self._idle.copy()):  # the most recently used first
             if connection.origin != origin:
                 continue
             self._idle.remove(connection)
