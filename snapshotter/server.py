@@ -19,7 +19,7 @@ from .open_ahead import OpenAhead
 from .overlay import OverlaySnapshotter
 from .pull_handoff import PullHandoff
 from .pull_protocol import socket_path
-from .service import BoundedProtoCodec, SnapshotsService
+from .service import SnapshotsService, codec
 from .state_dir import StateDirError, ensure_private_dir
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         log.info("%d lazy layers served, %d of them mounted again",
                  len(lazy.layers), restored)
         lazy.on_reconnect = _resync(snapshotter)
-    server = Server([SnapshotsService(snapshotter)], codec=BoundedProtoCodec())
+    server = Server([SnapshotsService(snapshotter)], codec=codec())
     endpoint = None
     warm = _warm_set(config, lazy)
     if config.metrics_address:

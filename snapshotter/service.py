@@ -12,15 +12,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from google.protobuf import empty_pb2, timestamp_pb2
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from .api.containerd.services.snapshots.v1 import snapshots_grpc
-from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from .api.containerd.types import mount_pb2
+from .api.containerd.services.snapshots.v1 import snapshots_wire as pb
+from .api.containerd.types import mount_wire
+from .api.wellknown import Empty, Timestamp
+from .api.wire import WireCodec
 from .errors import InvalidArgument, SnapshotError
 from .metadata import Info, validate_labels
 from .metrics import RPC_ERRORS, RPC_LATENCY, RPC_REQUESTS
@@ -32,31 +31,21 @@ _LIST_BATCH = 100  # infos per List response message, as containerd batches them
 MAX_MESSAGE_SIZE = 16 << 20
 
 
-class BoundedProtoCodec(ProtoCodec):
-    """Protobuf, refusing requests over MAX_MESSAGE_SIZE as containerd's server does."""
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        if len(data) > MAX_MESSAGE_SIZE:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                            f"message of {len(data)} bytes is over the limit of "
-                            f"{MAX_MESSAGE_SIZE}")
-        return super().decode(data, message_type)
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
+def codec() -> WireCodec:
+    """The service's gRPC codec: refuses requests over MAX_MESSAGE_SIZE, as containerd's
+    server does."""
+    return WireCodec(max_size=MAX_MESSAGE_SIZE)
 
 
 def _info(info: Info) -> pb.Info:
     return pb.Info(name=info.name, parent=info.parent, kind=int(info.kind),
-                   created_at=_timestamp(info.created_ns), updated_at=_timestamp(info.updated_ns),
+                   created_at=Timestamp.from_nanoseconds(info.created_ns),
+                   updated_at=Timestamp.from_nanoseconds(info.updated_ns),
                    labels=info.labels)
 
 
-def _mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
-    return [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts]
+def _mounts(mounts: list[Mount]) -> list[mount_wire.Mount]:
+    return [mount_wire.Mount(type=m.type, source=m.source, options=m.options) for m in mounts]
 
 
 def _labels(labels: Any) -> dict[str, str]:
@@ -129,7 +118,7 @@ def _server_streaming(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Handl
     return handler
 
 
-class SnapshotsService(snapshots_grpc.SnapshotsBase):
+class SnapshotsService(pb.SnapshotsBase):
     def __init__(self, snapshotter: OverlaySnapshotter):
         self.sn = snapshotter
 
@@ -148,14 +137,14 @@ class SnapshotsService(snapshots_grpc.SnapshotsBase):
         return pb.MountsResponse(mounts=_mounts(await self.sn.mounts(request.key)))
 
     @_unary
-    async def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
+    async def Commit(self, request: pb.CommitSnapshotRequest) -> Empty:
         await self.sn.commit(request.name, request.key, _labels(request.labels))
-        return empty_pb2.Empty()
+        return Empty()
 
     @_unary
-    async def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
+    async def Remove(self, request: pb.RemoveSnapshotRequest) -> Empty:
         await self.sn.remove(request.key)
-        return empty_pb2.Empty()
+        return Empty()
 
     @_unary
     async def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:
@@ -165,7 +154,7 @@ class SnapshotsService(snapshots_grpc.SnapshotsBase):
     async def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:
         if not request.info.name:
             raise InvalidArgument("update needs the snapshot's name")
-        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        paths = list(request.update_mask.paths) if request.has("update_mask") else []
         info = await self.sn.update(request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=_info(info))
 
@@ -182,6 +171,6 @@ class SnapshotsService(snapshots_grpc.SnapshotsBase):
         return pb.UsageResponse(size=size, inodes=inodes)
 
     @_unary
-    async def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:
+    async def Cleanup(self, request: pb.CleanupRequest) -> Empty:
         await self.sn.cleanup()
-        return empty_pb2.Empty()
+        return Empty()

@@ -1,9 +1,10 @@
 """What the node's two processes load: heavy packages they do not need stay out.
 
 The service and the FUSE manager run on every node, so their resident memory is
-part of the product (see `python -m perf scale`). These checks keep two choices
+part of the product (see `python -m perf scale`). These checks keep choices
 from being undone by an innocent import: the service speaks gRPC through grpclib
-(grpcio costs it about 9 MB more) and the FUSE manager runs pyfuse3 in asyncio mode
+(grpcio costs it about 9 MB more) with its own protobuf wire codec (protobuf's
+runtime about 3 MB more), and the FUSE manager runs pyfuse3 in asyncio mode
 without loading trio. The service does not load the format library either, and
 `lazypull pull`, which runs at every workspace start, loads neither trio nor the
 image-layout code.
@@ -33,6 +34,13 @@ def test_the_service_loads_grpclib_not_grpcio() -> None:
     loaded = loaded_after("import snapshotter.server")
     assert "grpclib" in loaded
     assert "grpc" not in loaded
+
+
+def test_the_service_and_its_containerd_client_load_no_protobuf_runtime() -> None:
+    loaded = loaded_after("import snapshotter.server, snapshotter.containerd_client.pull")
+    assert {"snapshotter.api.wire", "snapshotter.containerd_client.client"} <= loaded
+    assert "google" not in loaded
+    assert not {m for m in loaded if m.endswith(("_pb2", "_grpc"))}
 
 
 def test_neither_process_loads_the_prometheus_client_library() -> None:

@@ -19,18 +19,19 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from google.protobuf import empty_pb2, field_mask_pb2
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from snapshotter.api.containerd.services.content.v1 import content_grpc, content_pb2
-from snapshotter.api.containerd.services.diff.v1 import diff_grpc, diff_pb2
-from snapshotter.api.containerd.services.images.v1 import images_grpc, images_pb2
-from snapshotter.api.containerd.services.leases.v1 import leases_grpc, leases_pb2
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_grpc, snapshots_pb2
-from snapshotter.api.containerd.services.version.v1 import version_grpc
-from snapshotter.api.containerd.types import descriptor_pb2, mount_pb2
+from snapshotter.api.containerd.services.content.v1 import content_wire
+from snapshotter.api.containerd.services.diff.v1 import diff_wire
+from snapshotter.api.containerd.services.images.v1 import images_wire
+from snapshotter.api.containerd.services.leases.v1 import leases_wire
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_wire
+from snapshotter.api.containerd.services.version.v1 import version_wire
+from snapshotter.api.containerd.types import descriptor_wire, mount_wire
+from snapshotter.api.wellknown import Empty, FieldMask
+from snapshotter.api.wire import WireCodec
 
 from .errors import (
     AlreadyExists,
@@ -64,12 +65,12 @@ class ContentDescriptor:
     size: int
     annotations: Mapping[str, str] | None = None
 
-    def to_pb(self) -> descriptor_pb2.Descriptor:
-        return descriptor_pb2.Descriptor(media_type=self.media_type, digest=self.digest,
+    def to_pb(self) -> descriptor_wire.Descriptor:
+        return descriptor_wire.Descriptor(media_type=self.media_type, digest=self.digest,
                                          size=self.size, annotations=dict(self.annotations or {}))
 
     @classmethod
-    def from_pb(cls, d: descriptor_pb2.Descriptor) -> "ContentDescriptor":
+    def from_pb(cls, d: descriptor_wire.Descriptor) -> "ContentDescriptor":
         return cls(d.media_type, d.digest, d.size, dict(d.annotations))
 
 
@@ -88,13 +89,13 @@ class ContainerdClient:
         self.namespace = namespace
         self.connect_timeout = connect_timeout
         # Connects on the first call, from the event loop that makes it.
-        self._channel = Channel(path=os.path.abspath(address))
-        self._version = version_grpc.VersionStub(self._channel)
-        self._leases = leases_grpc.LeasesStub(self._channel)
-        self._content = content_grpc.ContentStub(self._channel)
-        self._images = images_grpc.ImagesStub(self._channel)
-        self._snapshots = snapshots_grpc.SnapshotsStub(self._channel)
-        self._diff = diff_grpc.DiffStub(self._channel)
+        self._channel = Channel(path=os.path.abspath(address), codec=WireCodec())
+        self._version = version_wire.VersionStub(self._channel)
+        self._leases = leases_wire.LeasesStub(self._channel)
+        self._content = content_wire.ContentStub(self._channel)
+        self._images = images_wire.ImagesStub(self._channel)
+        self._snapshots = snapshots_wire.SnapshotsStub(self._channel)
+        self._diff = diff_wire.DiffStub(self._channel)
 
     async def __aenter__(self) -> "ContainerdClient":
         return self
@@ -138,7 +139,7 @@ class ContainerdClient:
             raise ContainerdUnreachable(f"cannot reach containerd: {self.address} is not a "
                                         "unix socket")
         try:
-            reply = await self._version.Version(empty_pb2.Empty(), metadata=self._metadata(),
+            reply = await self._version.Version(Empty(), metadata=self._metadata(),
                                                 timeout=self.connect_timeout)
         except TimeoutError:  # before OSError, of which it is one
             raise ContainerdUnreachable(f"cannot reach containerd at {self.address}: no answer "
@@ -164,16 +165,16 @@ class ContainerdClient:
             all_labels[LEASE_EXPIRE_LABEL] = _rfc3339(time.time() + expire)
         lease_id = lease_id or f"lazypull-{secrets.token_hex(8)}"
         reply = await self._call("create lease", self._leases.Create,
-                                 leases_pb2.CreateRequest(id=lease_id, labels=all_labels))
+                                 leases_wire.CreateRequest(id=lease_id, labels=all_labels))
         return reply.lease.id
 
     async def delete_lease(self, lease_id: str, sync: bool = False) -> None:
         await self._call(f"delete lease {lease_id}", self._leases.Delete,
-                         leases_pb2.DeleteRequest(id=lease_id, sync=sync))
+                         leases_wire.DeleteRequest(id=lease_id, sync=sync))
 
-    async def list_leases(self, *filters: str) -> list[leases_pb2.Lease]:
+    async def list_leases(self, *filters: str) -> list[leases_wire.Lease]:
         reply = await self._call("list leases", self._leases.List,
-                                 leases_pb2.ListRequest(filters=list(filters)))
+                                 leases_wire.ListRequest(filters=list(filters)))
         return list(reply.leases)
 
     @asynccontextmanager
@@ -194,27 +195,27 @@ class ContainerdClient:
 
     # -- content ----------------------------------------------------------------------
 
-    async def content_info(self, digest: str) -> content_pb2.Info | None:
+    async def content_info(self, digest: str) -> content_wire.Info | None:
         try:
             reply = await self._call(f"content {digest}", self._content.Info,
-                                     content_pb2.InfoRequest(digest=digest))
+                                     content_wire.InfoRequest(digest=digest))
         except NotFound:
             return None
         return reply.info
 
     async def update_content_labels(self, digest: str,
-                                    labels: Mapping[str, str]) -> content_pb2.Info:
+                                    labels: Mapping[str, str]) -> content_wire.Info:
         """Set these labels (an empty value removes one); the others stay."""
-        mask = field_mask_pb2.FieldMask(paths=[f"labels.{key}" for key in labels])
-        request = content_pb2.UpdateRequest(
-            info=content_pb2.Info(digest=digest, labels=dict(labels)), update_mask=mask)
+        mask = FieldMask(paths=[f"labels.{key}" for key in labels])
+        request = content_wire.UpdateRequest(
+            info=content_wire.Info(digest=digest, labels=dict(labels)), update_mask=mask)
         reply = await self._call(f"update labels of content {digest}", self._content.Update,
                                  request)
         return reply.info
 
-    async def list_content(self, *filters: str) -> list[content_pb2.Info]:
+    async def list_content(self, *filters: str) -> list[content_wire.Info]:
         replies = await self._call("list content", self._content.List,
-                                   content_pb2.ListContentRequest(filters=list(filters)))
+                                   content_wire.ListContentRequest(filters=list(filters)))
         return [info for reply in replies for info in reply.info]
 
     async def write_content(self, ref: str, digest: str, size: int,
@@ -245,24 +246,24 @@ class ContainerdClient:
         what = f"write {ref}"
         try:
             async with self._content.Write.open(metadata=self._metadata()) as call:
-                reply = await _exchange(call, content_pb2.WriteContentRequest(
-                    action=content_pb2.STAT, ref=ref, total=size, expected=digest))
+                reply = await _exchange(call, content_wire.WriteContentRequest(
+                    action=content_wire.STAT, ref=ref, total=size, expected=digest))
                 offset = 0
                 async for piece in _pieces(data, WRITE_CHUNK):
-                    reply = await _exchange(call, content_pb2.WriteContentRequest(
-                        action=content_pb2.WRITE, ref=ref, offset=offset, data=piece))
+                    reply = await _exchange(call, content_wire.WriteContentRequest(
+                        action=content_wire.WRITE, ref=ref, offset=offset, data=piece))
                     offset += len(piece)
                     if reply.offset != offset:
                         raise ContainerdError(f"{what}: containerd holds {reply.offset} bytes "
                                               f"after {offset} were sent")
                 # An empty blob still needs a WRITE at offset 0: it truncates a stale ingest.
                 if offset == 0:
-                    await _exchange(call, content_pb2.WriteContentRequest(
-                        action=content_pb2.WRITE, ref=ref, offset=0))
+                    await _exchange(call, content_wire.WriteContentRequest(
+                        action=content_wire.WRITE, ref=ref, offset=0))
                 # The last message also ends our side: containerd closes the stream
                 # once it has answered the commit.
-                reply = await _exchange(call, content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=size,
+                reply = await _exchange(call, content_wire.WriteContentRequest(
+                    action=content_wire.COMMIT, ref=ref, offset=offset, total=size,
                     expected=digest, labels=dict(labels)), end=True)
         except GRPCError as exc:
             error = _error(exc, what)
@@ -277,44 +278,44 @@ class ContainerdClient:
 
     # -- images -----------------------------------------------------------------------
 
-    async def get_image(self, name: str) -> images_pb2.Image | None:
+    async def get_image(self, name: str) -> images_wire.Image | None:
         try:
             reply = await self._call(f"image {name}", self._images.Get,
-                                     images_pb2.GetImageRequest(name=name))
+                                     images_wire.GetImageRequest(name=name))
         except NotFound:
             return None
         return reply.image
 
     async def create_or_update_image(self, name: str, target: ContentDescriptor,
                                      labels: Mapping[str, str] | None = None
-                                     ) -> tuple[images_pb2.Image, bool]:
+                                     ) -> tuple[images_wire.Image, bool]:
         """(record, created): create the image record, or point the existing one at
         `target` (its other labels stay). As containerd's client does after a pull."""
-        image = images_pb2.Image(name=name, labels=dict(labels or {}), target=target.to_pb())
+        image = images_wire.Image(name=name, labels=dict(labels or {}), target=target.to_pb())
         try:
             reply = await self._call(f"create image {name}", self._images.Create,
-                                     images_pb2.CreateImageRequest(image=image))
+                                     images_wire.CreateImageRequest(image=image))
             return reply.image, True
         except AlreadyExists:
             pass
         paths = ["target", *(f"labels.{key}" for key in labels or {})]
         reply = await self._call(f"update image {name}", self._images.Update,
-                                 images_pb2.UpdateImageRequest(
-                                     image=image, update_mask=field_mask_pb2.FieldMask(
+                                 images_wire.UpdateImageRequest(
+                                     image=image, update_mask=FieldMask(
                                          paths=paths)))
         return reply.image, False
 
     async def delete_image(self, name: str, sync: bool = False) -> None:
         await self._call(f"delete image {name}", self._images.Delete,
-                         images_pb2.DeleteImageRequest(name=name, sync=sync))
+                         images_wire.DeleteImageRequest(name=name, sync=sync))
 
     # -- snapshots --------------------------------------------------------------------
 
-    async def stat_snapshot(self, snapshotter: str, key: str) -> snapshots_pb2.Info | None:
+    async def stat_snapshot(self, snapshotter: str, key: str) -> snapshots_wire.Info | None:
         try:
             reply = await self._call(f"snapshotter {snapshotter}: stat {key}",
                                      self._snapshots.Stat,
-                                     snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter,
+                                     snapshots_wire.StatSnapshotRequest(snapshotter=snapshotter,
                                                                        key=key))
         except NotFound:
             return None
@@ -322,10 +323,10 @@ class ContainerdClient:
 
     async def prepare_snapshot(self, snapshotter: str, key: str, parent: str,
                                labels: Mapping[str, str] | None = None
-                               ) -> list[mount_pb2.Mount]:
+                               ) -> list[mount_wire.Mount]:
         reply = await self._call(
             f"snapshotter {snapshotter}: prepare {key}", self._snapshots.Prepare,
-            snapshots_pb2.PrepareSnapshotRequest(snapshotter=snapshotter, key=key,
+            snapshots_wire.PrepareSnapshotRequest(snapshotter=snapshotter, key=key,
                                                  parent=parent, labels=dict(labels or {})))
         return list(reply.mounts)
 
@@ -333,27 +334,27 @@ class ContainerdClient:
                               labels: Mapping[str, str] | None = None) -> None:
         await self._call(
             f"snapshotter {snapshotter}: commit {key} as {name}", self._snapshots.Commit,
-            snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key,
+            snapshots_wire.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key,
                                                 labels=dict(labels or {})))
 
     async def remove_snapshot(self, snapshotter: str, key: str) -> None:
         await self._call(f"snapshotter {snapshotter}: remove {key}", self._snapshots.Remove,
-                         snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key))
+                         snapshots_wire.RemoveSnapshotRequest(snapshotter=snapshotter, key=key))
 
-    async def list_snapshots(self, snapshotter: str, *filters: str) -> list[snapshots_pb2.Info]:
+    async def list_snapshots(self, snapshotter: str, *filters: str) -> list[snapshots_wire.Info]:
         replies = await self._call(f"snapshotter {snapshotter}: list", self._snapshots.List,
-                                   snapshots_pb2.ListSnapshotsRequest(snapshotter=snapshotter,
+                                   snapshots_wire.ListSnapshotsRequest(snapshotter=snapshotter,
                                                                       filters=list(filters)))
         return [info for reply in replies for info in reply.info]
 
     # -- diff -------------------------------------------------------------------------
 
     async def apply(self, layer: ContentDescriptor,
-                    mounts: Iterable[mount_pb2.Mount]) -> ContentDescriptor:
+                    mounts: Iterable[mount_wire.Mount]) -> ContentDescriptor:
         """Apply a layer blob from the content store onto `mounts`; returns the
         uncompressed layer's descriptor (its digest is the layer's diff ID)."""
         reply = await self._call(f"apply layer {layer.digest}", self._diff.Apply,
-                                 diff_pb2.ApplyRequest(diff=layer.to_pb(), mounts=list(mounts)))
+                                 diff_wire.ApplyRequest(diff=layer.to_pb(), mounts=list(mounts)))
         return ContentDescriptor.from_pb(reply.applied)
 
 
