@@ -602,8 +602,7 @@ class LayerFetcher:
         return failed
 
     def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str],
-                          keep_in_memory: bool = True
-                          ) -> tuple[dict[str, bytes], dict[str, str]]:
+                          keep_in_memory: bool) -> tuple[dict[str, bytes], dict[str, str]]:
         """In a worker thread: decompressing and hashing is the slow part."""
         base = spans[0].offset
         good: dict[str, bytes] = {}
