@@ -194,7 +194,7 @@ class _Inode:
         permissions = 0o777 if node.kind == "symlink" else node.mode & 0o7777
         attrs.st_mode = _TYPE_BITS[node.kind] | permissions
         if node.kind == "dir":
-            attrs.st_nlink = 2 + self.tree.layer.subdir_count(node)
+            attrs.st_nlink = 2 + node.subdirs
         else:
             attrs.st_nlink = max(node.nlink, 1)
         if node.kind in ("char", "block"):
