@@ -17,6 +17,7 @@ with a non-zero status and a traceback on stderr.
 """
 
 import json
+import os
 import select
 import sqlite3
 import sys
@@ -90,4 +91,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    sys.stdout.flush()
+    # Nothing is left to clean up (the index is closed, the reply written): skipping
+    # the interpreter's teardown lets the waiting caller go on about 10 ms sooner.
+    os._exit(status)
