@@ -130,8 +130,10 @@ def test_protobuf_reads_what_the_codec_writes_and_back(cls, pb_cls, data) -> Non
 @given(st.binary(max_size=64))
 @settings(max_examples=400, deadline=None)
 def test_arbitrary_bytes_decode_or_raise_decode_error(data: bytes) -> None:
+    from snapshotter.api.containerd.services.diff.v1 import diff_wire
     from snapshotter.api.containerd.services.snapshots.v1 import snapshots_wire
-    for cls in (snapshots_wire.UpdateSnapshotRequest, snapshots_wire.ListSnapshotsResponse):
+    for cls in (snapshots_wire.UpdateSnapshotRequest, snapshots_wire.ListSnapshotsResponse,
+                diff_wire.ApplyRequest):
         try:
             decoded = cls.decode(data)
         except wire.DecodeError:
@@ -167,6 +169,22 @@ def test_a_message_field_sent_twice_is_merged_and_a_scalar_keeps_the_last() -> N
     decoded = Sample.decode(first + second)
     assert decoded.name == "b"
     assert (decoded.when.seconds, decoded.when.nanos) == (5, 7)
+
+
+def test_map_entries_without_a_key_or_value_read_as_their_defaults() -> None:
+    from google.protobuf import any_pb2
+
+    from snapshotter.api.containerd.services.diff.v1 import diff_pb2, diff_wire
+    from snapshotter.api.containerd.types import descriptor_wire
+    # ApplyRequest.payloads (3) is map<string, Any>: an entry with only a key, one empty
+    raw = bytes([0x1A, 3, 0x0A, 1]) + b"a" + bytes([0x1A, 0])
+    assert diff_wire.ApplyRequest.decode(raw).payloads == \
+        {"a": wellknown.Any(), "": wellknown.Any()}
+    assert dict(diff_pb2.ApplyRequest.FromString(raw).payloads) == \
+        {"a": any_pb2.Any(), "": any_pb2.Any()}  # as protobuf's runtime reads them
+    # Descriptor.annotations (5) is map<string, string>: an entry with only a value
+    raw = bytes([0x2A, 3, 0x12, 1]) + b"v"
+    assert descriptor_wire.Descriptor.decode(raw).annotations == {"": "v"}
 
 
 def test_presence_is_kept_for_message_fields_only() -> None:

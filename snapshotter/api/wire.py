@@ -39,6 +39,11 @@ class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the message asked for."""
 
 
+def _default(kind: str, message: "type[Message] | None") -> Any:
+    """The value of a `kind` field that was not sent."""
+    return message() if kind == MESSAGE else _DEFAULTS[kind]  # type: ignore[misc]
+
+
 class Field:
     """One field of a message. `message` is the class of a MESSAGE field; a MAP has
     string keys and values of kind `value` (and class `message` if those are messages)."""
@@ -50,8 +55,6 @@ class Field:
         self.number, self.name, self.kind = number, name, kind
         self.repeated, self.message, self.value = repeated, message, value
 
-    def default(self) -> Any:
-        return self.message() if self.kind == MESSAGE else _DEFAULTS[self.kind]
 
 
 class Message:
@@ -90,7 +93,7 @@ class Message:
             container: dict | list = {} if field.kind == MAP else []
             self.__dict__[name] = container
             return container
-        return field.default()
+        return _default(field.kind, field.message)
 
     def has(self, name: str) -> bool:
         """Whether the message field `name` was set (sent, for a decoded message)."""
@@ -297,8 +300,8 @@ def _decode_into(message: Message, data: memoryview) -> None:
                 elif entry_number == 2:
                     item = _value(field, field.value, field.message, entry_type,  # type: ignore[arg-type]
                                   entry_raw)
-            if item is None:
-                item = field.default() if field.value == MESSAGE else _DEFAULTS[field.value]  # type: ignore[index]
+            if item is None:  # an entry may leave out its value, as its key
+                item = _default(field.value, field.message)  # type: ignore[arg-type]
             values.setdefault(field.name, {})[key] = item
         elif field.repeated:
             items = values.setdefault(field.name, [])
