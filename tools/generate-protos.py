@@ -55,8 +55,7 @@ def generate_wire(output_root: pathlib.Path, well_known: pathlib.Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         descriptors = pathlib.Path(scratch) / "set.pb"
         args = ["grpc_tools.protoc", f"-I{ROOT}", f"-I{well_known}",
-                f"--descriptor_set_out={descriptors}", "--include_imports",
-                "--include_source_info", *sources]
+                f"--descriptor_set_out={descriptors}", "--include_imports", *sources]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         files = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes()).file
@@ -82,17 +81,14 @@ def _module_of(proto_name: str) -> str:
 
 
 def _class_names(files) -> dict[str, tuple[str, str]]:
-    """Full message name (".pkg.Name") -> (module, class); map entries included."""
+    """Full message name (".pkg.Name") -> (module, class) of every top-level message
+    (map entries, the only nested messages allowed, are written as MAP fields)."""
     found: dict[str, tuple[str, str]] = {}
     for file in files:
+        module = ("snapshotter.api.wellknown" if file.package + "." == _WELL_KNOWN
+                  else _module_of(file.name))
         for message in file.message_type:
-            full = f".{file.package}.{message.name}"
-            if full.startswith("." + _WELL_KNOWN):
-                found[full] = ("snapshotter.api.wellknown", message.name)
-            else:
-                found[full] = (_module_of(file.name), message.name)
-            for nested in message.nested_type:
-                found[f"{full}.{nested.name}"] = ("", f"{message.name}.{nested.name}")
+            found[f".{file.package}.{message.name}"] = (module, message.name)
     return found
 
 

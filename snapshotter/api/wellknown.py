@@ -20,9 +20,6 @@ class Timestamp(Message):
         seconds, nanos = divmod(ns, 1_000_000_000)
         return cls(seconds=seconds, nanos=nanos)
 
-    def to_nanoseconds(self) -> int:
-        return self.seconds * 1_000_000_000 + self.nanos
-
 
 class FieldMask(Message):
     """google.protobuf.FieldMask"""

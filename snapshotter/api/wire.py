@@ -236,8 +236,7 @@ def _records(data: memoryview) -> Iterator[tuple[int, int, Any]]:
             yield number, wire_type, value
             continue
         if wire_type == LEN:
-            length, pos = _varint(data, pos)
-            size = length
+            size, pos = _varint(data, pos)
         elif wire_type in (I64, I32):
             size = 8 if wire_type == I64 else 4
         else:
@@ -261,9 +260,9 @@ def _number(kind: str, raw: int) -> Any:
     return raw - (1 << 32) if raw >> 31 else raw
 
 
-def _value(field: Field, kind: str, message: "type[Message] | None", wire_type: int,
-           raw: Any) -> Any:
-    """A singular value of `kind` from its record."""
+def _value(field: Field, kind: str, wire_type: int, raw: Any) -> Any:
+    """A singular value of `kind` (the field's own, or its map's key or value) from its
+    record."""
     if kind in _NUMBERS:
         if wire_type != VARINT:
             raise DecodeError(f"{field.name}: wire type {wire_type} for a {kind}")
@@ -277,7 +276,7 @@ def _value(field: Field, kind: str, message: "type[Message] | None", wire_type: 
             raise DecodeError(f"{field.name}: not UTF-8: {exc}") from None
     if kind == BYTES:
         return bytes(raw)
-    inner = message()  # type: ignore[misc]
+    inner = field.message()  # type: ignore[misc]
     _decode_into(inner, raw)
     return inner
 
@@ -296,10 +295,9 @@ def _decode_into(message: Message, data: memoryview) -> None:
             key, item = "", None
             for entry_number, entry_type, entry_raw in _records(raw):
                 if entry_number == 1:
-                    key = _value(field, STRING, None, entry_type, entry_raw)
+                    key = _value(field, STRING, entry_type, entry_raw)
                 elif entry_number == 2:
-                    item = _value(field, field.value, field.message, entry_type,  # type: ignore[arg-type]
-                                  entry_raw)
+                    item = _value(field, field.value, entry_type, entry_raw)  # type: ignore[arg-type]
             if item is None:  # an entry may leave out its value, as its key
                 item = _default(field.value, field.message)  # type: ignore[arg-type]
             values.setdefault(field.name, {})[key] = item
@@ -311,13 +309,13 @@ def _decode_into(message: Message, data: memoryview) -> None:
                     number_raw, pos = _varint(raw, pos)
                     items.append(_number(kind, number_raw))
             else:
-                items.append(_value(field, kind, field.message, wire_type, raw))
+                items.append(_value(field, kind, wire_type, raw))
         elif kind == MESSAGE and field.name in values:
             if wire_type != LEN:
                 raise DecodeError(f"{field.name}: wire type {wire_type} for a message")
             _decode_into(values[field.name], raw)  # a message seen twice merges
         else:
-            values[field.name] = _value(field, kind, field.message, wire_type, raw)
+            values[field.name] = _value(field, kind, wire_type, raw)
 
 
 # -- gRPC -----------------------------------------------------------------------------
