@@ -67,7 +67,7 @@ class ContentDescriptor:
 
     def to_pb(self) -> descriptor_wire.Descriptor:
         return descriptor_wire.Descriptor(media_type=self.media_type, digest=self.digest,
-                                         size=self.size, annotations=dict(self.annotations or {}))
+                                          size=self.size, annotations=dict(self.annotations or {}))
 
     @classmethod
     def from_pb(cls, d: descriptor_wire.Descriptor) -> "ContentDescriptor":
@@ -301,8 +301,7 @@ class ContainerdClient:
         paths = ["target", *(f"labels.{key}" for key in labels or {})]
         reply = await self._call(f"update image {name}", self._images.Update,
                                  images_wire.UpdateImageRequest(
-                                     image=image, update_mask=FieldMask(
-                                         paths=paths)))
+                                     image=image, update_mask=FieldMask(paths=paths)))
         return reply.image, False
 
     async def delete_image(self, name: str, sync: bool = False) -> None:
@@ -316,7 +315,7 @@ class ContainerdClient:
             reply = await self._call(f"snapshotter {snapshotter}: stat {key}",
                                      self._snapshots.Stat,
                                      snapshots_wire.StatSnapshotRequest(snapshotter=snapshotter,
-                                                                       key=key))
+                                                                        key=key))
         except NotFound:
             return None
         return reply.info
@@ -327,7 +326,7 @@ class ContainerdClient:
         reply = await self._call(
             f"snapshotter {snapshotter}: prepare {key}", self._snapshots.Prepare,
             snapshots_wire.PrepareSnapshotRequest(snapshotter=snapshotter, key=key,
-                                                 parent=parent, labels=dict(labels or {})))
+                                                  parent=parent, labels=dict(labels or {})))
         return list(reply.mounts)
 
     async def commit_snapshot(self, snapshotter: str, name: str, key: str,
@@ -335,7 +334,7 @@ class ContainerdClient:
         await self._call(
             f"snapshotter {snapshotter}: commit {key} as {name}", self._snapshots.Commit,
             snapshots_wire.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key,
-                                                labels=dict(labels or {})))
+                                                 labels=dict(labels or {})))
 
     async def remove_snapshot(self, snapshotter: str, key: str) -> None:
         await self._call(f"snapshotter {snapshotter}: remove {key}", self._snapshots.Remove,
@@ -344,7 +343,7 @@ class ContainerdClient:
     async def list_snapshots(self, snapshotter: str, *filters: str) -> list[snapshots_wire.Info]:
         replies = await self._call(f"snapshotter {snapshotter}: list", self._snapshots.List,
                                    snapshots_wire.ListSnapshotsRequest(snapshotter=snapshotter,
-                                                                      filters=list(filters)))
+                                                                       filters=list(filters)))
         return [info for reply in replies for info in reply.info]
 
     # -- diff -------------------------------------------------------------------------
