@@ -8,7 +8,9 @@ lazily on a fresh containerd + snapshotter service. Then WAVES waves of CONTAINE
 i, each running `sha256sum -c` over every listed file and printing READY: so every
 byte a container reads is checked against the generated data. The service's
 background fetch (its rate is per layer) is slowed down so that it runs through the
-waves; it yields to containers' misses, so it runs mostly once they are served.
+waves, and the first wave starts once it has begun (it starts after half a second
+without container reads, which the gaps between waves need not leave); it yields to
+containers' misses, so it runs mostly once they are served.
 
 Reported per wave: containers READY, failed and their messages, time to READY
 (median, max), RSS and open file descriptors of the service and of the FUSE manager,
@@ -53,6 +55,7 @@ BUSYBOX = Path("/bin/busybox")
 CHECKS = "/check.sha256"
 READY = "READY"
 WAVE_TIMEOUT = 900.0
+BACKGROUND_START_TIMEOUT = 30.0  # seconds the waves wait for the background fetch
 ERROR_COUNTERS = ("lazypull_fetch_verification_failures_total",
                   "lazypull_prefetch_failures_total")
 # Counters some versions also have: every failed lazy read, by layer.
@@ -200,6 +203,7 @@ def run_load(sizes: Sizes, workdir: Path, registry: RegistryServer | None = None
             sources = {layer["source"] for layer in result["layers"]}
             pulls.append({"ref": ref, "seconds": round(time.monotonic() - t, 3),
                           "lazy": "remote" in sources})
+        background_started = _wait_for_background(node)
         before = metrics_text(node)
         waves = []
         for wave in range(1, sizes.waves + 1):
@@ -226,6 +230,7 @@ def run_load(sizes: Sizes, workdir: Path, registry: RegistryServer | None = None
             "environment": environment(),
             "sizes": sizes.__dict__,
             "pulls": pulls,
+            "background_started_seconds": background_started,
             "waves": waves,
             "error_counters": errors,
             "service_error_lines": error_lines[-20:],
@@ -239,6 +244,18 @@ def run_load(sizes: Sizes, workdir: Path, registry: RegistryServer | None = None
         if own_registry:
             registry.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait_for_background(node: Node) -> float | None:
+    """Seconds until the background fetch had fetched its first bytes, None if it had
+    not within BACKGROUND_START_TIMEOUT (the waves then start all the same)."""
+    started = time.monotonic()
+    while time.monotonic() - started < BACKGROUND_START_TIMEOUT:
+        if _background_bytes(metrics_text(node)) > 0:
+            return round(time.monotonic() - started, 3)
+        time.sleep(0.1)
+    log(f"the background fetch had not begun after {BACKGROUND_START_TIMEOUT:.0f} s")
+    return None
 
 
 def _background_bytes(text: str) -> float:

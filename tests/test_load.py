@@ -11,6 +11,7 @@ SMALL = Sizes(images=2, containers=8, waves=2, files=40, cold_bytes=8 << 20,
 def test_waves_of_containers_all_get_ready_with_no_errors(registry, tmp_path) -> None:
     data = run_load(SMALL, tmp_path, registry)
     assert all(pull["lazy"] for pull in data["pulls"]), data["pulls"]
+    assert data["background_started_seconds"] is not None  # the waves began beside it
     for wave in data["waves"]:
         assert wave["ready"] == wave["containers"] == SMALL.containers, wave["failed"]
         assert wave["memory"]["total_rss_bytes"] > 0
