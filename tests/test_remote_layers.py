@@ -3,13 +3,16 @@
 import asyncio
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
 
 import pytest
 
+from estargz.writer import ZSTD_MANIFEST_POSITION_ANNOTATION
 from oci.hosts import HostsConfig
+from oci.manifest import Descriptor
 from oci.registry import RegistryClient
 from snapshotter.lazy import layer_source as remote
 from snapshotter.lazy import remote as remote_module
@@ -163,3 +166,61 @@ def test_toc_beyond_the_tail_takes_a_second_request(images, monkeypatch) -> None
     opened, seen = open_layers_ahead(report, lazy, [1, 0])
     assert [o.toc_digest for o in opened] == [report["layers"][i]["toc_digest"] for i in (1, 0)]
     assert len([r for r in seen if "/blobs/" in r]) == 4, seen
+
+
+@pytest.fixture(scope="module")
+def zstd_image(registry, tmp_path_factory):
+    """A zstd:chunked image whose first layer's payload is larger than TAIL_BYTES."""
+    layers = [{"usr/lib/noise": os.urandom(700_000), "etc/hostname": b"ws\n"},
+              {"app/main.py": b"print('hi')\n"}]
+    image = build_layout_image(tmp_path_factory.mktemp("zimg") / "l", "v1", layers)
+    plain = push_layout_image(image.layout, "v1", registry.host, "ws/remote-zstd")
+    lazy = f"docker://{registry.host}/ws/remote-zstd:v1-zstd"
+    done = subprocess.run([sys.executable, "-m", "cli.main", "convert", plain, lazy, "--no-cache",
+                           "--json", "--format", "zstdchunked", "--prefetch-list", "/dev/null"],
+                          capture_output=True, text=True, check=True)
+    return lazy.removeprefix("docker://"), json.loads(done.stdout)["manifests"][0]
+
+
+def test_zstd_chunked_toc_is_fetched_from_where_the_descriptor_puts_it(zstd_image) -> None:
+    lazy, report = zstd_image
+    opened, seen = open_layers_ahead(report, lazy, [0, 1])
+    assert [o.toc_digest for o in opened] == [layer["toc_digest"] for layer in report["layers"]]
+    assert opened[0].layer.lookup("usr/lib/noise").size == 700_000
+    tails = {r.split()[1].rsplit("/", 1)[1]: r.split()[2] for r in seen if "/blobs/" in r}
+    assert len(tails) == 2 and len([r for r in seen if "/blobs/" in r]) == 2, seen
+    for layer, descriptor in zip(report["layers"], opened, strict=True):
+        position = descriptor.descriptor.annotations[ZSTD_MANIFEST_POSITION_ANNOTATION]
+        size = descriptor.descriptor.size
+        # the TOC and the footer only: none of the payload before the TOC
+        assert tails[layer["digest"]] == f"bytes={position.split(':')[0]}-{size - 1}"
+    assert opened[0].descriptor.size - int(tails[report["layers"][0]["digest"]]
+                                          .removeprefix("bytes=").split("-")[0]) < 64 << 10
+
+
+def describe(size: int, position: str | None) -> Descriptor:
+    annotations = {} if position is None else {ZSTD_MANIFEST_POSITION_ANNOTATION: position}
+    return Descriptor("application/vnd.oci.image.layer.v1.tar+zstd", "sha256:" + "a" * 64,
+                      size, annotations)
+
+
+@pytest.mark.parametrize("position", [
+    None, "", "x:1:2:1", "-5:1:2:1", "²:1:2:1",
+    str(10 << 20), str((10 << 20) - 50),  # past the blob, or inside its last footer
+    "0",  # would fetch a TOC larger than the largest accepted
+])
+def test_tail_falls_back_to_the_last_bytes_without_a_usable_toc_position(position) -> None:
+    size = 10 << 20
+    assert remote_module.tail_start(describe(size, position), max_toc_size=1 << 20) == \
+        size - remote_module.TAIL_BYTES
+
+
+def test_tail_starts_at_the_toc_position_even_before_the_usual_tail() -> None:
+    size = 10 << 20
+    far = size - (900 << 10)  # a TOC larger than TAIL_BYTES: still one request
+    assert remote_module.tail_start(describe(size, f"{far}:1:1:1"), max_toc_size=1 << 20) == far
+    github = Descriptor("application/vnd.oci.image.layer.v1.tar+zstd", "sha256:" + "a" * 64,
+                        size, {"io.github.containers.zstd-chunked.manifest-position":
+                               f"{size - 1000}:900:4000:1"})
+    assert remote_module.tail_start(github, max_toc_size=1 << 20) == size - 1000
+    assert remote_module.tail_start(describe(100, None), max_toc_size=1 << 20) == 0

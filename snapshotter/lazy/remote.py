@@ -2,9 +2,10 @@
 
 A layer is lazy when its descriptor in the image's manifest carries a TOC digest:
 the TOC is then fetched with one range request for the blob's tail (two if the TOC
-is larger than that tail) and verified against it. Anything
-else is not lazy, and the caller falls back to an ordinary snapshot. (Which Prepare
-asks for which layer is `lazy.layer_source`.)
+is larger than that tail) and verified against it. A zstd:chunked descriptor also
+says where its TOC starts, and then that tail is the TOC and the footer, nothing
+more. Anything else is not lazy, and the caller falls back to an ordinary snapshot.
+(Which Prepare asks for which layer is `lazy.layer_source`.)
 """
 
 import logging
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import estargz
-from estargz.footer import MAX_FOOTER_SIZE
+from estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE
+from estargz.writer import ZSTD_MANIFEST_POSITION_ANNOTATION
 from oci.manifest import Descriptor, Index, Manifest, ManifestError, parse_manifest
 from oci.reference import Reference
 from oci.store import StoreError
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 # eStargz layer of the node workspace image has one of 340 kB), a round trip saved per
 # layer for at most this many bytes of payload fetched with it.
 TAIL_BYTES = 512 << 10
+# Where zstd:chunked descriptors say their TOC starts ("offset:length:size:type"):
+# stargz-snapshotter's key, then containers/storage's.
+_TOC_POSITION_ANNOTATIONS = (ZSTD_MANIFEST_POSITION_ANNOTATION,
+                             "io.github.containers.zstd-chunked.manifest-position")
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +109,8 @@ async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: 
     has no footer, its TOC is too large or the manifest vouches for none."""
     digest, size = descriptor.digest, descriptor.size
     try:
-        tail_length = min(size, max(MAX_FOOTER_SIZE, TAIL_BYTES))
-        tail_offset = size - tail_length
+        tail_offset = tail_start(descriptor, max_toc_size)
+        tail_length = size - tail_offset
         tail = await client.fetch_range(reference, digest, tail_offset, tail_length)
         footer = estargz.parse_footer(tail, size)
         if estargz.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
@@ -125,6 +131,23 @@ async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: 
     except StoreError as exc:
         raise NotLazy(f"layer {digest}: registry: {exc}") from None
     return FetchedToc(footer, toc_bytes)
+
+
+def tail_start(descriptor: Descriptor, max_toc_size: int) -> int:
+    """Where the first request for a layer's footer and TOC starts: at the TOC when the
+    descriptor says where that is, so that nothing before it comes along and a TOC
+    larger than TAIL_BYTES takes one request too; else TAIL_BYTES before the end. The
+    manifest's digest covers the annotation, and the TOC is checked against its own
+    digest wherever it was found; a position that cannot hold a TOC of at most
+    `max_toc_size` bytes and the footer's frame is not followed."""
+    size = descriptor.size
+    footer_frame = max(ZSTD_FOOTER_SIZE + 8, MAX_FOOTER_SIZE)  # any footer, whole
+    for key in _TOC_POSITION_ANNOTATIONS:
+        offset = descriptor.annotations.get(key, "").partition(":")[0]
+        if offset.isascii() and offset.isdigit() and (
+                size - footer_frame - max_toc_size <= int(offset) <= size - footer_frame):
+            return int(offset)
+    return max(0, size - max(MAX_FOOTER_SIZE, TAIL_BYTES))
 
 
 async def open_remote_layer(client: "RegistryClient", source: LayerSource,
