@@ -783,3 +783,28 @@ def test_range_reads_leave_their_uses_to_be_written_by_the_caller(tmp_path, monk
     after = dict(db.execute("SELECT digest, used FROM chunks"))
     assert all(after[key] > before[key] for key in before)
     db.close()
+
+
+def test_a_packed_chunk_is_read_hashed_and_never_once_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr("snapshotter.lazy.chunk_cache.TOUCH_FLUSH", 2)
+    cache = ChunkCache(str(tmp_path), max_bytes=8 << 20, memory_bytes=1 << 20,
+                       memory_item_limit=1 << 20)
+    packed, other, large = chunk_bytes(1), chunk_bytes(2), chunk_bytes(3, size=2 * PACK_LIMIT)
+    cache.put_many([(digest_of(d), d) for d in (packed, other, large)], keep_in_memory=False)
+    db = sqlite3.connect(tmp_path / "chunks.db")
+    before = dict(db.execute("SELECT digest, used FROM chunks"))
+    assert cache.read_packed(digest_of(packed), 10, 100) == packed[10:100]
+    assert cache.stats.hashed_reads == 1 and cache.stats.disk_hits == 1
+    assert cache.get_from_memory(digest_of(packed)) == packed  # read: now in memory
+    assert cache.read_packed(digest_of(large), 0, 10) is None  # a file: read_sealed's
+    assert cache.read_packed(digest_of(chunk_bytes(4)), 0, 10) is None  # not stored
+    with pytest.raises(ValueError):
+        cache.read_packed(digest_of(packed), 10, 5)
+    # Its use is gathered, not written: a reader on an event loop writes nothing.
+    assert dict(db.execute("SELECT digest, used FROM chunks")) == before
+    db.close()
+    tamper_packed(tmp_path, digest_of(other), position=700)
+    assert cache.read_packed(digest_of(other), 0, 10) is None  # outside the range, refused
+    assert digest_of(other) in cache  # left for `get`, which counts and drops it
+    assert cache.get(digest_of(other)) is None and cache.stats.corrupt == 1
+    assert digest_of(other) not in cache
