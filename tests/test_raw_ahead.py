@@ -159,3 +159,32 @@ def test_a_large_toc_is_left_to_the_index_build_and_a_small_one_parsed_lean(
     assert region and peak < 3 * json_bytes
     monkeypatch.setattr(raw_ahead, "MAX_TOC_JSON_BYTES", json_bytes - 1)
     assert raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read) == []
+
+
+def test_pieces_come_in_blob_order_a_few_streams_at_a_time(monkeypatch) -> None:
+    """At most STREAMS requests at once, started in blob order, so the first pieces
+    arrive (and are verified) while later ones are on their way."""
+    monkeypatch.setattr(raw_ahead, "PIECE_BYTES", 100_000)
+    monkeypatch.setattr(raw_ahead, "STREAMS", 3)
+    in_flight, most, started = 0, 0, []
+    release = asyncio.Event()
+
+    async def read_range(offset: int, length: int) -> bytes:
+        nonlocal in_flight, most
+        started.append(offset)
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        await asyncio.sleep(0.001 * (offset // 100_000 % 2))  # finish out of order
+        in_flight -= 1
+        return BLOB[offset:offset + length]
+
+    async def run() -> None:
+        raw = RawAhead(read_range, [(0, 1_000_000)]).start()
+        await asyncio.sleep(0.01)
+        assert started == [0, 100_000, 200_000]  # the first three, and no more yet
+        release.set()
+        assert await raw.read(0, 1_000_000, Blob().read_range) == BLOB[:1_000_000]
+
+    asyncio.run(run())
+    assert started == list(range(0, 1_000_000, 100_000)) and most == 3

@@ -63,6 +63,9 @@ DEMAND, PREFETCH, BACKGROUND = "demand", "prefetch", "background"
 # event loop, span by span: over a layer of tiny files, 8 MiB of spans took long enough
 # to delay FUSE lookups by milliseconds.
 RUN_CHUNKS = 2048
+# A prefetch request fetches at most this much, so that each is verified and its
+# chunks handed out while the next ones arrive (and several fill the link together).
+PREFETCH_REQUEST_BYTES = 1 << 20
 # A background request fetches at most this much: a container that starts reading
 # while one is under way waits for its end (0.2 s at 100 Mbit) before background
 # fetching yields (LazyLayers' quiet wait), not for the 8 MiB a prefetch request takes.
@@ -656,7 +659,8 @@ class LayerFetcher:
                 index = self._next_needed(index, stop)
                 if index == stop:
                     break
-                run, cached = self._run_from(index, self.max_request_bytes, stop, RUN_CHUNKS)
+                run, cached = self._run_from(
+                    index, min(self.max_request_bytes, PREFETCH_REQUEST_BYTES), stop, RUN_CHUNKS)
                 run_futures = self._register(run, cached)
                 futures.update(run_futures)
                 tasks.append(self._start(run, run_futures, PREFETCH))

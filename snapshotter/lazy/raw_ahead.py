@@ -29,7 +29,14 @@ from estargz.read_ranges import ReadRanges, chunk_was_read
 from estargz.reader import spool_toc_json
 from estargz.toc import PREFETCH_LANDMARK, TOCError, clean_name
 
-PIECE_BYTES = 8 << 20  # one request each, all under way at once
+# One request each, at most STREAMS of a layer's at once, in blob order: the pieces
+# then arrive one after another and the fetcher verifies each while the next ones
+# come, where pieces all under way at once (8 MiB each, as before) shared the link and
+# all arrived at its end, the verification of the whole region still to come. A
+# single stream does not fill a 100 Mbit link at 40 ms; several, each ramped up and
+# kept busy by the next piece, do.
+PIECE_BYTES = 1 << 20
+STREAMS = 4
 # Of one layer's region fetched this way, at most: the pieces are held in memory until
 # the fetcher takes them (after the index build); the rest is the fetcher's to fetch.
 MAX_BYTES = 64 << 20
@@ -157,16 +164,22 @@ class RawAhead:
 
     def start(self) -> "RawAhead":
         budget = MAX_BYTES
+        streams = asyncio.Semaphore(STREAMS)  # first come, first served: blob order
         for start, stop in self.region:
             for offset in range(start, stop, PIECE_BYTES):
                 end = min(offset + PIECE_BYTES, stop)
                 if end - offset > budget:
                     return self
                 budget -= end - offset
-                task = asyncio.create_task(self.read_range(offset, end - offset))
+                task = asyncio.create_task(self._read_piece(streams, offset, end - offset))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
                 self._pieces.append(_Piece(offset, end, task))
         return self
+
+    async def _read_piece(self, streams: asyncio.Semaphore, offset: int, length: int
+                          ) -> bytes:
+        async with streams:
+            return await self.read_range(offset, length)
 
     def _meeting(self, offset: int, end: int) -> list[_Piece]:
         """The pieces with bytes in [offset, end), if those bytes may come from them:
