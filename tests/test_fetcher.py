@@ -395,6 +395,31 @@ def test_reads_of_large_chunks_on_disk_take_only_their_part(registry, tmp_path):
     run(scenario())
 
 
+def test_prefetch_requests_are_at_most_prefetch_request_bytes(blob, tmp_path, monkeypatch):
+    """However large the fetcher's requests may be, a prefetch asks in pieces small
+    enough to be verified while the next ones arrive."""
+    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 64 * KiB)
+
+    async def scenario() -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
+                                   max_request_bytes=8 << 20)
+            fetched = await fetcher.prefetch()
+            assert fetched >= 150_000 and len(log.ranges) >= 3
+            # a request holds whole spans: one span alone may be larger than the limit
+            largest = max(blob.layer.span(i).size for i in range(blob.layer.span_count))
+            assert all(last - first <= max(64 * KiB, largest) for first, last in log.ranges)
+            assert max(last - first for first, last in log.ranges) < fetched
+            log.assert_no_byte_fetched_twice()
+            for name in PRIORITIZED:
+                data = blob.files[name]
+                assert await fetcher.read(blob.node(name), 0, len(data)) == data
+            assert fetcher.stats.demand_requests == 0
+
+    run(scenario())
+
+
 def test_reads_during_prefetch_wait_for_its_requests(blob, tmp_path):
     async def scenario() -> None:
         log = RangeLog()
