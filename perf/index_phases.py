@@ -3,7 +3,9 @@
 manager.py): the image's gzip index lookup, each layer's index fetch and tree build
 (and whether it was fetched ahead), each converted layer's TOC index build (at pull or
 at mount; its time in the build process and queued for it), and when each layer's
-index was built, the layer mounted and its prefetch done, on the sample's clock."""
+index was built, the layer mounted and its prefetch done (and, opened at pull, when
+its prefetch region's raw bytes were requested and had all arrived), on the sample's
+clock."""
 
 import re
 from datetime import datetime
@@ -20,6 +22,9 @@ _EVENTS = (("index built", re.compile(r"layer (sha256:\w+): TOC verified")),
            ("mounted", re.compile(r"layer (sha256:\w+): served lazily (through gzip index|"
                                   r"from its TOC)")),
            ("hot ahead", re.compile(r"layer (sha256:\w+): \d+ bytes of hot spans fetched ahead")),
+           ("region requested", re.compile(r"layer (sha256:\w+): \d+ bytes of its prefetch "
+                                           r"region requested ahead")),
+           ("region arrived", re.compile(r"layer (sha256:\w+): its prefetch region arrived")),
            ("prefetched", re.compile(r"layer \S+ \((sha256:\w+)\): prefetched \d+ bytes")))
 
 

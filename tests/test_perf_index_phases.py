@@ -31,3 +31,38 @@ def test_converted_layer_phases_are_read_from_the_log_lines() -> None:
     assert phases["timeline_s"] == [(0.25, "index built", digest[:19]),
                                     (0.5, "mounted", digest[:19]),
                                     (1.75, "prefetched", digest[:19])]
+
+
+def test_the_raw_prefetch_regions_lines_are_read_as_they_are_logged() -> None:
+    """RawAhead's own log lines, formatted as the services format them, give the
+    timeline's "region requested" and "region arrived" events."""
+    import asyncio
+
+    from snapshotter.lazy.raw_ahead import RawAhead
+
+    digest = "sha256:" + "cd" * 32
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("snapshotter.lazy.raw_ahead")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def read_range(offset: int, length: int) -> bytes:
+        await asyncio.sleep(0.01)
+        return bytes(length)
+
+    async def run() -> None:
+        RawAhead(read_range, [(0, 3 << 20)], digest).start()
+        await asyncio.sleep(0.2)
+
+    started = datetime.now().timestamp()
+    try:
+        asyncio.run(run())
+    finally:
+        logger.removeHandler(handler)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    events = index_phases("\n".join(formatter.format(r) for r in records), started)["timeline_s"]
+    assert [(name, layer) for _, name, layer in events] == [
+        ("region requested", digest[:19]), ("region arrived", digest[:19])]
+    assert 0 <= events[0][0] <= events[1][0] < 5

@@ -128,7 +128,8 @@ class PullAhead:
                                              fetched.toc_bytes, toc_digest, self.max_toc_size,
                                              read)
             raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
-                                             descriptor.digest), region).start() \
+                                             descriptor.digest), region,
+                             descriptor.digest).start() \
                 if region else None
             built = await building
         except BaseException as exc:

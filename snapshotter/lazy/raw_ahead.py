@@ -19,8 +19,10 @@ prefetch ends.
 import asyncio
 import bisect
 import json
+import logging
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from estargz.errors import FormatError
@@ -44,6 +46,8 @@ MAX_BYTES = 64 << 20
 # index is built, as without pull-ahead): reading it takes about twice its size in
 # memory, on top of the index build's own, and a 10^6-file layer's TOC is 300 MB.
 MAX_TOC_JSON_BYTES = 16 << 20
+
+log = logging.getLogger(__name__)
 
 
 def region_to_fetch(footer: Footer, toc_bytes: bytes, toc_digest: str, max_toc_size: int,
@@ -142,6 +146,12 @@ def _unread_members(entries: list[dict], offsets: list[int], read: ReadRanges, s
     return members
 
 
+def _pieces_of(region: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for start, stop in region:
+        for offset in range(start, stop, PIECE_BYTES):
+            yield offset, min(offset + PIECE_BYTES, stop)
+
+
 @dataclass
 class _Piece:
     offset: int
@@ -158,23 +168,38 @@ class RawAhead:
 
     read_range: Callable[[int, int], Awaitable[bytes]]
     region: list[tuple[int, int]]
+    name: str = ""  # the layer, in log lines
     _pieces: list[_Piece] = field(default_factory=list)
+    _count: int = 0  # pieces requested
+    _arrived: int = 0  # of them, those whose request ended
+    _started: float = 0.0
     _served: list[tuple[int, int]] = field(default_factory=list)
     _closed: bool = False
 
     def start(self) -> "RawAhead":
-        budget = MAX_BYTES
+        pieces, budget = [], MAX_BYTES
+        for offset, end in _pieces_of(self.region):
+            if end - offset > budget:
+                break
+            budget -= end - offset
+            pieces.append((offset, end))
         streams = asyncio.Semaphore(STREAMS)  # first come, first served: blob order
-        for start, stop in self.region:
-            for offset in range(start, stop, PIECE_BYTES):
-                end = min(offset + PIECE_BYTES, stop)
-                if end - offset > budget:
-                    return self
-                budget -= end - offset
-                task = asyncio.create_task(self._read_piece(streams, offset, end - offset))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-                self._pieces.append(_Piece(offset, end, task))
+        for offset, end in pieces:
+            task = asyncio.create_task(self._read_piece(streams, offset, end - offset))
+            task.add_done_callback(self._arrival)
+            self._pieces.append(_Piece(offset, end, task))
+        self._started, self._count = time.monotonic(), len(pieces)
+        log.info("layer %s: %d bytes of its prefetch region requested ahead in %d pieces",
+                 self.name, sum(end - offset for offset, end in pieces), len(pieces))
         return self
+
+    def _arrival(self, task: "asyncio.Task[bytes]") -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._arrived += 1
+        if self._arrived == self._count:
+            log.info("layer %s: its prefetch region arrived ahead in %.3fs", self.name,
+                     time.monotonic() - self._started)
 
     async def _read_piece(self, streams: asyncio.Semaphore, offset: int, length: int
                           ) -> bytes:
