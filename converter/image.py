@@ -24,6 +24,12 @@ from typing import Any, TypeVar
 
 import estargz
 from estargz import BuildOptions, Compression
+from estargz.prefetch_region import (
+    MAX_REGION_RANGES,
+    PREFETCH_REGION_ANNOTATION,
+    encode_region,
+    region_to_fetch,
+)
 from estargz.read_ranges import READ_RANGES_ANNOTATION, ReadRanges, encode_read_ranges
 from oci import mediatypes as mt
 from oci.digest import DigestMismatchError, sha256_of
@@ -49,6 +55,7 @@ _STALE_ANNOTATIONS = (
     "io.containers.zstd-chunked.manifest-checksum",
     "io.containers.zstd-chunked.manifest-position",
     CONVERSION_ANNOTATION,
+    PREFETCH_REGION_ANNOTATION,
 )
 _ATTESTATION = "attestation-manifest"
 # A source blob that fails its digest is downloaded once more: a proxy or cache on the
@@ -402,6 +409,10 @@ class ImageConverter:
         layer_read = {path: read[path] for path in hot if read and path in read}
         if layer_read:
             annotations[READ_RANGES_ANNOTATION] = encode_read_ranges(layer_read)
+        # ...and the region that leaves, so a node may request it before the TOC.
+        region = await asyncio.to_thread(_prefetch_region, blob_path, result, layer_read)
+        if 0 < len(region) <= MAX_REGION_RANGES:
+            annotations[PREFETCH_REGION_ANNOTATION] = encode_region(region)
         descriptor = Descriptor(media_type, result["blob_digest"], result["blob_size"],
                                 annotations=annotations)
         await self._push_file(descriptor, blob_path)
@@ -492,3 +503,18 @@ def _read_ranges(profile: ImageProfile | None) -> ReadRanges:
 def _config_platform(config: dict[str, Any]) -> str:
     text = f"{config.get('os', '?')}/{config.get('architecture', '?')}"
     return f"{text}/{config['variant']}" if config.get("variant") else text
+
+
+def _prefetch_region(blob_path: str, result: dict[str, Any], read: ReadRanges
+                     ) -> list[tuple[int, int]]:
+    """The built blob's prefetch region (estargz.prefetch_region), from its TOC."""
+    if not result.get("prefetch_size"):
+        return []
+    with open(blob_path, "rb") as blob:
+        size = blob.seek(0, os.SEEK_END)
+        blob.seek(max(0, size - estargz.footer.MAX_FOOTER_SIZE))
+        footer = estargz.parse_footer(blob.read(), size)
+        blob.seek(footer.toc_offset)
+        toc = blob.read(footer.toc_length)
+    return region_to_fetch(footer, toc, result["toc_digest"], estargz.toc.DEFAULT_MAX_TOC_SIZE,
+                           read)

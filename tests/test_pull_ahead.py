@@ -14,12 +14,15 @@ import json
 import os
 import re
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import estargz
+from estargz.prefetch_region import PREFETCH_REGION_ANNOTATION, encode_region, region_to_fetch
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.fusemanager.client import FuseManagerClient
 
@@ -178,3 +181,49 @@ def test_a_failed_prefetch_at_pull_fails_nothing(node, images) -> None:
     assert run_app(node, ref, "ahead3", "/app/run.sh") == EXPECTED
     digest = run_app(node, ref, "ahead4", "/bin/busybox", "sha256sum", "/data/big.bin")
     assert digest.split()[0] == hashlib.sha256(BIG_DATA).hexdigest()
+
+
+
+def registry_bytes(registry: Any, path: str, accept: str = "") -> bytes:
+    request = urllib.request.Request(f"http://{registry.host}/v2/{path}",
+                                     headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
+
+
+def test_the_region_named_by_the_descriptor_is_requested_before_the_toc_is_in(
+        node, registry, tmp_path) -> None:
+    """The converter names each layer's prefetch region in its descriptor, as the TOC
+    gives it; the FUSE manager requests those bytes at once, before the TOC is in and
+    verified, and the mounts still take everything over."""
+    layers = [{**layer, "etc/region": f"layer {n}\n".encode()} for n, layer in enumerate(LAYERS)]
+    _, report = convert_pushed(registry, tmp_path, layers, "ws/region", hot=HOT,
+                               cmd=["/app/run.sh"])
+    manifest, ref = report["manifests"][0], "ws/region:v1-esgz"
+    raw = registry_bytes(registry, f"ws/region/manifests/{manifest['digest']}",
+                         "application/vnd.oci.image.manifest.v1+json")
+    for layer in json.loads(raw)["layers"]:
+        blob = registry_bytes(registry, f"ws/region/blobs/{layer['digest']}")
+        footer = estargz.parse_footer(blob[-64:], len(blob))
+        toc = blob[footer.toc_offset:footer.toc_offset + footer.toc_length]
+        region = region_to_fetch(footer, toc, layer["annotations"][estargz.TOC_DIGEST_ANNOTATION],
+                                 1 << 30)
+        assert region and layer["annotations"][PREFETCH_REGION_ANNOTATION] == \
+            encode_region(region)
+    # Each layer's TOC request (its blob's tail) hangs until every region is asked for.
+    tails = "|".join(str(layer["size"] - 1) for layer in manifest["layers"])
+    hang = WireFault("hang", ranged=True, range=rf"-({tails})$")
+    proxy = node["proxy"]
+    proxy.add(hang)
+    try:
+        assert ask_manager_ahead(node, ref, manifest) == 3
+        for layer in manifest["layers"]:
+            wait_for(lambda d=layer["digest"]: any(start == 0 for start, _ in ranges_of(proxy, d)),
+                     f"the region of {layer['digest']} requested while its TOC is not in",
+                     seconds=30)
+        assert hang.hits >= 3
+    finally:
+        proxy.clear()
+    result = handoff_pull(node, ref)
+    assert [layer["source"] for layer in result["layers"]] == ["remote"] * 3
+    assert run_app(node, ref, "region1", "/app/run.sh") == EXPECTED

@@ -12,6 +12,7 @@ import tracemalloc
 import pytest
 
 import estargz
+from estargz import prefetch_region
 from estargz.read_ranges import MARGIN_BYTES
 from estargz.reader import spool_toc_json
 from snapshotter.lazy import raw_ahead
@@ -157,7 +158,7 @@ def test_a_large_toc_is_left_to_the_index_build_and_a_small_one_parsed_lean(
     finally:
         tracemalloc.stop()
     assert region and peak < 3 * json_bytes
-    monkeypatch.setattr(raw_ahead, "MAX_TOC_JSON_BYTES", json_bytes - 1)
+    monkeypatch.setattr(prefetch_region, "MAX_TOC_JSON_BYTES", json_bytes - 1)
     assert raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read) == []
 
 

@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 import estargz
+from estargz.prefetch_region import PREFETCH_REGION_ANNOTATION, decode_region
 from oci.manifest import Descriptor
 from oci.reference import Reference
 
@@ -111,7 +112,14 @@ class PullAhead:
         return len(opening)
 
     async def _open(self, source: LayerSource, descriptor: Descriptor) -> OpenedAhead:
-        fetched = await self.toc_ahead.toc(source.reference, descriptor)
+        # A region named by the descriptor flows from now on, beside the TOC's request.
+        raw = self._raw_ahead(source, descriptor, region_named_by(descriptor))
+        try:
+            fetched = await self.toc_ahead.toc(source.reference, descriptor)
+        except BaseException:
+            if raw is not None:
+                raw.close()
+            raise
         toc_digest = descriptor.annotations[estargz.TOC_DIGEST_ANNOTATION]
         self._numbers += 1
         index_path = os.path.join(self.directory, f"{self._numbers}.db")
@@ -121,16 +129,12 @@ class PullAhead:
         building = asyncio.create_task(build_index(
             fetched.footer, fetched.toc_bytes, toc_digest, self.max_toc_size,
             index_path=index_path, builder=self.builder))
-        raw = None
         try:
             read = read_ranges_of(descriptor)
-            region = await asyncio.to_thread(region_to_fetch, fetched.footer,
-                                             fetched.toc_bytes, toc_digest, self.max_toc_size,
-                                             read)
-            raw = RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
-                                             descriptor.digest), region,
-                             descriptor.digest).start() \
-                if region else None
+            if raw is None:
+                raw = self._raw_ahead(source, descriptor, await asyncio.to_thread(
+                    region_to_fetch, fetched.footer, fetched.toc_bytes, toc_digest,
+                    self.max_toc_size, read))
             built = await building
         except BaseException as exc:
             if not building.done():
@@ -154,6 +158,13 @@ class PullAhead:
         prefetch = self.lazy.prefetch_ahead(fetcher)
         prefetch.add_done_callback(lambda t: _report(t, descriptor.digest, raw))
         return OpenedAhead(remote, index_path, fetcher, prefetch)
+
+    def _raw_ahead(self, source: LayerSource, descriptor: Descriptor,
+                   region: list[tuple[int, int]] | None) -> RawAhead | None:
+        if not region:
+            return None
+        return RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
+                                          descriptor.digest), region, descriptor.digest).start()
 
     async def claim(self, source: LayerSource, descriptor: Descriptor,
                     index_path: str) -> OpenedAhead | None:
@@ -237,3 +248,16 @@ def _move(source: str, target: str) -> None:
     except OSError:  # another file system: a copy, then the waiting one goes
         shutil.copyfile(source, target)
         os.unlink(source)
+
+
+def region_named_by(descriptor: Descriptor) -> list[tuple[int, int]] | None:
+    """The prefetch region the descriptor's annotation names (None if none, or if it is
+    malformed: then the region is read from the TOC, with a warning)."""
+    text = descriptor.annotations.get(PREFETCH_REGION_ANNOTATION)
+    if text is None:
+        return None
+    region = decode_region(text, descriptor.size)
+    if region is None:
+        log.warning("layer %s: ignoring a malformed %s annotation", descriptor.digest,
+                    PREFETCH_REGION_ANNOTATION)
+    return region
