@@ -507,9 +507,13 @@ def _config_platform(config: dict[str, Any]) -> str:
 
 def _prefetch_region(blob_path: str, result: dict[str, Any], read: ReadRanges
                      ) -> list[tuple[int, int]]:
-    """The built blob's prefetch region (estargz.prefetch_region), from its TOC."""
+    """The built blob's prefetch region (estargz.prefetch_region): up to its landmark,
+    and with read ranges less the members they leave unread, which takes the TOC (read
+    only up to MAX_TOC_JSON_BYTES: a conversion's memory stays the writer's)."""
     if not result.get("prefetch_size"):
         return []
+    if not read:
+        return [(0, result["prefetch_size"])]
     with open(blob_path, "rb") as blob:
         size = blob.seek(0, os.SEEK_END)
         blob.seek(max(0, size - estargz.footer.MAX_FOOTER_SIZE))
