@@ -27,7 +27,7 @@ from .crash_points import crash_point
 from .errors import AlreadyExists, InvalidArgument, SnapshotError
 from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
-from .lazy.layer_files import is_lazy_snapshot_dir, read_layer_record
+from .lazy.layer_files import is_lazy_snapshot_dir, read_layer_record, tree_path
 from .lazy.layer_source import LayerSource, NotLazy, layer_source
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .metrics import FALLBACKS
@@ -92,6 +92,12 @@ class OverlaySnapshotter:
     def work_path(self, sid: int) -> str:
         return os.path.join(self._dir(sid), "work")
 
+    def lower_path(self, sid: int) -> str:
+        """A committed snapshot as a lower layer: a lazy layer written out as a plain
+        directory (lazy.materialize) is taken instead of its FUSE directory."""
+        tree = tree_path(self._dir(sid))
+        return tree if sid in self._lazy_names and os.path.isdir(tree) else self.upper_path(sid)
+
     def mounts_for(self, snap: Snapshot) -> list[Mount]:
         if not snap.parent_ids:
             mode = "ro" if snap.kind is Kind.VIEW else "rw"
@@ -101,8 +107,8 @@ class OverlaySnapshotter:
             options += [f"workdir={self.work_path(snap.id)}",
                         f"upperdir={self.upper_path(snap.id)}"]
         elif len(snap.parent_ids) == 1:
-            return [Mount("bind", self.upper_path(snap.parent_ids[0]), ["ro", "rbind"])]
-        lower = ":".join(self.upper_path(pid) for pid in snap.parent_ids)
+            return [Mount("bind", self.lower_path(snap.parent_ids[0]), ["ro", "rbind"])]
+        lower = ":".join(self.lower_path(pid) for pid in snap.parent_ids)
         return [Mount("overlay", "overlay", [*options, f"lowerdir={lower}"])]
 
     # -- operations --------------------------------------------------------
@@ -202,6 +208,20 @@ class OverlaySnapshotter:
             os.rename(staging, self._dir(snap.id))
             crash_point("remote.placed")
         return snap
+
+    async def materialize(self, digests: list[str]) -> int:
+        """Write the lazy layers with these blob digests out as plain directories, for
+        the overlay mounts made from now on (lazy.materialize); returns how many were
+        written. A layer that cannot be written out stays served as it was."""
+        assert self.lazy is not None
+        wanted = set(digests)
+        written = 0
+        for sid, name in sorted(self._lazy_names.items()):
+            if self.lazy.layers.get(name) not in wanted:
+                continue
+            answer = await self.lazy.materialize(name, self._dir(sid))
+            written += not answer["existed"]
+        return written
 
     async def _wait_for_lazy_parents(self, snap: Snapshot) -> None:
         await self._wait_for_lazy_ids(snap.parent_ids)

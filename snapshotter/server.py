@@ -58,7 +58,8 @@ def _warm_routes(warm: "WarmSet") -> Route:
     return warm_routes(warm)
 
 
-def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None":
+def _warm_set(config: Config, lazy: FuseManagerClient | None,
+              snapshotter: OverlaySnapshotter) -> "WarmSet | None":
     """The warm set, if the config names one (no warm_set and no warm_set_dir: None)."""
     if not config.warm_set and not config.warm_set_dir:
         return None
@@ -76,7 +77,8 @@ def _warm_set(config: Config, lazy: FuseManagerClient | None) -> "WarmSet | None
                               credentials=CredentialStore(config.docker_config or None))
     return WarmSet(parse_entries(config.warm_set, "warm_set"), registry=registry,
                    containerd_address=config.containerd_address, lazy=lazy,
-                   directory=config.warm_set_dir, concurrency=config.warm_concurrency)
+                   directory=config.warm_set_dir, concurrency=config.warm_concurrency,
+                   materialize=snapshotter.materialize if lazy is not None else None)
 
 
 async def serve(config: Config, config_path: str | None = None) -> None:
@@ -94,7 +96,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         lazy.on_reconnect = _resync(snapshotter)
     server = Server([SnapshotsService(snapshotter)], codec=codec())
     endpoint = None
-    warm = _warm_set(config, lazy)
+    warm = _warm_set(config, lazy, snapshotter)
     if config.metrics_address:
         host, port = metrics_host_port(config.metrics_address)
         endpoint = HttpEndpoint(host, port, ready=warm.ready if warm else lambda: (True, "ready"),

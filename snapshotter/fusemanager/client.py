@@ -256,6 +256,10 @@ class FuseManagerClient:
         self.layers.pop(name, None)
         await self.call("unmount", name=name)
 
+    async def materialize(self, name: str, directory: str) -> dict[str, Any]:
+        """Have the manager write the layer out to DIRECTORY/tree (lazy.materialize)."""
+        return dict(await self.call("materialize", name=name, directory=directory))
+
     async def wait_prefetched(self, names: list[str], timeout: float) -> None:
         await self.call("wait_prefetched", timeout + RECONNECT_WAIT_SECONDS, names=names,
                         timeout=timeout)

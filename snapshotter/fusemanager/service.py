@@ -41,6 +41,7 @@ from ..lazy.remote import open_remote_layer
 from ..lazy.toc_ahead import TocAhead
 from ..prometheus import generate_latest
 from .protocol import (
+    INTERNAL,
     INVALID,
     NOT_FOUND,
     NOT_LAZY,
@@ -74,6 +75,7 @@ class FuseManagerService:
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount, "pull_ahead": self.open_ahead,
+            "materialize": self.materialize,
             "wait_prefetched": self.wait_prefetched, "fetch": self.fetch,
             "chunks_missing": self.chunks_missing, "layer_bytes": self.layer_bytes,
             "protect": self.protect, "release": self.release, "release_others": self.release_others,
@@ -199,6 +201,19 @@ class FuseManagerService:
 
     async def wait_prefetched(self, names: list[str], timeout: float) -> None:
         await self.lazy.wait_prefetched(names, timeout)
+
+    async def materialize(self, name: str, directory: str) -> dict[str, Any]:
+        """Write the layer served as MOUNT/<name> out to DIRECTORY/tree, the plain
+        directory new overlay mounts take instead (lazy.materialize)."""
+        _check_name(name)
+        if name not in self.lazy.layers:
+            raise ManagerError(NOT_FOUND, f"layer {name} is not served")
+        try:
+            written = await self.lazy.materialize(name, directory)
+        except OSError as exc:
+            raise ManagerError(INTERNAL, f"layer {name}: writing it out: {exc}") from None
+        return {"entries": written.entries, "bytes": written.bytes,
+                "seconds": written.seconds, "existed": written.existed}
 
     # -- the warm set's questions, by layer digest ---------------------------------------
 

@@ -1,9 +1,8 @@
 """One FUSE mount that presents every lazy layer as a read-only directory tree.
 
 MOUNT/<name> is the root of one layer, in the form overlayfs expects of a lower
-directory (as stargz-snapshotter presents it): a `.wh.NAME` whiteout appears as
-NAME, a character device 0/0, and a directory that holds `.wh..wh..opq` carries
-`trusted.overlay.opaque=y` while the marker itself stays hidden. The tree and all
+directory (presentation.py: whiteouts as 0/0 character devices, opaque directories
+by their xattr, markers and landmarks hidden). The tree and all
 metadata come from the TOC; file bytes come from the layer's read callback, so a
 layer is usable before any of its payload has been fetched.
 
@@ -24,14 +23,20 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Layer, Node
-from estargz.layer import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
+from estargz import Layer, Node
+from estargz.layer import WHITEOUT_PREFIX
 
 from .fuse_binding import pyfuse3
 from .metrics import FUSE_LATENCY
+from .presentation import (
+    DirView,
+    hidden_name,
+    present_directory,
+    presented_mode,
+    presented_xattrs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +58,8 @@ MOUNT_OPTIONS = frozenset(
 CACHE_TIMEOUT = 24 * 3600.0
 # The mount's root lists the layers, which come and go.
 ROOT_ATTR_TIMEOUT = 1.0
-OPAQUE_XATTR = b"trusted.overlay.opaque"
-# Overlay metadata in an image (redirects, metacopy, opaque) must not steer the
-# kernel: the only overlay xattr we present is the one derived from the marker.
-_HIDDEN_XATTR_PREFIX = "trusted.overlay."
-# aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs); containerd skips it when unpacking.
-_AUFS_META_PREFIX = WHITEOUT_PREFIX + WHITEOUT_PREFIX
-_LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 _BLOCK_SIZE = 4096
 _NS = 1_000_000_000
-_TYPE_BITS = {
-    "dir": stat.S_IFDIR,
-    "reg": stat.S_IFREG,
-    "symlink": stat.S_IFLNK,
-    "char": stat.S_IFCHR,
-    "block": stat.S_IFBLK,
-    "fifo": stat.S_IFIFO,
-}
 _DOTS = (b".", b"..")
 # Inode numbers: the layer's serial in the high bits, then the node's id and whether
 # it is presented as a whiteout. The mount's root is 1; every layer's serial is >= 1.
@@ -79,39 +69,6 @@ _INODE_CACHE = 16384  # inodes with their attributes, most recently used
 _VIEW_CACHE = 64  # directory listings, most recently used
 
 _mounted: "LazyFilesystem | None" = None  # pyfuse3's session is process-wide
-
-
-@dataclass(frozen=True, slots=True)
-class DirView:
-    """A layer directory as presented: hidden markers gone, whiteouts renamed."""
-
-    entries: dict[bytes, tuple[Node, bool]]  # name -> (node, presented as a whiteout)
-    names: list[bytes]  # sorted; readdir offsets index into it, so they stay valid
-
-
-def present_directory(directory: Node, is_layer_root: bool) -> DirView:
-    """The listing of `directory` (its opaque marker and its subdirectory count come
-    from the layer's index: see _Inode)."""
-    entries: dict[bytes, tuple[Node, bool]] = {}
-    whiteouts: dict[bytes, Node] = {}
-    for name, child in directory.children.items():
-        if name == OPAQUE_WHITEOUT or name.startswith(_AUFS_META_PREFIX) \
-                or (is_layer_root and name in _LANDMARKS):
-            continue
-        elif name.startswith(WHITEOUT_PREFIX):
-            hidden = name[len(WHITEOUT_PREFIX) :]
-            if hidden not in ("", ".", ".."):
-                whiteouts[os.fsencode(hidden)] = child
-        else:
-            entries[os.fsencode(name)] = (child, False)
-    for name, marker in whiteouts.items():
-        entries.setdefault(name, (marker, True))  # an entry of this layer wins over its whiteout
-    return DirView(entries, sorted(entries))
-
-
-def _hidden_name(name: str, in_layer_root: bool) -> bool:
-    """Names the presented tree never shows under their own name."""
-    return name.startswith(WHITEOUT_PREFIX) or (in_layer_root and name in _LANDMARKS)
 
 
 class _LayerTree:
@@ -134,7 +91,7 @@ class _LayerTree:
     def find(self, directory: Node, name: bytes) -> tuple[Node, bool] | None:
         """The entry `name` of `directory` as presented: (node, shown as a whiteout)."""
         text = os.fsdecode(name)
-        if _hidden_name(text, directory == self.layer.root):
+        if hidden_name(text, directory == self.layer.root):
             return None
         child = self.layer.child(directory, text)
         if child is not None:
@@ -173,26 +130,17 @@ class _Inode:
 
     def xattrs(self) -> dict[bytes, bytes]:
         if self._xattrs is None:
-            self._xattrs = {} if self.whiteout else {
-                os.fsencode(name): value
-                for name, value in self.node.xattrs.items()
-                if not name.startswith(_HIDDEN_XATTR_PREFIX)
-            }
-            if self.is_dir and self.node.is_opaque_dir:
-                self._xattrs[OPAQUE_XATTR] = b"y"
+            self._xattrs = presented_xattrs(self.node, self.whiteout)
         return self._xattrs
 
     def _build_attributes(self) -> pyfuse3.EntryAttributes:
         node = self.node
         attrs = _cacheable_attributes(self.ino, node.mtime * _NS)
         attrs.st_uid, attrs.st_gid = node.uid, node.gid
+        attrs.st_mode = presented_mode(node, self.whiteout)
         if self.whiteout:
-            attrs.st_mode = stat.S_IFCHR  # overlayfs: a 0/0 char device hides the name
             attrs.st_nlink = 1
             return attrs
-        # A real filesystem shows every symlink as 0777, whatever the tar said.
-        permissions = 0o777 if node.kind == "symlink" else node.mode & 0o7777
-        attrs.st_mode = _TYPE_BITS[node.kind] | permissions
         if node.kind == "dir":
             attrs.st_nlink = 2 + node.subdirs
         else:

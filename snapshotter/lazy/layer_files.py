@@ -2,7 +2,8 @@
 `toc` (the TOC as the blob holds it), `layer.json` (where the blob is and how to
 verify it), `index.db` (the tree built from the TOC, reopened as it is after a
 restart) and `fs`, a symlink to the layer's directory in the FUSE mount. So a
-restart remounts every layer from local state, without the registry.
+restart remounts every layer from local state, without the registry. A layer wanted
+local for good is also written out as `tree`, a plain directory (materialize.py).
 
 Kept apart from the FUSE side: the service reads these files and never mounts, and
 it loads the format library only if it opens a layer (the FUSE manager does).
@@ -23,6 +24,7 @@ LAYER_FILE = "layer.json"
 TOC_FILE = "toc"
 INDEX_FILE = "index.db"  # the layer's tree, built from the TOC
 GZIP_INDEX_FILE = "gzip-index"  # an unmodified gzip layer's index blob, in place of a TOC
+TREE_DIR = "tree"  # the layer written out as a plain directory
 TOC_KIND = "toc"
 GZIP_INDEX_KIND = "gzip-index"
 
@@ -72,6 +74,10 @@ def write_layer_files(directory: str, remote: "RemoteLayer") -> None:
 def write_layer_record(directory: str, record: LayerRecord) -> None:
     with open(os.path.join(directory, LAYER_FILE), "w") as f:
         json.dump(asdict(record), f)
+
+
+def tree_path(directory: str) -> str:
+    return os.path.join(directory, TREE_DIR)
 
 
 def is_lazy_snapshot_dir(directory: str) -> bool:

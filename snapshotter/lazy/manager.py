@@ -18,6 +18,7 @@ from .fetcher import LayerFetcher
 from .filesystem import LazyFilesystem
 from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
+from .materialize import TreeWritten, materialize
 from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
 from .profiles import ProfileRecorder
 from .raw_ahead import RawAhead
@@ -220,6 +221,17 @@ class LazyLayers:
             if task.exception() is not None:
                 PREFETCH_FAILURES.inc()
                 raise Unavailable(f"prefetch of a lazy layer failed: {task.exception()}")
+
+    async def materialize(self, name: str, directory: str) -> TreeWritten:
+        """Write the layer served as `name` out to DIRECTORY/tree (lazy.materialize),
+        fetching what is not cached yet."""
+        mounted = self.layers[name]
+        written = await materialize(mounted.fetcher.layer, mounted.fetcher.read, directory)
+        if not written.existed:
+            log.info("layer %s (%s): written out as a directory: %d entries, %d bytes in "
+                     "%.2fs", name, mounted.record.digest, written.entries, written.bytes,
+                     written.seconds)
+        return written
 
     async def unmount(self, name: str) -> None:
         mounted = self.layers.pop(name, None)

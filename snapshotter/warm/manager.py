@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +140,8 @@ class WarmSet:
                  snapshotter: str = "lazypull", concurrency: int = 2,
                  platform: Platform | None = None, dir_poll_seconds: float = 30.0,
                  started: float | None = None,
-                 containerd_factory: Callable[[str, str], ContainerdClient] | None = None):
+                 containerd_factory: Callable[[str, str], ContainerdClient] | None = None,
+                 materialize: Callable[[list[str]], Awaitable[int]] | None = None):
         self.config_specs = list(specs)
         self.directory = directory
         self.registry = registry
@@ -158,6 +159,9 @@ class WarmSet:
         self._clients: dict[str, ContainerdClient] = {}
         self._factory = containerd_factory or ContainerdClient
         self._watcher: asyncio.Task[None] | None = None
+        # Writes lazy layers out as plain directories (OverlaySnapshotter.materialize),
+        # for entries with policy `full`; None: they stay served through FUSE.
+        self._materialize = materialize
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -353,6 +357,7 @@ class WarmSet:
                     return self._failed(entry, f"containerd: {_why(exc)}")
                 if not missing:
                     entry.warm_layers = list(entry.layers)
+                    await self._write_out(entry)
                     return await self._warm(entry)
                 log.info("warm set: %s: %s; warming again", spec.ref, missing)
             elif entry.warm_digest:
@@ -381,6 +386,7 @@ class WarmSet:
                 # and so does any a previous instance of the service left for this entry.
                 with contextlib.suppress(Exception):
                     await self.lazy.release_others(f"warm:{spec.key}@", [entry.owner])
+            await self._write_out(entry)
             return await self._warm(entry)
 
     async def _pull(self, puller: Puller, ref: str) -> None:
@@ -447,6 +453,26 @@ class WarmSet:
         self._set_state(entry, WARM)
         await self._count_bytes(entry)
         return True
+
+    async def _write_out(self, entry: WarmImage) -> None:
+        """Policy `full`: every byte is kept, so the lazy layers are written out as plain
+        directories and starts read local files (lazy.materialize). A failure leaves
+        them served through FUSE, as warm as before: it is logged, not fatal."""
+        if entry.spec.policy != "full" or self._materialize is None:
+            return
+        layers = self._lazy_layers(d for d, _ in entry.layers)
+        if not layers:
+            return
+        entry.progress = "writing out"
+        try:
+            written = await self._materialize(layers)
+        except Exception as exc:
+            log.warning("warm set: %s: writing its layers out: %s; they stay served "
+                        "through FUSE", entry.spec.ref, _why(exc))
+            return
+        if written:
+            log.info("warm set: %s: %d layer(s) written out as directories", entry.spec.ref,
+                     written)
 
     # -- layers and chunks ------------------------------------------------------------
 
