@@ -91,7 +91,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          "gzip_index_ahead = false (each mount fetches its own index)", "lazypull", PLAIN_TAG,
          INDEX_PREFETCH_REPO_SUFFIX),
     Mode("lazy-warm-set", "lazypull, first start on a node whose warm set already holds "
-         "the profiled image (clock from ctr run)", "lazypull", LAZY_PREFETCH_TAG),
+         "the profiled image (policy full: its layers written out as directories; clock "
+         "from ctr run)", "lazypull", LAZY_PREFETCH_TAG),
     Mode("lazy-nobg", "lazy, service with background_fetch = false", "lazypull", LAZY_TAG),
     Mode("lazy-prefetch-nobg", "lazy-prefetch, service with background_fetch = false",
          "lazypull", LAZY_PREFETCH_TAG),
@@ -290,7 +291,7 @@ def warm_set_sample(setup: Setup, image: WorkspaceImage, sample: Sample) -> Samp
     page cache, then time `ctr run` to READY."""
     from perf.warm_boot import start_warm_node, wait_ready
     ref = setup.ref(image.name, LAZY_PREFETCH_TAG)
-    node = start_warm_node(setup, ref)
+    node = start_warm_node(setup, ref, policy="full")
     node.events = TaskEvents.watch(node)
     try:
         assert node.service is not None

@@ -37,7 +37,8 @@ empty chunk cache; its defaults plus hosts_dir), for stargz modes a new stargz-a
 - lazy: `lazypull pull v1-lazy`, then `ctr run --snapshotter lazypull`;
 - lazy-prefetch: the same with `v1-lazy-prefetch`; on its node afterwards
   lazy-prefetch-second (the warm second start on the lazy mounts);
-- lazy-warm-set: a node whose service's warm set holds `v1-lazy-prefetch`, booted and
+- lazy-warm-set: a node whose service's warm set holds `v1-lazy-prefetch` with policy
+  full (every byte cached, the layers written out as plain directories), booted and
   ready before the clock; page cache dropped; the clock starts with `ctr run`;
 - lazy-nobg, lazy-prefetch-nobg (on request): the service's background fetch off;
 - index-lazy-prefetch-noahead (on request): index-lazy-prefetch with the service's

@@ -157,17 +157,18 @@ def failed_attempts(service: SnapshotterProcess) -> tuple[int, list[str]]:
 # -- samples ----------------------------------------------------------------------------
 
 
-def warm_config(setup: Setup, ref: str, containerd_address: str) -> Path:
+def warm_config(setup: Setup, ref: str, containerd_address: str,
+                policy: str = "prefetch") -> Path:
     """The base service config plus where containerd is and the one warm-set entry."""
     path = setup.workdir / f"warm-{setup.seq}.toml"
     path.write_text(setup.service_config.read_text()
                     + f'containerd_address = "{containerd_address}"\n'
-                    + f'[[warm_set]]\nref = "{ref}"\npolicy = "prefetch"\n'
+                    + f'[[warm_set]]\nref = "{ref}"\npolicy = "{policy}"\n'
                     + f'namespace = "{NAMESPACE}"\n')
     return path
 
 
-def start_warm_node(setup: Setup, ref: str) -> Node:
+def start_warm_node(setup: Setup, ref: str, policy: str = "prefetch") -> Node:
     """containerd up with the service as its proxy snapshotter; the service not yet."""
     base = setup.next_base("wb")
     base.mkdir(parents=True)
@@ -175,7 +176,7 @@ def start_warm_node(setup: Setup, ref: str) -> Node:
                                  log_path=base / "service.log", metrics_port=free_tcp_port())
     daemon = start_containerd(base / "c", PROXY_CONFIG.format(address=service.address))
     daemon.namespace = NAMESPACE
-    service.extra_args = ("--config", str(warm_config(setup, ref, daemon.address)),
+    service.extra_args = ("--config", str(warm_config(setup, ref, daemon.address, policy)),
                           "--log-level", "info")
     return Node(base, daemon, service)
 
