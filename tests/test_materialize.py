@@ -2,6 +2,7 @@
 entry for entry what the FUSE mount presents, usable by overlayfs the same way, and
 whole or absent whatever goes wrong."""
 
+import errno
 import io
 import os
 import subprocess
@@ -188,3 +189,19 @@ def test_a_malformed_capability_is_refused_whole(layers: LazyMount, tmp_path: Pa
     with pytest.raises(OSError, match="Invalid argument"):
         write_out(layers, blob.layer, blob.read, tmp_path / "snap")
     assert os.listdir(tmp_path / "snap") == []
+
+
+def test_a_full_disk_leaves_no_tree(layers: LazyMount, tmp_path: Path) -> None:
+    blob = layers.blob(written_out_tar())
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        (small / "snap").mkdir()
+        with pytest.raises(OSError) as failed:
+            write_out(layers, blob.layer, blob.read, small / "snap")
+        assert failed.value.errno == errno.ENOSPC
+        assert os.listdir(small / "snap") == []
+        assert os.statvfs(small).f_bfree == os.statvfs(small).f_blocks  # all of it freed
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

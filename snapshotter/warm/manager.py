@@ -380,13 +380,14 @@ class WarmSet:
                 await self._release_unless_current(entry, new_owner)
                 return await self._refresh_failed(entry, containerd,
                                                   f"not warm after warming: {missing}")
+            # Before the new digest counts as warm: readiness waits for it.
+            await self._write_out(entry)
             entry.warm_digest, entry.warm_layers = plan.top.digest, list(entry.layers)
             if self.lazy is not None:
                 # The old digest's protection goes (other owners keep shared chunks),
                 # and so does any a previous instance of the service left for this entry.
                 with contextlib.suppress(Exception):
                     await self.lazy.release_others(f"warm:{spec.key}@", [entry.owner])
-            await self._write_out(entry)
             return await self._warm(entry)
 
     async def _pull(self, puller: Puller, ref: str) -> None:
