@@ -217,9 +217,15 @@ class OverlaySnapshotter:
         wanted = set(digests)
         written = 0
         for sid, name in sorted(self._lazy_names.items()):
-            if self.lazy.layers.get(name) not in wanted:
+            digest = self.lazy.layers.get(name)
+            if digest not in wanted:
                 continue
-            answer = await self.lazy.materialize(name, self._dir(sid))
+            try:
+                answer = await self.lazy.materialize(name, self._dir(sid))
+            except SnapshotError as exc:  # the others may still be written out
+                log.warning("layer %s (snapshot id %d) stays served through FUSE: %s",
+                            digest, sid, exc)
+                continue
             written += not answer["existed"]
         return written
 

@@ -7,7 +7,9 @@ snapshotter, and the service with a warm set of one converted image (policy full
 """
 
 import hashlib
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,24 @@ def test_full_policy_starts_containers_on_written_out_layers(snapshotter_factory
                           namespace=NAMESPACE)
         assert done.stdout.split() == ["hello", "lazily", BIG_SHA, "/data/big.bin"]
         wait_gone(daemon, "w3")
+
+        # A refresh writes out trees that went missing; a layer that cannot be written
+        # (its directory read-only here) stays on FUSE and the others are written.
+        for layer in layers[:2]:
+            shutil.rmtree(layer / "tree")
+        subprocess.run(["mount", "--bind", str(layers[0]), str(layers[0])], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(layers[0])], check=True)
+            [entry] = _warm(service.metrics_port, "refresh", image)["images"]
+            assert entry["state"] == "warm", entry
+        finally:
+            subprocess.run(["umount", str(layers[0])], check=True)
+        assert not (layers[0] / "tree").exists()
+        assert (layers[1] / "tree").is_dir()
+        assert "stays served through FUSE" in service.log_path.read_text()
+        run = daemon.ctr("run", "--rm", "--snapshotter", "lazypull", image, "w4", "/bin/sh",
+                         "-c", READ, namespace=NAMESPACE)
+        assert run.stdout.split() == ["hello", "lazily", BIG_SHA, "/data/big.bin"]
     finally:
         stop_containerd(daemon)
 
