@@ -31,6 +31,7 @@ from estargz.prefetch_region import (
     region_to_fetch,
 )
 from estargz.read_ranges import READ_RANGES_ANNOTATION, ReadRanges, encode_read_ranges
+from estargz.reader import read_footer
 from oci import mediatypes as mt
 from oci.digest import DigestMismatchError, sha256_of
 from oci.image_config import ConfigError, check_config_size, diff_ids, parse_config
@@ -514,11 +515,8 @@ def _prefetch_region(blob_path: str, result: dict[str, Any], read: ReadRanges
         return []
     if not read:
         return [(0, result["prefetch_size"])]
-    with open(blob_path, "rb") as blob:
-        size = blob.seek(0, os.SEEK_END)
-        blob.seek(max(0, size - estargz.footer.MAX_FOOTER_SIZE))
-        footer = estargz.parse_footer(blob.read(), size)
-        blob.seek(footer.toc_offset)
-        toc = blob.read(footer.toc_length)
+    with estargz.FileSource.open(blob_path) as blob:
+        footer = read_footer(blob)
+        toc = blob.read_at(footer.toc_offset, footer.toc_length)
     return region_to_fetch(footer, toc, result["toc_digest"], estargz.toc.DEFAULT_MAX_TOC_SIZE,
                            read)

@@ -190,6 +190,13 @@ def decode_chunk(compression: Compression, chunk: Chunk, compressed: bytes) -> b
     return data
 
 
+def read_footer(source: "BlobSource") -> Footer:
+    """The footer at the end of the blob in `source`."""
+    size = source.size
+    tail_len = min(size, MAX_FOOTER_SIZE)
+    return parse_footer(source.read_at(size - tail_len, tail_len), size)
+
+
 class BlobReader:
     """A verified, random-access view of one eStargz or zstd:chunked blob."""
 
@@ -204,9 +211,7 @@ class BlobReader:
         toc_digest: str | None = None,
         max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
     ) -> "BlobReader":
-        size = source.size
-        tail_len = min(size, MAX_FOOTER_SIZE)
-        footer = parse_footer(source.read_at(size - tail_len, tail_len), size)
+        footer = read_footer(source)
         if footer.toc_length > max_toc_size:
             raise TOCError(f"compressed TOC of {footer.toc_length} bytes exceeds the limit")
         toc = _SourceReader(source, footer.toc_offset, footer.toc_length)

@@ -13,6 +13,7 @@ import pytest
 
 import estargz
 from estargz import prefetch_region
+from estargz.prefetch_region import region_to_fetch
 from estargz.read_ranges import MARGIN_BYTES
 from estargz.reader import spool_toc_json
 from snapshotter.lazy import raw_ahead
@@ -118,7 +119,7 @@ def test_the_region_ends_at_the_landmark_less_the_unread_members() -> None:
     layer = estargz.load_toc(footer, toc, result.toc_digest)
     end = layer.prefetch_end
     assert end and end < len(blob)
-    region = functools.partial(raw_ahead.region_to_fetch, footer, toc, result.toc_digest,
+    region = functools.partial(region_to_fetch, footer, toc, result.toc_digest,
                                1 << 30)
     assert region() == [(0, end)]
     assert region({"lib/f000001": [(0, 1)]}) == [(0, end)]  # a file after the region
@@ -137,7 +138,7 @@ def test_the_region_ends_at_the_landmark_less_the_unread_members() -> None:
     small = layer.lookup("app/small").chunks[0]
     assert covered(small.blob_offset, small.blob_end) and got[-1][1] == end
     assert region({"app/big": [(0, 1)]}) == got  # app/small absent: kept whole
-    assert raw_ahead.region_to_fetch(footer, toc, "sha256:" + "0" * 64, 1 << 30) == []
+    assert region_to_fetch(footer, toc, "sha256:" + "0" * 64, 1 << 30) == []
     layer.close()
 
 
@@ -153,13 +154,13 @@ def test_a_large_toc_is_left_to_the_index_build_and_a_small_one_parsed_lean(
     read = {"app/big": [(0, 1)]}
     tracemalloc.start()
     try:
-        region = raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read)
+        region = region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert region and peak < 3 * json_bytes
     monkeypatch.setattr(prefetch_region, "MAX_TOC_JSON_BYTES", json_bytes - 1)
-    assert raw_ahead.region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read) == []
+    assert region_to_fetch(footer, toc, result.toc_digest, 1 << 30, read) == []
 
 
 def test_pieces_come_in_blob_order_a_few_streams_at_a_time(monkeypatch) -> None:

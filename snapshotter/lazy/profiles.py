@@ -28,10 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Node
+from estargz import Node
 from estargz.layer import WHITEOUT_PREFIX
 from oci.access_profile import AccessProfile, FileAccess, ImageProfile, ProfileError, parse_profile
 from oci.reference import Reference, ReferenceError
+
+from .presentation import LANDMARKS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ MAX_RANGES = 64
 FLUSH_SECONDS = 10.0
 
 Observer = Callable[[Node, int, int], None]
-_LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -58,7 +59,7 @@ def profile_path(directory: str, reference: str) -> str:
 
 def _hidden(path: str) -> bool:
     """Landmarks and whiteouts are layer bookkeeping, never files a workload reads."""
-    return path in _LANDMARKS or any(part.startswith(WHITEOUT_PREFIX) for part in path.split("/"))
+    return path in LANDMARKS or any(part.startswith(WHITEOUT_PREFIX) for part in path.split("/"))
 
 
 def add_range(ranges: list[tuple[int, int]], start: int, end: int, limit: int) -> None:

@@ -26,7 +26,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 import estargz
-from estargz.prefetch_region import PREFETCH_REGION_ANNOTATION, decode_region
+from estargz.prefetch_region import PREFETCH_REGION_ANNOTATION, decode_region, region_to_fetch
 from oci.manifest import Descriptor
 from oci.reference import Reference
 
@@ -36,7 +36,7 @@ from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
 from .prefetch_plan import prefetch_runs, read_ranges_of
-from .raw_ahead import RawAhead, region_to_fetch
+from .raw_ahead import RawAhead
 from .remote import RemoteLayer
 from .toc_ahead import MAX_LAYERS_AHEAD, BlobKey, TocAhead
 

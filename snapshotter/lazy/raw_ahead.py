@@ -22,8 +22,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from estargz.prefetch_region import region_to_fetch as region_to_fetch  # its callers'
-
 # One request each, at most STREAMS of a layer's at once, in blob order: the pieces
 # then arrive one after another and the fetcher verifies each while the next ones
 # come, where pieces all under way at once (8 MiB each, as before) shared the link and
