@@ -29,9 +29,9 @@ from .toc import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     TOC,
+    EntryWhere,
     TOCEntry,
     clean_name,
-    entry_where,
     parse_modtime,
     shown,
 )
@@ -55,6 +55,10 @@ _DIR_CACHE_CHARS = 32 << 20  # ...and the most path text they may hold
 # may hold this much in all; a TOC that implies more is refused.
 MAX_IMPLICIT_DIR_CHARS = 256 << 20
 _SPAN_BLOCK = 128  # spans read from the index at once
+# A build remembers the names it gave, as hashes, up to this many: a name not among
+# them is new without a query (its directory entry goes in with a batch). Past it,
+# each name is claimed by its own INSERT, and memory stays bounded.
+_NAMES_REMEMBERED = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +511,8 @@ class _Builder:
         self.pending_chunks: list[tuple[Any, ...]] = []
         self.pending_nodes: list[tuple[Any, ...]] = []
         self.pending_offsets: list[tuple[int]] = []  # where members with payload start
+        self.pending_dirents: list[tuple[int, str, int]] = []
+        self.names: set[int] | None = set()  # hash((parent, name)) of the names given
         db.execute("INSERT INTO nodes (id, path, kind, mode, nlink, implicit) "
                    "VALUES (?, '', 'dir', ?, 1, 1)", (_ROOT_ID, _IMPLICIT_DIR_MODE))
 
@@ -519,7 +525,7 @@ class _Builder:
         count = 0
         for index, entry in enumerate(entries):
             count += 1
-            where = entry_where(index, entry.name)
+            where = EntryWhere(index, entry.name)
             if entry.has_payload:
                 if not entry.offset < payload_end:
                     raise TOCError(f"{where}: offset {entry.offset} is outside the payload "
@@ -547,7 +553,7 @@ class _Builder:
             raise TOCError(f"chunks of {shown(current[1])} cover {covered} of {current[2]} bytes")
 
     def _add_chunk(self, node: tuple[int, str, int], entry: TOCEntry, covered: int,
-                   where: str) -> int:
+                   where: EntryWhere) -> int:
         node_id, _, file_size = node
         if entry.chunk_offset != covered:
             raise TOCError(
@@ -620,7 +626,7 @@ class _Builder:
         if self.dirs.pop(path, None) is not None:
             self.dir_chars -= len(path)
 
-    def _parent_dir(self, path: str, where: str) -> int:
+    def _parent_dir(self, path: str, where: EntryWhere) -> int:
         """The id of the directory that holds `path`, made (implicitly) if missing."""
         parent_path = path.rpartition("/")[0]
         if parent_path == "":
@@ -672,9 +678,33 @@ class _Builder:
     def _link(self, parent: int, name: str, node_id: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO dirents VALUES (?, ?, ?)",
                         (parent, name, node_id))
+        if self.names is not None:
+            self.names.add(hash((parent, name)))
+
+    def _claim(self, parent: int, name: str, node_id: int) -> bool:
+        """Give `name` in `parent` to `node_id` if no entry has it yet: True if given."""
+        names = self.names
+        if names is not None:
+            key = hash((parent, name))
+            if key not in names:
+                names.add(key)
+                self.pending_dirents.append((parent, name, node_id))
+                if len(names) > _NAMES_REMEMBERED:
+                    self._flush()
+                    self.names = None
+                return True
+            self._flush()  # a repeated name, or another with the same hash: ask SQLite
+        try:
+            self.db.execute("INSERT INTO dirents VALUES (?, ?, ?)", (parent, name, node_id))
+        except sqlite3.IntegrityError:
+            return False  # the name exists
+        return True
 
     def _flush(self) -> None:
-        """Write the batched nodes and chunks: before any query that may need them."""
+        """Write the batched entries and chunks: before any query that may need them."""
+        if self.pending_dirents:
+            self.db.executemany("INSERT INTO dirents VALUES (?, ?, ?)", self.pending_dirents)
+            self.pending_dirents = []
         if self.pending_nodes:
             names = ", ".join(["id", "path", "kind", *_ENTRY_COLUMNS])
             marks = ", ".join("?" * (3 + len(_ENTRY_COLUMNS)))
@@ -683,24 +713,23 @@ class _Builder:
             self.pending_nodes = []
         self._flush_chunks()
 
-    def _columns(self, entry: TOCEntry) -> dict[str, Any]:
-        columns: dict[str, Any] = {
-            "mode": entry.mode, "uid": entry.uid, "gid": entry.gid,
-            "user_name": self.user_names.get(entry.uid, ""),
-            "group_name": self.group_names.get(entry.gid, ""),
-            "mtime": parse_modtime(entry.modtime), "xattrs": _encode_xattrs(entry.xattrs),
-            "size": 0, "digest": "", "link_target": "", "dev_major": 0, "dev_minor": 0,
-        }
-        if entry.type == "reg":
-            columns["size"], columns["digest"] = entry.size, entry.digest
-        elif entry.type == "symlink":
-            columns["link_target"] = entry.link_name
-            columns["size"] = len(entry.link_name.encode())
-        elif entry.type in ("char", "block"):
-            columns["dev_major"], columns["dev_minor"] = entry.dev_major, entry.dev_minor
-        return columns
+    def _columns(self, entry: TOCEntry) -> tuple[Any, ...]:
+        """The entry's values of _ENTRY_COLUMNS, in that order."""
+        size, digest, link_target, dev_major, dev_minor = 0, "", "", 0, 0
+        kind = entry.type
+        if kind == "reg":
+            size, digest = entry.size, entry.digest
+        elif kind == "symlink":
+            link_target = entry.link_name
+            size = len(link_target.encode())
+        elif kind in ("char", "block"):
+            dev_major, dev_minor = entry.dev_major, entry.dev_minor
+        return (entry.mode, entry.uid, entry.gid, self.user_names.get(entry.uid, ""),
+                self.group_names.get(entry.gid, ""), parse_modtime(entry.modtime),
+                _encode_xattrs(entry.xattrs) if entry.xattrs else None, size, digest,
+                link_target, dev_major, dev_minor)
 
-    def _add_entry(self, entry: TOCEntry, where: str) -> tuple[int, str, int] | None:
+    def _add_entry(self, entry: TOCEntry, where: EntryWhere) -> tuple[int, str, int] | None:
         """Adds the entry; returns (id, path, size) of the node it made or updated."""
         path = clean_name(entry.name)
         if path == "":
@@ -711,21 +740,16 @@ class _Builder:
         parent = self._parent_dir(path, where)
         name = path.rsplit("/", 1)[-1]
         if entry.type != "hardlink":
-            # The common case, a name not seen before: one statement claims the name
-            # (the primary key refuses a repeated one) and the node is inserted later
-            # in a batch.
+            # The common case, a name not seen before: the name is claimed, and its
+            # directory entry and node are inserted later in a batch.
             node_id = self.next_id
-            try:
-                self.db.execute("INSERT INTO dirents VALUES (?, ?, ?)", (parent, name, node_id))
-            except sqlite3.IntegrityError:
-                pass  # the name exists: replace or update it below
-            else:
+            if self._claim(parent, name, node_id):
                 self.next_id += 1
-                columns = self._columns(entry)
-                self.pending_nodes.append((node_id, path, entry.type, *columns.values()))
+                self.pending_nodes.append((node_id, path, entry.type, *self._columns(entry)))
                 if len(self.pending_nodes) >= 4096:
                     self._flush()
                 return self._added(parent, name, path, node_id, entry)
+            # the name exists: replace or update it below
         self._flush()
         existing = self._find(parent, name)
         if entry.type == "hardlink":
@@ -742,7 +766,8 @@ class _Builder:
         if entry.type == "dir" and existing is not None and existing[1] == "dir":
             self._update(existing[0], entry)  # a repeated directory updates its metadata
             return existing[0], path, 0
-        node_id = self._new_node(path, entry.type, **self._columns(entry))
+        node_id = self._new_node(path, entry.type,
+                                 **dict(zip(_ENTRY_COLUMNS, self._columns(entry), strict=True)))
         self._replace(parent, name, path, existing, node_id, where)
         return self._added(parent, name, path, node_id, entry)
 
@@ -755,13 +780,12 @@ class _Builder:
         return node_id, path, entry.size
 
     def _update(self, node_id: int, entry: TOCEntry) -> None:
-        columns = self._columns(entry)
-        assignments = ", ".join(f"{name} = ?" for name in columns)
+        assignments = ", ".join(f"{name} = ?" for name in _ENTRY_COLUMNS)
         self.db.execute(f"UPDATE nodes SET {assignments}, implicit = 0 WHERE id = ?",
-                        (*columns.values(), node_id))
+                        (*self._columns(entry), node_id))
 
     def _replace(self, parent: int, name: str, path: str, old: tuple[int, str, int] | None,
-                 node_id: int, where: str) -> None:
+                 node_id: int, where: EntryWhere) -> None:
         if old is not None:
             old_id, old_kind, old_nlink = old
             if old_kind == "dir":

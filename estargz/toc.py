@@ -60,6 +60,23 @@ def entry_where(index: int, name: str) -> str:
     return f"TOC entry #{index} ({shown(name)})"
 
 
+class EntryWhere:
+    """`entry_where(index, name)`, spelled out only when a message is: checks carry
+    one for every entry of a TOC, and nearly all of them pass."""
+
+    __slots__ = ("index", "name")
+
+    def __init__(self, index: int, name: str):
+        self.index = index
+        self.name = name
+
+    def __str__(self) -> str:
+        return entry_where(self.index, self.name)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def clean_name(name: str) -> str:
     """Canonical relative path of a TOC or tar name (`./a//b/` -> `a/b`; root -> "").
 
@@ -72,6 +89,12 @@ def clean_name(name: str) -> str:
     if name.count("/") >= MAX_PATH_DEPTH:
         raise TOCError(f"entry name {shown(name)} is more than {MAX_PATH_DEPTH} "
                        "components deep")
+    if not name.startswith("./") and "//" not in name and "/./" not in name \
+            and "/.." not in name and not name.startswith(".."):
+        # Already canonical but for a directory's trailing slash: the common case.
+        clean = name[:-1] if name.endswith("/") else name
+        if clean != "." and not clean.endswith("/."):
+            return clean
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise TOCError(f"entry name {shown(name)} contains a '..' component")
@@ -186,45 +209,54 @@ def _check_text(where: str, what: str, text: str) -> None:
         raise TOCError(f"{where}: {what} {shown(text)} is not valid UTF-8") from None
 
 
+# JSON member -> (TOCEntry attribute, whether it is an integer), for the members
+# that are plain values.
+_FIELDS = {**{key: (attr, True) for key, attr in _INT_FIELDS.items()},
+           **{key: (attr, False) for key, attr in _STR_FIELDS.items()}}
+
+
 def _entry_from_json(index: int, raw: object) -> TOCEntry:
-    if not isinstance(raw, dict):
+    # This runs for every entry of a TOC: exact-class checks (JSON gives exact types),
+    # one lookup per member, and error messages built only on failure.
+    if raw.__class__ is not dict:
         raise TOCError(f"TOC entry #{index} is not an object")
-    name, kind = raw.get("name"), raw.get("type")
-    if not isinstance(name, str) or not name:
+    name, kind = raw.get("name"), raw.get("type")  # type: ignore[attr-defined]
+    if name.__class__ is not str or not name:
         raise TOCError(f"TOC entry #{index} has no name")
-    # Error messages are built only on failure: this runs for every entry of a TOC.
-    _check_text(f"TOC entry #{index}", "name", name)
-    if not isinstance(kind, str) or kind not in ENTRY_TYPES:
+    if not name.isascii():
+        _check_text(f"TOC entry #{index}", "name", name)
+    if kind.__class__ is not str or kind not in ENTRY_TYPES:
         raise TOCError(f"{entry_where(index, name)} has unknown type {kind!r}")
     fields: dict[str, Any] = {}
     xattrs: object = None
-    # Only the members an entry has are looked at: most entries have a few.
-    for key, value in raw.items():
-        attr = _INT_FIELDS.get(key)
-        if attr is not None:
+    for key, value in raw.items():  # type: ignore[attr-defined]
+        known = _FIELDS.get(key)
+        if known is None:
+            if key == "xattrs":
+                xattrs = value
+            continue
+        attr, integer = known
+        if integer:
             if value.__class__ is not int or not 0 <= value <= _MAX_INT:
                 raise TOCError(f"{entry_where(index, name)}: {key} must be a non-negative "
                                f"integer, not {value!r}")
-            fields[attr] = value
-            continue
-        attr = _STR_FIELDS.get(key)
-        if attr is not None:
-            if not isinstance(value, str):
-                raise TOCError(f"{entry_where(index, name)}: {key} must be a string")
-            if not value.isascii():
-                _check_text(entry_where(index, name), key, value)
-            fields[attr] = value
-        elif key == "xattrs":
-            xattrs = value
+        elif value.__class__ is not str:
+            raise TOCError(f"{entry_where(index, name)}: {key} must be a string")
+        elif not value.isascii():
+            _check_text(entry_where(index, name), key, value)
+        fields[attr] = value
     entry = TOCEntry(name=name, type=kind, **fields)
     if entry.modtime:
         parse_modtime(entry.modtime)
-    for key, value in (("digest", entry.digest), ("chunkDigest", entry.chunk_digest)):
-        if value and not is_sha256_digest(value):
-            raise TOCError(f"{entry_where(index, name)}: {key} {value!r} is not a sha256 digest")
+    digest, chunk_digest = entry.digest, entry.chunk_digest
+    if digest and not is_sha256_digest(digest):
+        raise TOCError(f"{entry_where(index, name)}: digest {digest!r} is not a sha256 digest")
+    if chunk_digest and chunk_digest != digest and not is_sha256_digest(chunk_digest):
+        raise TOCError(f"{entry_where(index, name)}: chunkDigest {chunk_digest!r} is not a "
+                       "sha256 digest")
     if xattrs:
         _add_xattrs(entry, entry_where(index, name), xattrs)
-    if entry.has_payload and not entry.chunk_digest:
+    if not chunk_digest and entry.has_payload:
         raise TOCError(f"{entry_where(index, name)} holds data but has no chunkDigest")
     if kind in ("symlink", "hardlink") and not entry.link_name:
         raise TOCError(f"{entry_where(index, name)} is a {kind} without linkName")
@@ -367,12 +399,10 @@ def iter_toc_entries(stream: BinaryIO, *, max_entries: int = DEFAULT_MAX_ENTRIES
                 version = value
             continue
         cursor.expect("[", "TOC has no entries list")
-        while not cursor.take("]"):
-            if count:
-                cursor.expect(",", "TOC JSON: expected ',' between entries")
+        for raw in cursor.array_values():
             if count >= max_entries:
                 raise TOCError(f"TOC has more than {max_entries} entries")
-            yield _entry_from_json(count, cursor.value())
+            yield _entry_from_json(count, raw)
             count += 1
     cursor.expect_end()
     if "entries" not in seen:
@@ -457,6 +487,35 @@ class _JSONCursor:
                 raise TOCError(f"a TOC value is longer than {MAX_ENTRY_TEXT} characters")
             self._pos = end
             return value
+
+    def array_values(self) -> Iterator[object]:
+        """The values of the array whose "[" was just taken, one at a time. Values
+        that lie whole in the text read so far are decoded here, in one call each
+        (a TOC's entries, one after another); the general steps handle the rest."""
+        decode = self._json.raw_decode
+        skip = _WHITESPACE.match
+        first = True
+        while True:
+            text = self._text
+            pos = skip(text, self._pos).end()  # type: ignore[union-attr]
+            if not first and pos < len(text) and text[pos] == ",":
+                pos = skip(text, pos + 1).end()  # type: ignore[union-attr]
+                if pos < len(text) and text[pos] != "]":
+                    try:
+                        value, end = decode(text, pos)
+                    except (json.JSONDecodeError, RecursionError):
+                        pass  # cut off by the end of the text read so far, or bad
+                    else:
+                        if end < len(text) and end - pos <= MAX_ENTRY_TEXT:
+                            self._pos = end
+                            yield value
+                            continue
+            if self.take("]"):
+                return
+            if not first:
+                self.expect(",", "TOC JSON: expected ',' between entries")
+            first = False
+            yield self.value()
 
     def _grow(self) -> bool:
         if len(self._text) - self._pos > MAX_ENTRY_TEXT:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import estargz.layer
 from estargz import BlobReader, BuildOptions, Compression, FileSource, TarError, TOCError, build
 from estargz.layer import MAX_IMPLICIT_DIR_CHARS
 from estargz.toc import (
@@ -46,6 +47,15 @@ def appended(*extra: dict) -> Edit:
 # -- one name, several entries ----------------------------------------------------------
 
 
+@pytest.fixture(params=["names remembered", "past the names a build remembers"])
+def name_memory(request, monkeypatch) -> None:
+    """Each case twice: a build knows the names it gave without asking SQLite, up to
+    a limit; past it (here after two names) each name is claimed in SQLite."""
+    if request.param != "names remembered":
+        monkeypatch.setattr(estargz.layer, "_NAMES_REMEMBERED", 2)
+
+
+@pytest.mark.usefixtures("name_memory")
 @pytest.mark.parametrize("compression", FORMATS)
 def test_a_later_entry_of_another_type_replaces_the_earlier(compression) -> None:
     """As extracting the tar would: the last entry for a name is what the layer holds."""
@@ -67,6 +77,7 @@ def test_a_later_entry_of_another_type_replaces_the_earlier(compression) -> None
     assert reader.read_file(reader.lookup("bin/big")) == BIG
 
 
+@pytest.mark.usefixtures("name_memory")
 @pytest.mark.parametrize("compression", FORMATS)
 def test_an_empty_directory_may_be_replaced_a_full_one_may_not(compression) -> None:
     blob, toc_digest = edited(compression, appended({"name": "d", "type": "dir"},
@@ -77,6 +88,7 @@ def test_an_empty_directory_may_be_replaced_a_full_one_may_not(compression) -> N
                      "replaces non-empty directory 'bin'")
 
 
+@pytest.mark.usefixtures("name_memory")
 @pytest.mark.parametrize("compression", FORMATS)
 def test_a_hard_link_keeps_the_file_its_name_later_loses(compression) -> None:
     blob, toc_digest = edited(compression, appended({"name": "bin/big", "type": "fifo"}))
@@ -87,6 +99,7 @@ def test_a_hard_link_keeps_the_file_its_name_later_loses(compression) -> None:
     assert reader.read_file(kept) == BIG
 
 
+@pytest.mark.usefixtures("name_memory")
 @pytest.mark.parametrize("compression", FORMATS)
 def test_a_hard_link_to_a_name_whose_file_comes_later_is_refused(compression) -> None:
     expect_toc_error(compression, appended(
