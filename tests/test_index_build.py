@@ -1,12 +1,18 @@
-"""A layer's index built in a child process (snapshotter.lazy.index_build): the same
-tree as `estargz.load_toc` in this process, the same errors for a bad TOC, a full
-disk raised as OSError, and nothing half-built left when a build is cancelled."""
+"""A layer's index built in a process of its own (snapshotter.lazy.index_build),
+started for the build or forked by the builder's template: the same tree as
+`estargz.load_toc` in this process, the same errors for a bad TOC, a full disk raised
+as OSError, and nothing half-built left when a build is cancelled or its process dies.
+The template itself: one for many builds, started again after it was killed, ended
+by close and by its parent's exit."""
 
 import asyncio
 import errno
 import os
+import signal
 import sqlite3
 import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,19 +23,39 @@ import estargz
 from estargz import Compression, DigestMismatch, FormatError, TOCError, load_toc
 from snapshotter.lazy.index_build import (
     MAX_BUILDS,
-    SMALL_LAYER_BYTES,
     BuiltIndex,
     IndexBuilder,
+    IndexBuildError,
+    _forked_answer,
     build_index,
-    builds_in_a_child,
 )
 
 from .test_bad_input import edited, footer_of, index, sample_blob
+from .test_layer_index import blob_of, many_files_tar
 
 
-def build(*args: object, **kwargs: object) -> Coroutine[Any, Any, BuiltIndex]:
-    """`build_index` in a child process, whatever the TOC's size (the samples' are small)."""
+def _started_build(*args: object, **kwargs: object) -> Coroutine[Any, Any, BuiltIndex]:
+    """`build_index` in a process started for it, whatever the TOC's size (the
+    samples' are small)."""
     return build_index(*args, in_process_below=0, **kwargs)  # type: ignore[arg-type]
+
+
+async def _forked_build(*args: object, **kwargs: object) -> BuiltIndex:
+    """`build_index` in a process forked by a builder's template."""
+    builder = IndexBuilder()
+    builder.start()
+    try:
+        built = await build_index(*args, in_process_below=0,  # type: ignore[arg-type]
+                                  builder=builder, **kwargs)
+        assert built.forked and "in a forked process" in built.describe()
+        return built
+    finally:
+        await builder.close()
+
+
+@pytest.fixture(params=["started for the build", "forked by the template"])
+def build(request) -> Callable[..., Coroutine[Any, Any, BuiltIndex]]:
+    return _started_build if request.param == "started for the build" else _forked_build
 
 
 def toc_of(blob: bytes) -> tuple[estargz.Footer, bytes]:
@@ -43,7 +69,7 @@ def tree(layer: estargz.Layer) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize("compression", [Compression.GZIP, Compression.ZSTD])
-def test_child_builds_the_index_load_toc_builds(compression: Compression,
+def test_child_builds_the_index_load_toc_builds(compression: Compression, build,
                                                 tmp_path: Path) -> None:
     blob, result = sample_blob(compression)
     footer, toc = toc_of(blob)
@@ -65,7 +91,7 @@ def test_child_builds_the_index_load_toc_builds(compression: Compression,
     reopened.close()
 
 
-def test_without_a_path_the_index_is_temporary(tmp_path: Path) -> None:
+def test_without_a_path_the_index_is_temporary(build, tmp_path: Path) -> None:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
     before = _temporary_indexes()
@@ -98,7 +124,7 @@ def _hardlink_to_a_later_file(entries: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("compression", [Compression.GZIP, Compression.ZSTD])
-def test_a_bad_toc_raises_what_load_toc_raises(compression: Compression,
+def test_a_bad_toc_raises_what_load_toc_raises(compression: Compression, build,
                                                tmp_path: Path) -> None:
     blob, toc_digest = edited(compression, _hardlink_to_a_later_file)
     footer, toc = toc_of(blob)
@@ -126,7 +152,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(root)], check=False)
 
 
-def test_a_full_disk_raises_what_load_toc_raises(tiny_disk: Path) -> None:
+def test_a_full_disk_raises_what_load_toc_raises(build, tiny_disk: Path) -> None:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
     (tiny_disk / "filler").write_bytes(b"\0" * (60 << 10))
@@ -143,7 +169,7 @@ def test_a_full_disk_raises_what_load_toc_raises(tiny_disk: Path) -> None:
     assert sorted(os.listdir(tiny_disk)) == ["filler"]
 
 
-def test_a_cancelled_build_leaves_no_partial_index(tmp_path: Path) -> None:
+def test_a_cancelled_build_leaves_no_partial_index(build, tmp_path: Path) -> None:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
     path = str(tmp_path / "index.db")
@@ -168,7 +194,7 @@ def test_a_cancelled_build_leaves_no_partial_index(tmp_path: Path) -> None:
     after.layer.close()
 
 
-def test_a_small_toc_is_indexed_in_process(tmp_path: Path) -> None:
+def test_a_small_toc_is_indexed_in_process(build, tmp_path: Path) -> None:
     blob, result = sample_blob(Compression.ZSTD)
     footer, toc = toc_of(blob)
     built = asyncio.run(build_index(footer, toc, result.toc_digest,
@@ -190,64 +216,139 @@ def _gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-def test_builds_take_the_children_started_ahead(tmp_path: Path) -> None:
+def _sample_toc() -> tuple[estargz.Footer, bytes, str]:
     blob, result = sample_blob(Compression.GZIP)
     footer, toc = toc_of(blob)
+    return footer, toc, result.toc_digest
+
+
+async def _template_of(builder: IndexBuilder) -> int:
+    await asyncio.wait_for(_until(lambda: builder.template_pid), 60)
+    assert builder.template_pid is not None
+    return builder.template_pid
+
+
+def test_builds_are_forked_from_one_template(tmp_path: Path) -> None:
+    footer, toc, digest = _sample_toc()
 
     async def go() -> None:
-        builder = IndexBuilder(spares=1, spare_seconds=60)
-        builder.warm()
-        await asyncio.wait_for(_until(lambda: builder.waiting), 60)
-        (spare,) = builder.waiting
-        built = await build(footer, toc, result.toc_digest, builder=builder,
-                            index_path=str(tmp_path / "index.db"))
-        assert built.entries > 0
+        builder = IndexBuilder()
+        builder.start()
+        template = await _template_of(builder)
+        here = load_toc(footer, toc, digest)
+        for n in range(3):
+            built = await build_index(footer, toc, digest, in_process_below=0,
+                                      builder=builder, index_path=str(tmp_path / f"{n}.db"))
+            assert built.forked and tree(built.layer) == tree(here)
+            built.layer.close()
+        here.close()
+        assert builder.template_pid == template  # the same one forked all three
+        assert _children(template) == []  # and the kernel reaped them
+        await builder.close()
+        assert builder.template_pid is None
+        await asyncio.wait_for(_until(lambda: _gone(template)), 60)
+
+    asyncio.run(go())
+
+
+def test_a_killed_template_is_started_again(tmp_path: Path) -> None:
+    footer, toc, digest = _sample_toc()
+
+    async def go() -> None:
+        builder = IndexBuilder()
+        builder.start()
+        first = await _template_of(builder)
+        os.kill(first, signal.SIGKILL)
+        await asyncio.wait_for(_until(lambda: builder.template_pid is None), 60)
+        for n in range(2):  # the first may start a process of its own meanwhile
+            built = await build_index(footer, toc, digest, in_process_below=0,
+                                      builder=builder, index_path=str(tmp_path / f"{n}.db"))
+            assert built.entries > 0
+            built.layer.close()
+        assert built.forked
+        second = await _template_of(builder)
+        assert second != first and not _gone(second)
+        await builder.close()
+        await asyncio.wait_for(_until(lambda: _gone(second)), 60)
+
+    asyncio.run(go())
+
+
+def test_the_template_ends_when_its_parent_dies() -> None:
+    script = textwrap.dedent("""
+        import asyncio, os, sys
+        from snapshotter.lazy.index_build import IndexBuilder
+
+        async def go():
+            builder = IndexBuilder()
+            builder.start()
+            while builder.template_pid is None:
+                await asyncio.sleep(0.01)
+            print(builder.template_pid, flush=True)
+            os._exit(0)  # no close: as if killed
+
+        asyncio.run(go())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=os.path.dirname(os.path.dirname(
+                             os.path.abspath(estargz.__file__))))
+    template = int(out.stdout.split()[0])
+    asyncio.run(asyncio.wait_for(_until(lambda: _gone(template)), 30))
+
+
+def test_a_build_process_that_dies_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
+    footer, toc, digest = _sample_toc()
+    path = str(tmp_path / "index.db")
+
+    async def go() -> None:
+        builder = IndexBuilder()
+        builder.start()
+        await _template_of(builder)
+        forked = await builder.fork()
+        assert forked is not None
+        await forked.end()  # killed before its request: EPIPE or no answer
+        with pytest.raises(IndexBuildError, match="forked index build process failed"):
+            await _forked_answer(forked, b"x" * (4 << 20), path)
+        crashing = await builder.fork()
+        assert crashing is not None
+        with pytest.raises(IndexBuildError, match="KeyError"):  # a request it cannot read
+            await _forked_answer(crashing, b'{"no": "header fields"}\n', path)
+        built = await build_index(footer, toc, digest, in_process_below=0, builder=builder,
+                                  index_path=path)
+        assert built.forked and built.entries > 0  # the template still forks
         built.layer.close()
-        assert _gone(spare)  # it did the build and was reaped
-        assert builder.waiting == []  # and none was started in its place
-        builder.warm()
-        await asyncio.wait_for(_until(lambda: builder.waiting), 60)
-        (again,) = builder.waiting
         await builder.close()
-        assert builder.waiting == [] and _gone(again)
-        builder.warm()  # closed: starts nothing
-        assert builder.waiting == [] and builder._adding == 0
 
     asyncio.run(go())
+    assert os.listdir(tmp_path) == ["index.db"]
 
 
-def test_a_spare_not_taken_is_ended() -> None:
+def test_a_cancelled_forked_build_ends_its_process(tmp_path: Path) -> None:
+    """Cancelled while its process builds: the process is killed, so no index appears
+    after the cancellation, and nothing half-built is left."""
+    blob, result = blob_of(many_files_tar(20_000))
+    footer, toc = toc_of(blob)
+    path = tmp_path / "index.db"
+
     async def go() -> None:
-        builder = IndexBuilder(spares=2, spare_seconds=0.5)
-        builder.warm(2)
-        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 2), 60)
-        spares = builder.waiting
-        await asyncio.wait_for(_until(lambda: not builder.waiting), 60)
-        await asyncio.wait_for(_until(lambda: all(_gone(pid) for pid in spares)), 60)
+        builder = IndexBuilder()
+        builder.start()
+        template = await _template_of(builder)
+        task = asyncio.create_task(build_index(footer, toc, result.toc_digest,
+                                               builder=builder, index_path=str(path)))
+        await asyncio.wait_for(_until(lambda: list(tmp_path.glob("*.building"))), 60)
+        (pid,) = _children(template)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert _gone(pid)
+        await asyncio.sleep(1.0)  # what the build had left would be done by now
+        assert os.listdir(tmp_path) == []
         await builder.close()
 
     asyncio.run(go())
 
 
-def test_only_the_builds_about_to_be_asked_for_are_warmed() -> None:
-    async def go() -> None:
-        builder = IndexBuilder(spares=2, spare_seconds=60)
-        builder.warm(0)  # no layer large enough: nothing started
-        assert builder._adding == 0 and builder.waiting == []
-        builder.warm(1)
-        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 1), 60)
-        builder.warm(1)  # one already waits for that build
-        assert builder._adding == 0
-        builder.warm(5)  # more builds than spares: as many as spares
-        await asyncio.wait_for(_until(lambda: len(builder.waiting) == 2), 60)
-        spares = builder.waiting
-        await builder.close()
-        assert all(_gone(pid) for pid in spares)
-
-    asyncio.run(go())
-
-
-def test_small_layers_are_not_counted_as_builds_in_a_child() -> None:
-    assert builds_in_a_child([]) == 0
-    assert builds_in_a_child([SMALL_LAYER_BYTES - 1, 4096]) == 0
-    assert builds_in_a_child([SMALL_LAYER_BYTES, 30 << 20, 10]) == 2
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -157,6 +157,7 @@ async def serve(config: Config) -> None:
                                  ahead_dir=os.path.join(config.root, "pull-ahead"))
     if service.pull_ahead is not None:
         service.pull_ahead.start()
+    service.index_builder.start()  # its template, ready before the first pull
 
     connections: set[asyncio.Task[None]] = set()
 

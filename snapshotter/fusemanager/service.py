@@ -22,7 +22,7 @@ from estargz.toc import DEFAULT_MAX_TOC_SIZE
 from oci.reference import Reference, ReferenceError
 
 from ..errors import Unavailable
-from ..lazy.index_build import IndexBuilder, builds_in_a_child
+from ..lazy.index_build import IndexBuilder
 from ..lazy.index_lookup import IndexLookup, indexable
 from ..lazy.layer_chunks import bytes_cached, chunks_missing, wanted_digests
 from ..lazy.layer_files import (
@@ -151,8 +151,6 @@ class FuseManagerService:
             if opened is not None:
                 remote = opened.remote
             else:
-                # its start overlaps the TOC's fetch
-                self.index_builder.warm(builds_in_a_child([found.descriptor.size]))
                 remote = await open_remote_layer(self.lazy.client, wanted, self.max_toc_bytes,
                                                  index_path=index_path,
                                                  descriptor=found.descriptor,

@@ -1,4 +1,4 @@
-"""A layer's TOC verified and indexed in a child process, off the event loop's core.
+"""A layer's TOC verified and indexed in a process of its own, off the event loop's core.
 
 Building a layer's index from its TOC is pure CPU work (JSON decoding, checks, SQLite
 inserts): in a thread of the FUSE manager it holds the interpreter lock against the
@@ -6,45 +6,47 @@ event loop that answers FUSE requests and verifies and stores prefetched chunks,
 when a container starts. Here `estargz.index_child` does it in a process of its own,
 on another core, and its transient memory goes back to the system when it exits.
 
-The child is started with exec, not a bare fork of this threaded process (another
-thread may hold SQLite's or the allocator's locks at that moment, and the child would
-wait for them forever). Its start (an interpreter and estargz's imports, about 0.1 s of
-CPU) would come before every build, so an `IndexBuilder` keeps children started ahead
-(`warm`, called when a pull or mount begins) for a short while. A TOC too small to be
-worth a process is indexed in a thread, as before. A malformed TOC raises the same
-FormatError subclass, with the same message, as `estargz.load_toc` in this process; a
-full disk the same OSError or sqlite3 error.
+An `IndexBuilder` keeps a template process (`estargz.index_child --template`) that
+has estargz imported and forks a process for each build: a millisecond, where an
+interpreter's start and imports cost about 0.1 s of CPU on the cores a pull needs.
+The template is a process of its own, started with exec: a bare fork of this threaded
+process could leave the child waiting forever for a lock (SQLite's, the allocator's)
+that another thread held at that moment. Without a builder, or while its template
+cannot be started, a build starts `python -m estargz.index_child` for itself. A TOC
+too small to be worth a process is indexed in a thread. A malformed TOC raises the
+same FormatError subclass, with the same message, as `estargz.load_toc` in this
+process; a full disk the same OSError or sqlite3 error.
 """
 
 import asyncio
+import collections
 import contextlib
 import glob
 import json
+import logging
 import os
+import signal
+import socket
 import sqlite3
 import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import estargz
-from estargz.index_child import FORMAT_ERRORS, request_header
+from estargz.index_child import FORMAT_ERRORS, PID_BYTES, READY, request_header
+
+log = logging.getLogger(__name__)
 
 # Builds at once: as many as there are cores. While layers are being opened the event
 # loop mostly waits for them, and the processes share the cores without a common lock.
 MAX_BUILDS = max(1, os.cpu_count() or 1)
 # A compressed TOC smaller than this is indexed in a thread: a few milliseconds of
-# work (a few hundred entries), less than a child's start.
+# work (a few hundred entries), less than a process's start.
 IN_PROCESS_TOC_BYTES = 16 << 10
-# A layer blob smaller than this is taken to have a TOC indexed in a thread (a few
-# hundred files at most): no child is started ahead for it, as none would be taken.
-SMALL_LAYER_BYTES = 1 << 20
-# A child started ahead waits this long for its build, then is ended (and ends itself
-# after twice as long, should this process be gone).
-SPARE_SECONDS = 5.0
+# How long a template may take to start (an interpreter, estargz's imports).
+TEMPLATE_START_SECONDS = 30.0
 _STDERR_SHOWN = 2000  # characters of a failed child's stderr kept in the error
 _slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = \
     weakref.WeakKeyDictionary()
@@ -66,16 +68,13 @@ class BuiltIndex:
     queued_seconds: float  # waiting for a free build slot
     total_seconds: float  # from the call to the open index
     in_process: bool = False  # a small TOC, indexed in a thread
+    forked: bool = False  # in a process forked by the builder's template
 
     def describe(self) -> str:
-        where = " in process" if self.in_process else ""
+        where = " in process" if self.in_process else " in a forked process" \
+            if self.forked else ""
         return (f"index of {self.entries} entries built{where} in {self.total_seconds:.3f}s "
                 f"({self.build_seconds:.3f}s building, {self.queued_seconds:.3f}s queued)")
-
-
-def builds_in_a_child(layer_sizes: "list[int]") -> int:
-    """How many of layers of these blob sizes likely build their index in a child."""
-    return sum(size >= SMALL_LAYER_BYTES for size in layer_sizes)
 
 
 def _slot() -> asyncio.Semaphore:
@@ -93,15 +92,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-async def _start_child(wait: float | None = None) -> Process:
-    extra = ["--wait", str(wait)] if wait is not None else []
+async def _start_child() -> Process:
+    """A process for one build, started for it."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "estargz.index_child", *extra, stdin=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "estargz.index_child", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_child_env())
 
 
 async def _end(process: Process) -> None:
-    """Stop a child of ours that has not been given its request (or is not wanted)."""
+    """Stop a child of ours whose build is not wanted (any more)."""
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     if process.stdin is not None:
@@ -109,78 +108,209 @@ async def _end(process: Process) -> None:
     await process.wait()  # reaped; its pipes close as it goes
 
 
-class IndexBuilder:
-    """Children started ahead of the builds of a pull, for `build_index`."""
+class TemplateGone(Exception):
+    """The template process exited, or stopped answering."""
 
-    def __init__(self, spares: int = MAX_BUILDS, spare_seconds: float = SPARE_SECONDS):
-        self.spares = spares
-        self.spare_seconds = spare_seconds
-        self._ready: list[tuple[float, Process]] = []  # (started, process), oldest first
-        self._tasks: set[asyncio.Task[None]] = set()  # spares being started or retired
-        self._adding = 0
+
+class _Forked:
+    """A build process forked by the template: a socket to it, and a pidfd to end it
+    by (it is the template's child, not ours, and the kernel reaps it)."""
+
+    def __init__(self, connection: socket.socket, pidfd: int):
+        self.connection = connection
+        self.pidfd = pidfd
+
+    async def exchange(self, request: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.connection, request)
+        self.connection.shutdown(socket.SHUT_WR)
+        pieces = []
+        while piece := await loop.sock_recv(self.connection, 1 << 16):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    async def end(self) -> None:
+        """Kill it, and return once it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(self.pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await gone  # a pidfd reads ready once its process has exited
+        finally:
+            loop.remove_reader(self.pidfd)
+
+    def close(self) -> None:
+        self.connection.close()
+        os.close(self.pidfd)
+
+
+class _Template:
+    """A running `estargz.index_child --template` and the socket it forks builds on.
+    It answers fork requests in order, each with the new process's id."""
+
+    def __init__(self, process: Process, control: socket.socket):
+        self.process = process
+        self.control = control
+        self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls) -> "_Template":
+        control, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "estargz.index_child", "--template",
+                stdin=theirs.fileno(), stdout=asyncio.subprocess.DEVNULL, env=_child_env())
+        except BaseException:
+            control.close()
+            raise
+        finally:
+            theirs.close()
+        control.setblocking(False)
+        template = cls(process, control)
+        try:
+            ready = await asyncio.wait_for(template._receive(len(READY)),
+                                           TEMPLATE_START_SECONDS)
+            if ready != READY:
+                raise TemplateGone(f"the template process answered {ready!r}")
+        except BaseException:
+            await template.close()
+            raise
+        template._reader = asyncio.create_task(template._read_pids())
+        return template
+
+    async def _receive(self, size: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while len(data) < size:
+            piece = await loop.sock_recv(self.control, size - len(data))
+            if not piece:
+                raise TemplateGone("the template process exited")
+            data += piece
+        return data
+
+    async def _read_pids(self) -> None:
+        """Hand each process id the template answers to the fork that asked for it.
+        A fork cancelled meanwhile still takes its answer: the order is kept, and its
+        process ends when it sees its socket closed."""
+        try:
+            while True:
+                pid = int.from_bytes(await self._receive(PID_BYTES), "big")
+                asked = self._waiting.popleft()
+                if not asked.done():
+                    asked.set_result(pid)
+        except (OSError, TemplateGone, IndexError) as exc:
+            gone = exc if isinstance(exc, TemplateGone) else TemplateGone(str(exc))
+            while self._waiting:
+                asked = self._waiting.popleft()
+                if not asked.done():
+                    asked.set_exception(gone)
+
+    async def fork(self) -> _Forked:
+        if self._reader is None or self._reader.done():
+            raise TemplateGone("the template process exited")
+        ours, theirs = socket.socketpair()
+        try:
+            try:
+                socket.send_fds(self.control, [b"F"], [theirs.fileno()])
+            except OSError as exc:
+                raise TemplateGone(f"the template process is gone: {exc}") from None
+            finally:
+                theirs.close()
+            asked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._waiting.append(asked)
+            pid = await asked
+            # The build waits for its request, which only we can send: it is alive,
+            # and its pid is its own, until we close our end.
+            pidfd = os.pidfd_open(pid)
+        except BaseException:
+            ours.close()
+            raise
+        ours.setblocking(False)
+        return _Forked(ours, pidfd)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self.control.close()  # it exits when it sees the socket closed
+        try:
+            await asyncio.wait_for(self.process.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class IndexBuilder:
+    """The template process that `build_index` forks builds from. It is started by
+    `start` and started again by the first build after it exited."""
+
+    def __init__(self) -> None:
+        self._template: _Template | None = None
+        self._starting: asyncio.Task[_Template | None] | None = None
         self._closed = False
 
-    def warm(self, builds: int = 1) -> None:
-        """Start children so that as many wait as the `builds` about to be asked for
-        (a pull or mount begins), at most `spares`: a child not taken costs memory
-        until it is ended."""
-        if self._closed:
+    def start(self) -> None:
+        """Start the template, if it does not run (in the background)."""
+        if self._closed or (self._starting is not None and not self._starting.done()):
             return
-        for _ in range(min(builds, self.spares) - len(self._ready) - self._adding):
-            self._adding += 1
-            self._track(self._add_spare())
+        if self._template is not None and self._template.process.returncode is None:
+            return
+        self._starting = asyncio.create_task(self._start())
 
-    def _track(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _add_spare(self) -> None:
+    async def _start(self) -> _Template | None:
         try:
-            process = await _start_child(wait=2 * self.spare_seconds)
-        except OSError:
-            return  # no spare: a build starts its own child, and says why if it cannot
-        finally:
-            self._adding -= 1
+            template = await _Template.start()
+        except (OSError, TemplateGone, TimeoutError) as exc:
+            log.warning("index builds start a process each: the template process did "
+                        "not start: %s", exc)
+            return None
         if self._closed:
-            await _end(process)
-            return
-        self._ready.append((time.monotonic(), process))
-        asyncio.get_running_loop().call_later(
-            self.spare_seconds, lambda: self._track(self._retire(process)))
-
-    async def _retire(self, process: Process) -> None:
-        for entry in self._ready:
-            if entry[1] is process:
-                self._ready.remove(entry)
-                await _end(process)
-                return
+            await template.close()
+            return None
+        self._template = template
+        return template
 
     @property
-    def waiting(self) -> list[int]:
-        """The process ids of the children started ahead that wait for a build."""
-        return [process.pid for _, process in self._ready]
+    def template_pid(self) -> int | None:
+        template = self._template
+        return template.process.pid if template is not None \
+            and template.process.returncode is None else None
 
-    async def child(self) -> Process:
-        """A started child for one build: a spare if one waits, else a new one. None is
-        started in a spare's place: on 2 cores its start would slow the builds under
-        way, and the next pull or mount warms again."""
-        now = time.monotonic()
-        while self._ready:
-            started, process = self._ready.pop(0)
-            if now - started < self.spare_seconds and process.returncode is None:
-                return process
-            await _end(process)
-        return await _start_child()
+    async def fork(self) -> _Forked | None:
+        """A process forked for one build; None if there is no template to fork it
+        (the caller then starts one of its own)."""
+        template = self._template
+        if template is None or template.process.returncode is not None:
+            self.start()
+            if self._starting is None:
+                return None
+            template = await asyncio.shield(self._starting)
+            if template is None:
+                return None
+        try:
+            return await template.fork()
+        except (TemplateGone, OSError) as exc:
+            log.warning("the index builds' template process is gone (%s); starting "
+                        "another", exc)
+            if self._template is template:
+                self._template = None
+                await template.close()
+            self.start()
+            return None
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
+        if self._starting is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await task  # a spare being started is ended as soon as it is
-        ready, self._ready = self._ready, []
-        for _, process in ready:
-            await _end(process)
+                await self._starting
+        template, self._template = self._template, None
+        if template is not None:
+            await template.close()
 
 
 def _remove_partial(index_path: str) -> None:
@@ -225,8 +355,11 @@ async def _build(footer: estargz.Footer, toc_bytes: bytes, expected_digest: str 
     async with _slot():
         queued = time.perf_counter() - started
         request = request_header(footer, expected_digest, max_toc_size, index_path) + toc_bytes
-        process = await (builder.child() if builder is not None else _start_child())
-        answer = await _answer(process, request, index_path)
+        forked = await builder.fork() if builder is not None else None
+        if forked is not None:
+            answer = await _forked_answer(forked, request, index_path)
+        else:
+            answer = await _answer(await _start_child(), request, index_path)
     error = answer.get("error")
     if error is not None:
         raise FORMAT_ERRORS.get(str(error), estargz.FormatError)(str(answer.get("message")))
@@ -240,7 +373,7 @@ async def _build(footer: estargz.Footer, toc_bytes: bytes, expected_digest: str 
     if layer is None:
         raise IndexBuildError(f"the index built at {index_path} does not open as complete")
     return BuiltIndex(layer, int(answer["entries"]), float(answer["seconds"]), queued,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, forked=forked is not None)
 
 
 async def _answer(process: Process, request: bytes, index_path: str) -> dict[str, object]:
@@ -259,4 +392,28 @@ async def _answer(process: Process, request: bytes, index_path: str) -> dict[str
         problem = err.decode(errors="replace").strip()[-_STDERR_SHOWN:]
         raise IndexBuildError(f"the index build process ended with status "
                               f"{process.returncode}: {problem or 'no answer'}")
+    return answer
+
+
+async def _forked_answer(forked: _Forked, request: bytes, index_path: str
+                         ) -> dict[str, object]:
+    try:
+        out = await forked.exchange(request)
+    except BaseException as exc:  # cancelled, or the process died mid-request
+        await asyncio.shield(forked.end())
+        forked.close()
+        _remove_partial(index_path)
+        if isinstance(exc, OSError):
+            raise IndexBuildError(f"the forked index build process failed: {exc}") from None
+        raise
+    forked.close()
+    try:
+        answer = json.loads(out.decode())
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "crash" in answer:
+        _remove_partial(index_path)
+        problem = str(answer["crash"]).strip()[-_STDERR_SHOWN:] if isinstance(answer, dict) \
+            else "it ended without an answer (killed?)"
+        raise IndexBuildError(f"the forked index build process failed: {problem}")
     return answer

@@ -31,7 +31,7 @@ from oci.manifest import Descriptor
 from oci.reference import Reference
 
 from .fetcher import LayerFetcher
-from .index_build import IndexBuilder, build_index, builds_in_a_child
+from .index_build import IndexBuilder, build_index
 from .layer_files import LayerRecord
 from .layer_source import LayerSource, NotLazy
 from .manager import LazyLayers
@@ -59,7 +59,7 @@ class PullAhead:
                  max_toc_size: int = estargz.toc.DEFAULT_MAX_TOC_SIZE,
                  keep_seconds: float = KEEP_SECONDS, builder: IndexBuilder | None = None):
         self.lazy = lazy
-        self.builder = builder  # processes started ahead for the index builds
+        self.builder = builder  # forks the processes that build indexes
         self.toc_ahead = toc_ahead
         self.directory = directory  # where indexes wait for their mount
         self.max_toc_size = max_toc_size
@@ -97,8 +97,6 @@ class PullAhead:
                     and descriptor.digest not in mounted and key not in self._layers \
                     and key not in self._claimed:
                 opening.setdefault(key, descriptor)
-        if self.builder is not None:  # their start overlaps the TOCs' fetch
-            self.builder.warm(builds_in_a_child([d.size for d in opening.values()]))
         for key, descriptor in opening.items():
             source = LayerSource("", reference, descriptor.digest, manifest_digest)
             task = asyncio.create_task(self._open(source, descriptor))

@@ -160,7 +160,7 @@ async def open_remote_layer(client: "RegistryClient", source: LayerSource,
     index); raise NotLazy when it cannot be served lazily. `descriptor`: the layer's,
     if the caller has read the manifest already. With `ahead`, the manifest and TOC
     come from what it fetched (or fetches) for the whole image. `builder`: the
-    processes that build indexes (lazy.index_build), started ahead."""
+    template the processes that build indexes are forked from (lazy.index_build)."""
     if descriptor is None:
         found = await (ahead.find_layer(source) if ahead is not None
                        else find_layer(client, source))
