@@ -13,8 +13,11 @@ from datetime import datetime
 _LOOKUP = re.compile(r"gzip index lookup took ([0-9.]+)s")
 _LAYER = re.compile(r"layer (\S+): gzip index \S+ fetched( ahead)? in ([0-9.]+)s, "
                     r"its tree built in ([0-9.]+)s")
-_BUILT = re.compile(r"layer (\S+): TOC verified( at pull)?, index of (\d+) entries built in "
-                    r"([0-9.]+)s \(([0-9.]+)s building, ([0-9.]+)s queued\)")
+_BUILT = re.compile(r"layer (\S+): TOC verified( at pull)?, index of (\d+) entries built"
+                    r"(?: in (process|a forked process))? in ([0-9.]+)s \(([0-9.]+)s building, "
+                    r"([0-9.]+)s queued\)")
+# where a build ran: a process started for it, a thread, or a fork of the template
+_WHERE = {None: "child", "process": "thread", "a forked process": "forked"}
 # "2026-12-07 01:07:31,123 INFO name: message" (the services' logging format)
 _HOT = re.compile(r"layer (\S+): (\d+) bytes of hot spans fetched ahead in ([0-9.]+)s")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -39,8 +42,9 @@ def index_phases(log: str, started_wall: float | None = None) -> dict[str, objec
     hot = [{"layer": m.group(1)[:19], "bytes": int(m.group(2)), "seconds": float(m.group(3))}
            for m in _HOT.finditer(log)]
     builds = [{"layer": m.group(1)[:19], "at_pull": bool(m.group(2)),
-               "entries": int(m.group(3)), "total_s": float(m.group(4)),
-               "build_s": float(m.group(5)), "queued_s": float(m.group(6))}
+               "entries": int(m.group(3)), "where": _WHERE[m.group(4)],
+               "total_s": float(m.group(5)), "build_s": float(m.group(6)),
+               "queued_s": float(m.group(7))}
               for m in _BUILT.finditer(log)]
     if lookups or layers:
         out.update(lookup_s=lookups, layers=layers, hot_ahead=hot)

@@ -4,13 +4,17 @@ index build, mount and prefetch as the services write them."""
 import logging
 from datetime import datetime
 
+import pytest
+
 from perf.index_phases import index_phases
 from snapshotter.lazy.index_build import BuiltIndex
 
 
-def test_converted_layer_phases_are_read_from_the_log_lines() -> None:
+@pytest.mark.parametrize("where", ["child", "thread", "forked"])
+def test_converted_layer_phases_are_read_from_the_log_lines(where: str) -> None:
     built = BuiltIndex(layer=None, entries=6654, build_seconds=0.1304,  # type: ignore[arg-type]
-                       queued_seconds=0.012, total_seconds=0.2513)
+                       queued_seconds=0.012, total_seconds=0.2513,
+                       in_process=where == "thread", forked=where == "forked")
     digest = "sha256:" + "ab" * 32
     # The services' logging format, and the messages remote.py, pull_ahead.py,
     # fusemanager/service.py and manager.py log.
@@ -27,7 +31,8 @@ def test_converted_layer_phases_are_read_from_the_log_lines() -> None:
     phases = index_phases("\n".join(lines), started)
 
     assert phases["toc_builds"] == [{"layer": digest[:19], "at_pull": True, "entries": 6654,
-                                     "total_s": 0.251, "build_s": 0.130, "queued_s": 0.012}]
+                                     "where": where, "total_s": 0.251, "build_s": 0.130,
+                                     "queued_s": 0.012}]
     assert phases["timeline_s"] == [(0.25, "index built", digest[:19]),
                                     (0.5, "mounted", digest[:19]),
                                     (1.75, "prefetched", digest[:19])]
