@@ -25,14 +25,15 @@ def _mounted(path: Path) -> bool:
 
 
 class Manager:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, config: Path | None = None):
         self.root = root
         self.log = root.parent / f"{root.name}.log"
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "fuse-manager", "--root", str(root),
-                 "--log-level", "debug"], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+                 "--log-level", "debug", *(["--config", str(config)] if config else [])],
+                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while self._pid_in_file() != self.process.pid:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -214,3 +215,38 @@ def test_registry_reads_relayed_for_the_service_pulls(manager, registry, tmp_pat
     bad = talk.call("registry_manifest", registry={"hosts_dir": None}, reference=ref)
     assert bad["error"]["kind"] == "invalid", bad
     assert talk.call("hello", protocol=PROTOCOL_VERSION)["result"]["layers"] == []
+
+
+def _index_templates(pid: int) -> list[int]:
+    """The index-build template processes among the children of `pid`."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"estargz.index_child" in command and b"--template" in command:
+            found.append(int(child))
+    return found
+
+
+def test_the_manager_keeps_an_index_build_template_unless_told_not_to(tmp_path) -> None:
+    manager = Manager(tmp_path / "root")
+    try:
+        deadline = time.monotonic() + 30
+        while not _index_templates(manager.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (template,) = _index_templates(manager.process.pid)
+    finally:
+        assert manager.stop() == 0
+    assert not os.path.exists(f"/proc/{template}")  # ended and reaped with the manager
+
+    config = tmp_path / "config.toml"
+    config.write_text("index_build_template = false\n")
+    without = Manager(tmp_path / "other", config=config)
+    try:
+        assert without.connect().call("hello", protocol=PROTOCOL_VERSION)["result"]
+        time.sleep(2.0)  # a template takes about 0.1 s to start
+        assert _index_templates(without.process.pid) == []
+    finally:
+        assert without.stop() == 0

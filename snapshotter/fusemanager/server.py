@@ -154,10 +154,12 @@ async def serve(config: Config) -> None:
                           config.registry_stall_seconds)
     service = FuseManagerService(lazy, max_toc_bytes=config.max_toc_bytes,
                                  index_lookup=index_lookup, registry_relay=relay,
-                                 ahead_dir=os.path.join(config.root, "pull-ahead"))
+                                 ahead_dir=os.path.join(config.root, "pull-ahead"),
+                                 index_build_template=config.index_build_template)
     if service.pull_ahead is not None:
         service.pull_ahead.start()
-    service.index_builder.start()  # its template, ready before the first pull
+    if service.index_builder is not None:
+        service.index_builder.start()  # its template, ready before the first pull
 
     connections: set[asyncio.Task[None]] = set()
 
@@ -188,7 +190,8 @@ async def serve(config: Config) -> None:
     await asyncio.gather(*connections, return_exceptions=True)
     if service.pull_ahead is not None:
         await service.pull_ahead.close()
-    await service.index_builder.close()
+    if service.index_builder is not None:
+        await service.index_builder.close()
     await lazy.close()
     if index_lookup is not None and index_lookup.ahead is not None:
         index_lookup.ahead.close()  # index trees no mount claimed

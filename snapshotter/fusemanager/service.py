@@ -63,12 +63,14 @@ def _check_name(name: str) -> None:
 class FuseManagerService:
     def __init__(self, lazy: LazyLayers, max_toc_bytes: int = DEFAULT_MAX_TOC_SIZE,
                  index_lookup: IndexLookup | None = None,
-                 registry_relay: RegistryRelay | None = None, ahead_dir: str | None = None):
+                 registry_relay: RegistryRelay | None = None, ahead_dir: str | None = None,
+                 index_build_template: bool = True):
         self.lazy = lazy
         self.max_toc_bytes = max_toc_bytes
         self.index_lookup = index_lookup  # None: plain gzip layers are pulled, not indexed
         self.toc_ahead = TocAhead(lazy.client, max_toc_bytes)
-        self.index_builder = IndexBuilder()  # the processes that index layers' TOCs
+        # forks the processes that index layers' TOCs (None: each starts its own)
+        self.index_builder = IndexBuilder() if index_build_template else None
         # None: layers are opened by their mounts only (pull_ahead is refused).
         self.pull_ahead = PullAhead(lazy, self.toc_ahead, ahead_dir, max_toc_bytes,
                                     builder=self.index_builder) if ahead_dir else None
