@@ -41,8 +41,10 @@ moment first (GIVE_WAY_QUIET, GIVE_WAY_MAX).
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,6 +85,14 @@ LOOP_SLICE = 128
 # the loop that answers lookups, and a busy tree must slow the fetch, never stop it.
 GIVE_WAY_QUIET = 0.05
 GIVE_WAY_MAX = 1.0
+
+# The threads that decompress, hash and store prefetched and background-fetched
+# chunks, as many as cores (started at their first job). In the default executor
+# these jobs queued ahead of the small ones a start waits for: FUSE reads' cache
+# lookups, a mount's files.
+_BULK_VERIFIERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                     thread_name_prefix="verify")
+
 
 FETCH_BYTES = Counter("lazypull_fetch_bytes_total",
                       "Compressed blob bytes fetched from registries, by kind of fetch",
@@ -594,8 +604,11 @@ class LayerFetcher:
         """Verify and cache the chunks of `futures` found in `data` (the bytes of
         `spans`), resolve their futures; returns digest -> reason for those that failed.
         Only a reader's request (DEMAND) puts its chunks in the memory tier as well."""
-        good, failed = await asyncio.to_thread(self._verify_and_store, spans, data,
-                                               set(futures), kind == DEMAND)
+        # A reader waits for a demand fetch: its chunks go to the default executor, not
+        # behind a prefetch's or background fetch's in theirs.
+        executor = None if kind == DEMAND else _BULK_VERIFIERS
+        good, failed = await asyncio.get_running_loop().run_in_executor(
+            executor, self._verify_and_store, spans, data, set(futures), kind == DEMAND)
         for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
             self._refused.discard(digest)
             future = futures[digest]
