@@ -114,7 +114,10 @@ def template(control: socket.socket) -> int:
     """Fork a build for each socket received on `control`, until it closes."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the builds
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's to handle; it ends us
-    control.sendall(READY)
+    try:
+        control.sendall(READY)
+    except OSError:
+        return 0  # the parent is gone already
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 1, 1)
@@ -138,7 +141,10 @@ def template(control: socket.socket) -> int:
             finally:
                 os._exit(status)
         os.close(fds[0])
-        control.sendall(pid.to_bytes(PID_BYTES, "big"))
+        try:
+            control.sendall(pid.to_bytes(PID_BYTES, "big"))
+        except OSError:
+            return 0  # the parent is gone; the build sees its socket closed and ends
 
 
 def main(argv: list[str]) -> int:

@@ -47,12 +47,13 @@ def appended(*extra: dict) -> Edit:
 # -- one name, several entries ----------------------------------------------------------
 
 
-@pytest.fixture(params=["names remembered", "past the names a build remembers"])
+@pytest.fixture(params=["names marked in the bitmap", "every name's bit taken"])
 def name_memory(request, monkeypatch) -> None:
-    """Each case twice: a build knows the names it gave without asking SQLite, up to
-    a limit; past it (here after two names) each name is claimed in SQLite."""
-    if request.param != "names remembered":
-        monkeypatch.setattr(estargz.layer, "_NAMES_REMEMBERED", 2)
+    """Each case twice: a build marks the names it gave in a bitmap and asks SQLite
+    only when a name's bit is set; with a bitmap of one bit every name after the
+    first is asked about."""
+    if request.param != "names marked in the bitmap":
+        monkeypatch.setattr(estargz.layer, "_NAME_BITS", 1)
 
 
 @pytest.mark.usefixtures("name_memory")
