@@ -47,7 +47,7 @@ async def _forked_build(*args: object, **kwargs: object) -> BuiltIndex:
     try:
         built = await build_index(*args, in_process_below=0,  # type: ignore[arg-type]
                                   builder=builder, **kwargs)
-        assert built.forked and "in a forked process" in built.describe()
+        assert built.where == "forked" and "in a forked process" in built.describe()
         return built
     finally:
         await builder.close()
@@ -199,9 +199,9 @@ def test_a_small_toc_is_indexed_in_process(build, tmp_path: Path) -> None:
     footer, toc = toc_of(blob)
     built = asyncio.run(build_index(footer, toc, result.toc_digest,
                                     index_path=str(tmp_path / "index.db")))
-    assert built.in_process and "built in process" in built.describe()
+    assert built.where == "thread" and "built in process" in built.describe()
     child = asyncio.run(build(footer, toc, result.toc_digest))
-    assert not child.in_process
+    assert child.where != "thread"
     assert tree(built.layer) == tree(child.layer)
     built.layer.close()
     child.layer.close()
@@ -239,7 +239,7 @@ def test_builds_are_forked_from_one_template(tmp_path: Path) -> None:
         for n in range(3):
             built = await build_index(footer, toc, digest, in_process_below=0,
                                       builder=builder, index_path=str(tmp_path / f"{n}.db"))
-            assert built.forked and tree(built.layer) == tree(here)
+            assert built.where == "forked" and tree(built.layer) == tree(here)
             built.layer.close()
         here.close()
         assert builder.template_pid == template  # the same one forked all three
@@ -266,7 +266,7 @@ def test_a_killed_template_is_started_again(tmp_path: Path) -> None:
                                       builder=builder, index_path=str(tmp_path / f"{n}.db"))
             assert built.entries > 0
             built.layer.close()
-        assert built.forked
+        assert built.where == "forked"
         second = await _template_of(builder)
         assert second != first and not _gone(second)
         await builder.close()
@@ -316,7 +316,7 @@ def test_a_build_process_that_dies_is_an_error_and_leaves_nothing(tmp_path: Path
             await _forked_answer(crashing, b'{"no": "header fields"}\n', path)
         built = await build_index(footer, toc, digest, in_process_below=0, builder=builder,
                                   index_path=path)
-        assert built.forked and built.entries > 0  # the template still forks
+        assert built.where == "forked" and built.entries > 0  # the template still forks
         built.layer.close()
         await builder.close()
 

@@ -14,7 +14,7 @@ from snapshotter.lazy.index_build import BuiltIndex
 def test_converted_layer_phases_are_read_from_the_log_lines(where: str) -> None:
     built = BuiltIndex(layer=None, entries=6654, build_seconds=0.1304,  # type: ignore[arg-type]
                        queued_seconds=0.012, total_seconds=0.2513,
-                       in_process=where == "thread", forked=where == "forked")
+                       where=where)
     digest = "sha256:" + "ab" * 32
     # The services' logging format, and the messages remote.py, pull_ahead.py,
     # fusemanager/service.py and manager.py log.

@@ -60,6 +60,10 @@ class IndexBuildError(RuntimeError):
     """The build process ended without an answer (killed, out of memory, a bug)."""
 
 
+# How `BuiltIndex.describe` says where a build ran (perf/index_phases.py reads it).
+_WHERE_SAID = {"child": "", "thread": " in process", "forked": " in a forked process"}
+
+
 @dataclass(frozen=True)
 class BuiltIndex:
     layer: estargz.Layer
@@ -67,12 +71,12 @@ class BuiltIndex:
     build_seconds: float  # the build itself (in the child, or in a thread)
     queued_seconds: float  # waiting for a free build slot
     total_seconds: float  # from the call to the open index
-    in_process: bool = False  # a small TOC, indexed in a thread
-    forked: bool = False  # in a process forked by the builder's template
+    # "child": a process started for it; "thread": a small TOC, indexed in a thread;
+    # "forked": a process forked by the builder's template
+    where: str = "child"
 
     def describe(self) -> str:
-        where = " in process" if self.in_process else " in a forked process" \
-            if self.forked else ""
+        where = _WHERE_SAID[self.where]
         return (f"index of {self.entries} entries built{where} in {self.total_seconds:.3f}s "
                 f"({self.build_seconds:.3f}s building, {self.queued_seconds:.3f}s queued)")
 
@@ -334,7 +338,7 @@ async def build_index(footer: estargz.Footer, toc_bytes: bytes, expected_digest:
         layer = await asyncio.to_thread(estargz.load_toc, footer, toc_bytes, expected_digest,
                                         max_toc_size, index_path=index_path)
         seconds = time.perf_counter() - started
-        return BuiltIndex(layer, layer.entry_count, seconds, 0.0, seconds, in_process=True)
+        return BuiltIndex(layer, layer.entry_count, seconds, 0.0, seconds, where="thread")
     if index_path is not None:
         return await _build(footer, toc_bytes, expected_digest, max_toc_size, index_path,
                             builder, started)
@@ -373,7 +377,8 @@ async def _build(footer: estargz.Footer, toc_bytes: bytes, expected_digest: str 
     if layer is None:
         raise IndexBuildError(f"the index built at {index_path} does not open as complete")
     return BuiltIndex(layer, int(answer["entries"]), float(answer["seconds"]), queued,
-                      time.perf_counter() - started, forked=forked is not None)
+                      time.perf_counter() - started,
+                      where="forked" if forked is not None else "child")
 
 
 async def _answer(process: Process, request: bytes, index_path: str) -> dict[str, object]:
@@ -383,11 +388,8 @@ async def _answer(process: Process, request: bytes, index_path: str) -> dict[str
         await asyncio.shield(_end(process))
         _remove_partial(index_path)
         raise
-    try:
-        answer = json.loads(out.decode())
-    except ValueError:
-        answer = None
-    if process.returncode != 0 or not isinstance(answer, dict):
+    answer = _decoded(out)
+    if process.returncode != 0 or answer is None:
         _remove_partial(index_path)
         problem = err.decode(errors="replace").strip()[-_STDERR_SHOWN:]
         raise IndexBuildError(f"the index build process ended with status "
@@ -407,13 +409,19 @@ async def _forked_answer(forked: _Forked, request: bytes, index_path: str
             raise IndexBuildError(f"the forked index build process failed: {exc}") from None
         raise
     forked.close()
-    try:
-        answer = json.loads(out.decode())
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict) or "crash" in answer:
+    answer = _decoded(out)
+    if answer is None or "crash" in answer:
         _remove_partial(index_path)
-        problem = str(answer["crash"]).strip()[-_STDERR_SHOWN:] if isinstance(answer, dict) \
+        problem = str(answer["crash"]).strip()[-_STDERR_SHOWN:] if answer is not None \
             else "it ended without an answer (killed?)"
         raise IndexBuildError(f"the forked index build process failed: {problem}")
     return answer
+
+
+def _decoded(out: bytes) -> dict[str, object] | None:
+    """A build process's reply line, or None if it wrote none (or not JSON)."""
+    try:
+        answer = json.loads(out.decode())
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
