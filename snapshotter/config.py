@@ -5,6 +5,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .lazy.prefetch_wait import FIRST_BYTES, UNTIL
 from .warm.spec import WarmSpecError, parse_entries
 
 DEFAULT_CONFIG_PATH = "/etc/lazypull/config.toml"
@@ -47,6 +48,11 @@ class Config:
     cache_memory_bytes: int = 16 << 20
     # How long a Mounts of a snapshot over lazy layers waits for their prefetch.
     prefetch_timeout_seconds: float = 60.0
+    # What that wait is for: "first-bytes", each layer's first prefetch request verified
+    # and cached (a registry that is down still refuses the container; its reads wait
+    # for the chunks on their way, so it is created while the prefetch's tail arrives),
+    # or "whole", every prefetched chunk cached (lazy.prefetch_wait).
+    prefetch_wait: str = FIRST_BYTES
     # The longest a read of a lazy file waits for bytes from the registry, retries
     # included; then it fails with EIO (counted in lazypull_read_failures_total and
     # logged). A registry connection silent for a quarter of this is dropped and the
@@ -100,6 +106,8 @@ class Config:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not self.address or not self.root:
             raise ConfigError("address and root must not be empty")
+        if self.prefetch_wait not in UNTIL:
+            raise ConfigError(f"prefetch_wait must be one of {', '.join(UNTIL)}")
         if self.fuse_manager not in FUSE_MANAGER_MODES:
             raise ConfigError(f"fuse_manager must be one of {', '.join(FUSE_MANAGER_MODES)}")
         if self.metrics_address:

@@ -29,6 +29,7 @@ from .filters import parse_filters, snapshot_fields
 from .fusemanager.client import FuseManagerClient
 from .lazy.layer_files import is_lazy_snapshot_dir, read_layer_record, tree_path
 from .lazy.layer_source import LayerSource, NotLazy, layer_source
+from .lazy.prefetch_wait import FIRST_BYTES
 from .metadata import Info, Kind, MetaStore, Snapshot
 from .metrics import FALLBACKS
 from .usage import disk_usage
@@ -62,9 +63,10 @@ def _overlay_index_supported() -> bool:
 
 class OverlaySnapshotter:
     def __init__(self, root: str, lazy: FuseManagerClient | None = None,
-                 prefetch_timeout: float = 60.0):
+                 prefetch_timeout: float = 60.0, prefetch_wait: str = FIRST_BYTES):
         self.lazy = lazy
         self.prefetch_timeout = prefetch_timeout
+        self.prefetch_wait = prefetch_wait  # lazy.prefetch_wait
         self.root = os.path.abspath(root)
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
@@ -234,7 +236,8 @@ class OverlaySnapshotter:
 
     async def _wait_for_lazy_chain(self, parent: str) -> None:
         """Before a snapshot is made over `parent`: wait for the prefetch of the lazy
-        layers below, so a refusal (UNAVAILABLE) leaves no half-made snapshot."""
+        layers below (its first bytes or all of it: `prefetch_wait`), so a refusal
+        (UNAVAILABLE) leaves no half-made snapshot."""
         if self.lazy is None or not self._lazy_names or not parent:
             return
         try:
@@ -249,7 +252,7 @@ class OverlaySnapshotter:
         # A FUSE manager that came back serves the layers again only after a resync.
         await self.lazy.wait_in_line(self.prefetch_timeout)
         names = [n for n in map(self._lazy_names.get, ids) if n in self.lazy.layers]
-        await self.lazy.wait_prefetched(names, self.prefetch_timeout)
+        await self.lazy.wait_prefetched(names, self.prefetch_timeout, self.prefetch_wait)
 
     async def restore_lazy_layers(self) -> int:
         """Bring the FUSE manager's layers in line with the committed lazy snapshots:

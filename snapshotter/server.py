@@ -85,7 +85,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     ensure_private_dir(config.root)
     lazy = await _fuse_manager(config, config_path) if config.lazy else None
 
-    snapshotter = OverlaySnapshotter(config.root, lazy, config.prefetch_timeout_seconds)
+    snapshotter = OverlaySnapshotter(config.root, lazy, config.prefetch_timeout_seconds,
+                                     config.prefetch_wait)
     removed = snapshotter.recover()
     if removed:
         log.info("recovered: removed %d leftover directories", len(removed))

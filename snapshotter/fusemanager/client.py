@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import NotFound, SnapshotError, Unavailable
 from ..lazy.layer_source import LayerSource, NotLazy
+from ..lazy.prefetch_wait import WHOLE
 from .protocol import (
     MAX_LINE_BYTES,
     NOT_FOUND,
@@ -260,9 +261,10 @@ class FuseManagerClient:
         """Have the manager write the layer out to DIRECTORY/tree (lazy.materialize)."""
         return dict(await self.call("materialize", name=name, directory=directory))
 
-    async def wait_prefetched(self, names: list[str], timeout: float) -> None:
+    async def wait_prefetched(self, names: list[str], timeout: float,
+                              until: str = WHOLE) -> None:
         await self.call("wait_prefetched", timeout + RECONNECT_WAIT_SECONDS, names=names,
-                        timeout=timeout)
+                        timeout=timeout, until=until)
 
     def serves(self, digest: str) -> bool:
         return digest in self.layers.values()

@@ -295,6 +295,9 @@ class LayerFetcher:
         # The spans prefetch() fetches, as runs of span numbers; None: the layer's
         # whole prefetch region (lazy.prefetch_plan leaves out unread chunks).
         self.prefetch_runs: list[tuple[int, int]] | None = None
+        # Set once a prefetch request's chunks are verified and cached: the registry
+        # serves this blob (lazy.manager lets a Prepare go on from there).
+        self.prefetch_answered = asyncio.Event()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -620,6 +623,8 @@ class LayerFetcher:
                 future.set_result(chunk_bytes)
             if number % LOOP_SLICE == 0:  # cached already: readers find it either way
                 await asyncio.sleep(0)
+        if good and kind == PREFETCH:
+            self.prefetch_answered.set()
         return failed
 
     def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str],

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable
+from typing import Any
 
 import estargz
 from oci.reference import Reference
@@ -20,6 +21,7 @@ from .gzip_layer import GzipLayer
 from .layer_files import LayerRecord
 from .materialize import TreeWritten, materialize
 from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
+from .prefetch_wait import FIRST_BYTES, UNTIL, WHOLE, first_bytes
 from .profiles import ProfileRecorder
 from .raw_ahead import RawAhead
 
@@ -200,23 +202,37 @@ class LazyLayers:
             await asyncio.wait_for(self._quiet(), BACKGROUND_MAX_YIELD_SECONDS)
         self._activity_seen = self._activity()
 
-    async def wait_prefetched(self, names: list[str], timeout: float) -> None:
-        """Wait for the prefetch of these layers; UNAVAILABLE if it fails or takes too long.
-        A prefetch that failed before is started again: its failure must not outlive
-        its cause (the registry may be back)."""
+    async def wait_prefetched(self, names: list[str], timeout: float,
+                              until: str = WHOLE) -> None:
+        """Wait for the prefetch of these layers: its end (WHOLE), or its first bytes
+        (FIRST_BYTES: the first of its requests verified and cached, or its end);
+        UNAVAILABLE if it fails before that or takes too long. A prefetch that failed
+        before is started again: its failure must not outlive its cause (the registry
+        may be back)."""
+        if until not in UNTIL:
+            raise ValueError(f"wait for the prefetch's {FIRST_BYTES!r} or {WHOLE!r}, "
+                             f"not {until!r}")
         for name in names:
             mounted = self.layers.get(name)
             if mounted is not None and _failed(mounted.prefetch):
+                mounted.fetcher.prefetch_answered.clear()  # the next answer is the new one's
                 mounted.prefetch = asyncio.create_task(self._prefetch(name, mounted))
-        tasks = [self.layers[n].prefetch for n in names if n in self.layers]
-        pending = [t for t in tasks if t is not None]
+        layers = [self.layers[n] for n in names if n in self.layers]
+        pending: list[asyncio.Future[Any]] = [
+            m.prefetch if until == WHOLE else
+            asyncio.ensure_future(first_bytes(m.prefetch, m.fetcher.prefetch_answered))
+            for m in layers if m.prefetch is not None]
         if not pending:
             return
         done, still = await asyncio.wait(pending, timeout=timeout)
+        if until == FIRST_BYTES:
+            for waiter in still:
+                waiter.cancel()  # the waiter only: the prefetch goes on
         if still:
             PREFETCH_FAILURES.inc()
-            raise Unavailable(f"prefetch of {len(still)} lazy layer(s) did not finish within "
-                              f"{timeout:.0f}s (registry unreachable or slow)")
+            what = "finish" if until == WHOLE else "have its first bytes"
+            raise Unavailable(f"prefetch of {len(still)} lazy layer(s) did not {what} "
+                              f"within {timeout:.0f}s (registry unreachable or slow)")
         for task in done:
             if task.exception() is not None:
                 PREFETCH_FAILURES.inc()
