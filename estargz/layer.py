@@ -680,15 +680,11 @@ class _Builder:
     def _link(self, parent: int, name: str, node_id: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO dirents VALUES (?, ?, ?)",
                         (parent, name, node_id))
-        bit = hash((parent, name)) % _NAME_BITS
-        self.names[bit >> 3] |= 1 << (bit & 7)
+        self._mark(parent, name)
 
     def _claim(self, parent: int, name: str, node_id: int) -> bool:
         """Give `name` in `parent` to `node_id` if no entry has it yet: True if given."""
-        bit = hash((parent, name)) % _NAME_BITS
-        byte, mask = bit >> 3, 1 << (bit & 7)
-        if not self.names[byte] & mask:
-            self.names[byte] |= mask
+        if not self._mark(parent, name):
             self.pending_dirents.append((parent, name, node_id))
             return True
         self._flush()  # a repeated name, or another with the same bit: ask SQLite
@@ -697,6 +693,14 @@ class _Builder:
         except sqlite3.IntegrityError:
             return False  # the name exists
         return True
+
+    def _mark(self, parent: int, name: str) -> bool:
+        """Set the name's bit in `names`; True if it was set already."""
+        bit = hash((parent, name)) % _NAME_BITS
+        byte, mask = bit >> 3, 1 << (bit & 7)
+        was_set = bool(self.names[byte] & mask)
+        self.names[byte] |= mask
+        return was_set
 
     def _flush(self) -> None:
         """Write the batched entries and chunks: before any query that may need them."""
