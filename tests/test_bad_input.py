@@ -747,8 +747,32 @@ def test_decompression_is_bounded() -> None:
         assert decompress_span(compression, bomb, 100, 10) == b"\0" * 10
         with pytest.raises(FormatError, match=r"corrupt compressed data|truncated"):
             decompress_all(compression, bomb[:-20] + b"\x01" * 20, 1 << 30)
-        with pytest.raises(FormatError, match=r"ends after|truncated"):
+        with pytest.raises(FormatError, match=r"ends after|truncated|full frame"):
             decompress_span(compression, bomb[:len(bomb) // 2], zeros - 10, 10)
+
+
+def with_content_size(frame: bytes, size: int) -> bytes:
+    """The zstd frame with its header's Frame_Content_Size field set to `size` (a
+    field of 4 bytes, as a frame of some MiB has)."""
+    descriptor = frame[4]
+    assert descriptor >> 6 == 2 and not descriptor & 0x03  # 4-byte size, no dictionary
+    at = 5 + (0 if descriptor & 0x20 else 1)  # after the window descriptor, if any
+    return frame[:at] + size.to_bytes(4, "little") + frame[at + 4:]
+
+
+def test_a_zstd_frame_whose_header_misstates_its_size_is_refused() -> None:
+    """A chunk that is a whole frame is decompressed in one call into a buffer of the
+    size its header gives: a frame that holds more or less than that fails, whatever
+    the chunk asks for."""
+    zeros = 20 << 20
+    frame = zstd_frame(b"\0" * zeros, 3)
+    assert decompress_span(Compression.ZSTD, frame, 0, zeros) == b"\0" * zeros
+    for declared in (zeros - 1, zeros + 1, 1000):
+        lying = with_content_size(frame, declared)
+        with pytest.raises(FormatError, match="corrupt compressed data"):
+            decompress_span(Compression.ZSTD, lying, 0, declared)
+        with pytest.raises(FormatError, match="corrupt compressed data"):
+            decompress_span(Compression.ZSTD, lying, declared - 10, 10)
 
 
 def test_load_toc_on_bytes_that_are_not_a_toc() -> None:

@@ -1,17 +1,21 @@
 """Lazy layers recover once the registry does: a prefetch that failed is tried again by
-the next wait for it, and a background fetch that failed starts again after a pause.
-LazyLayers without its FUSE mount (nothing here reads through the kernel), against a
-real registry behind a fault-injecting proxy."""
+the next wait for it, and a background fetch that failed starts again after a pause. A
+wait for a prefetch's first bytes returns while its tail is still on its way, and a
+read of that tail waits for it. LazyLayers without its FUSE mount (nothing here reads
+through the kernel), against a real registry behind a fault-injecting proxy."""
 
 import asyncio
 from pathlib import Path
 
 import pytest
 
+from oci.store import StoreError
 from snapshotter.errors import Unavailable
+from snapshotter.lazy import fetcher as fetcher_module
 from snapshotter.lazy import manager as manager_module
 from snapshotter.lazy.layer_files import LayerRecord
 from snapshotter.lazy.manager import LazyLayers
+from snapshotter.lazy.prefetch_wait import FIRST_BYTES, UNTIL, WHOLE
 from tests.fixtures.fault_proxy import WireFault
 
 from .test_fetcher import Blob, build_and_push, layer_files, make_client, new_cache, run
@@ -36,8 +40,9 @@ def lazy_layers(tmp_path: Path, client, background: bool) -> LazyLayers:
                       background=background, background_quiet_seconds=0.01)
 
 
+@pytest.mark.parametrize("until", UNTIL)
 def test_a_failed_prefetch_is_tried_again_by_the_next_wait(
-        blob, registry, fault_proxy_factory, tmp_path):
+        blob, registry, fault_proxy_factory, tmp_path, until):
     proxy = fault_proxy_factory(registry.host)
     outage = WireFault("status", "GET")
     proxy.add(outage)
@@ -47,13 +52,82 @@ def test_a_failed_prefetch_is_tried_again_by_the_next_wait(
             lazy = lazy_layers(tmp_path, client, background=False)
             lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
             with pytest.raises(Unavailable, match="HTTP 503"):
-                await lazy.wait_prefetched(["l1"], timeout=30)
+                await lazy.wait_prefetched(["l1"], timeout=30, until=until)
             outage.clear()  # the registry is back
             await lazy.wait_prefetched(["l1"], timeout=30)
             region = blob.layer.prefetch_size
             assert region > 0 and all(
                 chunk.digest in lazy.cache for span in blob.layer.iter_spans()
                 if span.offset < region for chunk in span.chunks)
+            await lazy.unmount("l1")
+
+    run(scenario())
+
+
+def prefetch_region_nodes(blob: Blob) -> list[tuple[str, object]]:
+    region = blob.layer.prefetch_size
+    return [(path, node) for path, node in blob.layer.walk() if node.kind == "reg"
+            and node.size and any(c.blob_offset < region for c in blob.layer.chunks(node))]
+
+
+def test_a_wait_for_first_bytes_returns_while_the_prefetch_tail_is_held(
+        blob, registry, fault_proxy_factory, tmp_path, monkeypatch):
+    """Requests of a span each: the first passes, the others are held by the proxy. The
+    first-bytes wait returns, the whole wait cannot; a read of a held chunk waits for
+    its request and gets the right bytes once the registry answers."""
+    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 1)
+    proxy = fault_proxy_factory(registry.host)
+    held = WireFault("hang", "GET", skip=1)
+    proxy.add(held)
+
+    async def scenario() -> None:
+        async with make_client() as client:
+            lazy = lazy_layers(tmp_path, client, background=False)
+            lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
+            await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
+            mounted = lazy.layers["l1"]
+            assert held.hits >= 1 and not mounted.prefetch.done()
+            with pytest.raises(Unavailable, match="did not finish within"):
+                await lazy.wait_prefetched(["l1"], timeout=0.3, until=WHOLE)
+            path, node = next((p, n) for p, n in prefetch_region_nodes(blob)
+                              if any(c.digest not in lazy.cache for c in blob.layer.chunks(n)))
+            read = asyncio.create_task(mounted.fetcher.read(node, 0, node.size))
+            await asyncio.sleep(0.3)
+            assert not read.done()  # its chunk is held, not fetched again on demand
+            held.clear()
+            assert await read == blob.files[path]
+            await lazy.wait_prefetched(["l1"], timeout=30, until=WHOLE)
+            assert mounted.fetcher.stats.demand_requests == 0
+            assert all(c.digest in lazy.cache for _, n in prefetch_region_nodes(blob)
+                       for c in blob.layer.chunks(n) if c.blob_offset < blob.layer.prefetch_size)
+            await lazy.unmount("l1")
+
+    run(scenario())
+
+
+def test_a_restarted_prefetch_needs_first_bytes_of_its_own(
+        blob, registry, fault_proxy_factory, tmp_path, monkeypatch):
+    """A prefetch whose first request was answered and whose others failed: the next
+    wait starts it again, and its earlier answer does not count for the new one."""
+    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 1)
+    proxy = fault_proxy_factory(registry.host)
+    outage = WireFault("status", "GET", skip=1)
+    proxy.add(outage)
+
+    async def scenario() -> None:
+        async with make_client() as client:
+            lazy = lazy_layers(tmp_path, client, background=False)
+            lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
+            await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
+            mounted = lazy.layers["l1"]
+            with pytest.raises(StoreError, match="HTTP 503"):
+                await mounted.prefetch  # its other requests fail
+            assert mounted.fetcher.prefetch_answered.is_set()
+            with pytest.raises(Unavailable, match="HTTP 503"):
+                await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
+            outage.clear()
+            await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
+            await lazy.wait_prefetched(["l1"], timeout=30, until=WHOLE)
             await lazy.unmount("l1")
 
     run(scenario())

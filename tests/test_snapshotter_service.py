@@ -175,6 +175,11 @@ def test_config_file_and_flags(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "cli.main", "snapshotter", "--config",
                            str(config)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "gzip_index_lookup_seconds must be positive" in done.stderr
+    config.write_text('prefetch_wait = "some"\n')
+    done = subprocess.run([sys.executable, "-m", "cli.main", "snapshotter", "--config",
+                           str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "prefetch_wait must be one of first-bytes, whole" \
+        in done.stderr
 
 
 def test_shipped_config_is_what_the_service_parses() -> None:

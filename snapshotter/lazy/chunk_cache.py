@@ -484,20 +484,23 @@ class ChunkCache:
         not). A failure of the disk or the index raises OSError."""
         self.put_many([(digest, data)])
 
-    def put_many(self, chunks: Iterable[tuple[str, bytes]], keep_in_memory: bool = True
-                 ) -> None:
+    def put_many(self, chunks: Iterable[tuple[str, bytes]], keep_in_memory: bool = True,
+                 hashed: bool = False) -> None:
         """Store (digest, bytes) pairs in one transaction: one commit for all rather
         than one each. Every chunk is hashed first; a mismatch refuses them all
-        (DigestMismatch) before anything is stored. A failure of the disk or the
-        index raises OSError. `keep_in_memory`: packed chunks also into the memory
-        tier (for a reader's chunks; chunks fetched ahead of readers stay on disk
-        only). Larger chunks never enter it here: they are sealed files."""
+        (DigestMismatch) before anything is stored. `hashed`: the caller has just
+        checked each against its digest (estargz.decode_chunk does), so it is not
+        hashed twice. A failure of the disk or the index raises OSError.
+        `keep_in_memory`: packed chunks also into the memory tier (for a reader's
+        chunks; chunks fetched ahead of readers stay on disk only). Larger chunks
+        never enter it here: they are sealed files."""
         incoming: dict[str, tuple[bytes, bytes]] = {}  # digest -> (key, data)
         for digest, data in chunks:
             hex_digest = _hex_of(digest)
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != hex_digest:
-                raise DigestMismatch(f"chunk hashes to sha256:{actual}, not {digest}")
+            if not hashed:
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != hex_digest:
+                    raise DigestMismatch(f"chunk hashes to sha256:{actual}, not {digest}")
             incoming[digest] = (bytes.fromhex(hex_digest), data)
         with self._lock:
             for digest in list(incoming):

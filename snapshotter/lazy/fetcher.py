@@ -646,7 +646,8 @@ class LayerFetcher:
                 failed.pop(chunk.digest, None)  # the same bytes at another place were fine
                 good[chunk.digest] = chunk_bytes
         try:  # in one transaction: a commit per chunk costs more than storing it
-            self.cache.put_many(good.items(), keep_in_memory=keep_in_memory)
+            # decode() checked each against its digest: the cache need not hash it again
+            self.cache.put_many(good.items(), keep_in_memory=keep_in_memory, hashed=True)
         except OSError as exc:  # a full disk must not fail the read that needs it
             log.warning("cannot cache %d chunks (handed out uncached): %s", len(good), exc)
         return good, failed

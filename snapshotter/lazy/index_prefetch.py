@@ -113,6 +113,7 @@ def _verify_and_cache(index: gzindex.GzipIndex, run: list[Span], data: bytes, ba
         except gzindex.SpanDigestMismatch as exc:
             log.warning("layer %s: %s; not cached", index.layer_digest, exc)
     try:
-        cache.put_many(good, keep_in_memory=False)  # ahead of readers: disk only
+        # ahead of readers: disk only; decode_span checked each against its digest
+        cache.put_many(good, keep_in_memory=False, hashed=True)
     except OSError as exc:  # a full disk: the mount's prefetch tries again
         log.warning("cannot cache %d hot spans fetched ahead: %s", len(good), exc)
