@@ -16,10 +16,12 @@ each other without gaps, so one range request can carry many of them:
   request is planned, so any other reader of it waits for that request (single
   flight, also for chunks inside another request, for a queued prefetch stream and
   for background fetches);
-- planning is synchronous on the event loop, and a chunk's future is resolved only
-  after the chunk is in the cache, so a reader sees it either cached or in flight. A
-  background run is looked up in a worker thread, then registered on the loop a slice
-  at a time, cut before the first span that went in flight or got cached meanwhile;
+- planning is synchronous on the event loop, and a chunk leaves `_inflight` only once
+  it is in the cache, so a reader sees it either cached or in flight. Its future is
+  resolved before that, as soon as it is verified: its readers need not wait for the
+  cache's write. A background run is looked up in a worker thread, then registered
+  on the loop a slice at a time, cut before the first span that went in flight or got
+  cached meanwhile;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
   that fails is fetched once more on its own; failing again raises
   ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
@@ -604,31 +606,38 @@ class LayerFetcher:
     async def _settle(self, spans: list[Span], data: bytes,
                       futures: dict[str, asyncio.Future[bytes]], kind: str
                       ) -> dict[str, str]:
-        """Verify and cache the chunks of `futures` found in `data` (the bytes of
-        `spans`), resolve their futures; returns digest -> reason for those that failed.
-        Only a reader's request (DEMAND) puts its chunks in the memory tier as well."""
+        """Verify the chunks of `futures` found in `data` (the bytes of `spans`), hand
+        their bytes to their futures, then cache them; returns digest -> reason for
+        those that failed. A chunk stays in `_inflight` until it is cached, so a reader
+        finds it either there (its future done) or in the cache, and nobody asks the
+        registry for it meanwhile. Only a reader's request (DEMAND) puts its chunks in
+        the memory tier as well."""
+        loop = asyncio.get_running_loop()
         # A reader waits for a demand fetch: its chunks go to the default executor, not
         # behind a prefetch's or background fetch's in theirs.
         executor = None if kind == DEMAND else _BULK_VERIFIERS
-        good, failed = await asyncio.get_running_loop().run_in_executor(
-            executor, self._verify_and_store, spans, data, set(futures), kind == DEMAND)
-        for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
-            self._refused.discard(digest)
-            future = futures[digest]
-            if self._inflight.get(digest) is future:
-                del self._inflight[digest]
-                if self._settled_meanwhile is not None:
-                    self._settled_meanwhile.add(digest)
-            if not future.done():
-                future.set_result(chunk_bytes)
-            if number % LOOP_SLICE == 0:  # cached already: readers find it either way
-                await asyncio.sleep(0)
+        good, failed = await loop.run_in_executor(executor, self._verify, spans, data,
+                                                  set(futures))
+        try:
+            for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
+                self._refused.discard(digest)
+                if not futures[digest].done():
+                    futures[digest].set_result(chunk_bytes)
+                if number % LOOP_SLICE == 0:  # in flight still: readers find them
+                    await asyncio.sleep(0)
+            await loop.run_in_executor(executor, self._store, good, kind == DEMAND)
+        finally:
+            for digest in good:
+                if self._inflight.get(digest) is futures[digest]:
+                    del self._inflight[digest]
+                    if self._settled_meanwhile is not None:
+                        self._settled_meanwhile.add(digest)
         if good and kind == PREFETCH:
             self.prefetch_answered.set()
         return failed
 
-    def _verify_and_store(self, spans: list[Span], data: bytes, digests: set[str],
-                          keep_in_memory: bool) -> tuple[dict[str, bytes], dict[str, str]]:
+    def _verify(self, spans: list[Span], data: bytes, digests: set[str]
+                ) -> tuple[dict[str, bytes], dict[str, str]]:
         """In a worker thread: decompressing and hashing is the slow part."""
         base = spans[0].offset
         good: dict[str, bytes] = {}
@@ -645,12 +654,16 @@ class LayerFetcher:
                     continue
                 failed.pop(chunk.digest, None)  # the same bytes at another place were fine
                 good[chunk.digest] = chunk_bytes
-        try:  # in one transaction: a commit per chunk costs more than storing it
+        return good, failed
+
+    def _store(self, good: dict[str, bytes], keep_in_memory: bool) -> None:
+        """In a worker thread: the verified chunks into the cache, in one transaction
+        (a commit per chunk costs more than storing it)."""
+        try:
             # decode() checked each against its digest: the cache need not hash it again
             self.cache.put_many(good.items(), keep_in_memory=keep_in_memory, hashed=True)
         except OSError as exc:  # a full disk must not fail the read that needs it
             log.warning("cannot cache %d chunks (handed out uncached): %s", len(good), exc)
-        return good, failed
 
     def _fail(self, futures: dict[str, asyncio.Future[bytes]], error: BaseException) -> None:
         for digest, future in futures.items():
@@ -724,9 +737,7 @@ class LayerFetcher:
             del step_futures
             if self._bucket is not None and nbytes:
                 await self._bucket.spend(nbytes)
-        # Chunks that other requests are fetching: done when those are.
-        await asyncio.gather(*(asyncio.shield(f) for f in list(self._inflight.values())),
-                             return_exceptions=True)
+        await self.settled()  # chunks that other requests are fetching
         if first_error is not None:
             raise first_error
         return fetched
@@ -802,6 +813,13 @@ class LayerFetcher:
     async def _raise_first(futures: Iterable[asyncio.Future[bytes]]) -> None:
         for future in futures:
             await asyncio.shield(future)
+
+    async def settled(self) -> None:
+        """Wait until the requests under way have ended: their chunks cached, or
+        failed. (A reader has its chunks when they are verified, a little earlier.)"""
+        await asyncio.gather(*(asyncio.shield(f) for f in list(self._inflight.values())),
+                             *(asyncio.shield(t) for t in list(self._tasks)),
+                             return_exceptions=True)
 
     async def aclose(self) -> None:
         """Cancel the requests under way; their readers get ChunkFetchError."""
