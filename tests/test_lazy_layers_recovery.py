@@ -5,6 +5,7 @@ read of that tail waits for it. LazyLayers without its FUSE mount (nothing here 
 through the kernel), against a real registry behind a fault-injecting proxy."""
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -70,22 +71,34 @@ def prefetch_region_nodes(blob: Blob) -> list[tuple[str, object]]:
             and node.size and any(c.blob_offset < region for c in blob.layer.chunks(node))]
 
 
+def span_requests_behind(monkeypatch, proxy, fault: WireFault):
+    """`proxy` with `fault`, and prefetch requests of one span each."""
+    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 1)
+    proxy.add(fault)
+    return proxy
+
+
+@contextlib.asynccontextmanager
+async def served_after_first_bytes(tmp_path: Path, blob: Blob, proxy):
+    """The layer mounted as l1 through `proxy`, once its prefetch has its first bytes:
+    (the LazyLayers, the mounted layer)."""
+    async with make_client() as client:
+        lazy = lazy_layers(tmp_path, client, background=False)
+        lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
+        await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
+        yield lazy, lazy.layers["l1"]
+
+
 def test_a_wait_for_first_bytes_returns_while_the_prefetch_tail_is_held(
         blob, registry, fault_proxy_factory, tmp_path, monkeypatch):
     """Requests of a span each: the first passes, the others are held by the proxy. The
     first-bytes wait returns, the whole wait cannot; a read of a held chunk waits for
     its request and gets the right bytes once the registry answers."""
-    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 1)
-    proxy = fault_proxy_factory(registry.host)
     held = WireFault("hang", "GET", skip=1)
-    proxy.add(held)
+    proxy = span_requests_behind(monkeypatch, fault_proxy_factory(registry.host), held)
 
     async def scenario() -> None:
-        async with make_client() as client:
-            lazy = lazy_layers(tmp_path, client, background=False)
-            lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
-            await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
-            mounted = lazy.layers["l1"]
+        async with served_after_first_bytes(tmp_path, blob, proxy) as (lazy, mounted):
             assert held.hits >= 1 and not mounted.prefetch.done()
             with pytest.raises(Unavailable, match="did not finish within"):
                 await lazy.wait_prefetched(["l1"], timeout=0.3, until=WHOLE)
@@ -109,17 +122,11 @@ def test_a_restarted_prefetch_needs_first_bytes_of_its_own(
         blob, registry, fault_proxy_factory, tmp_path, monkeypatch):
     """A prefetch whose first request was answered and whose others failed: the next
     wait starts it again, and its earlier answer does not count for the new one."""
-    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 1)
-    proxy = fault_proxy_factory(registry.host)
     outage = WireFault("status", "GET", skip=1)
-    proxy.add(outage)
+    proxy = span_requests_behind(monkeypatch, fault_proxy_factory(registry.host), outage)
 
     async def scenario() -> None:
-        async with make_client() as client:
-            lazy = lazy_layers(tmp_path, client, background=False)
-            lazy.mount("l1", record_of(blob, proxy.host), blob.layer)
-            await lazy.wait_prefetched(["l1"], timeout=30, until=FIRST_BYTES)
-            mounted = lazy.layers["l1"]
+        async with served_after_first_bytes(tmp_path, blob, proxy) as (lazy, mounted):
             with pytest.raises(StoreError, match="HTTP 503"):
                 await mounted.prefetch  # its other requests fail
             assert mounted.fetcher.prefetch_answered.is_set()
