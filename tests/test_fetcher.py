@@ -356,7 +356,6 @@ def test_chunks_fetched_ahead_of_readers_stay_out_of_the_memory_tier(blob, tmp_p
             demand = LayerFetcher(blob.layer, reader_of(client, blob), demand_cache)
             assert await demand.read(blob.node(name), 0, 1 << 20) == blob.files[name]
             assert demand.stats.demand_requests > 0
-            await demand.settled()  # the read had its bytes before they were cached
             assert demand_cache.memory_size_bytes >= read_from_disk
 
     run(scenario())
@@ -550,15 +549,17 @@ def test_background_requests_give_way_to_a_busy_tree_but_are_not_stopped_by_it(
     run(scenario())
 
 
-def test_a_reader_has_its_chunk_when_verified_not_when_cached(blob, tmp_path,
-                                                              monkeypatch):
-    """The cache's write is held: a read still gets its bytes, a second read of the same
-    chunk waits for no new request, and the chunk is cached once the write goes on."""
+def test_a_prefetched_chunk_reaches_its_readers_when_verified_not_when_cached(
+        blob, tmp_path, monkeypatch):
+    """The cache's writes are held: a read of a file the prefetch is fetching still
+    gets its bytes, makes no request of its own, and the chunks are cached once the
+    writes go on. A reader's own request caches its chunks before the read returns."""
     write_may_go = threading.Event()
     store = LayerFetcher._store
 
     def held_store(self, good, keep_in_memory):
-        assert write_may_go.wait(60)  # a hang guard, not a measure
+        if not keep_in_memory:  # a prefetch's: held
+            assert write_may_go.wait(60)  # a hang guard, not a measure
         store(self, good, keep_in_memory)
 
     monkeypatch.setattr(LayerFetcher, "_store", held_store)
@@ -568,20 +569,24 @@ def test_a_reader_has_its_chunk_when_verified_not_when_cached(blob, tmp_path,
         cache = new_cache(tmp_path)
         async with make_client(log) as client:
             fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache)
-            name = "app/etc/settings.toml"
+            name = PRIORITIZED[0]
             node = blob.node(name)
+            chunks = blob.layer.chunks(node)
+            prefetch = asyncio.create_task(fetcher.prefetch())
             try:
                 async with asyncio.timeout(30):  # a hang guard, not a measure
                     assert await fetcher.read(node, 0, node.size) == blob.files[name]
-                    sent = len(log.ranges)
-                    assert await fetcher.read(node, 0, node.size) == blob.files[name]
-                assert len(log.ranges) == sent == 1
-                chunks = blob.layer.chunks(node)
+                assert fetcher.stats.demand_requests == 0 and not prefetch.done()
                 assert not any(chunk.digest in cache for chunk in chunks)
             finally:
                 write_may_go.set()
-            await fetcher.settled()
+            assert await prefetch > 0
             assert all(chunk.digest in cache for chunk in chunks)
+
+            other = next(n for n in SMALL_FILES if n not in PRIORITIZED)
+            assert await fetcher.read(blob.node(other), 0, 1 << 20) == blob.files[other]
+            assert fetcher.stats.demand_requests == 1
+            assert all(c.digest in cache for c in blob.layer.chunks(blob.node(other)))
 
     run(scenario())
 
@@ -600,7 +605,6 @@ def test_a_chunk_shared_with_another_layer_is_not_fetched_again(registry, tmp_pa
                         for b in (first, second)]
             name = "app/data/shared.bin"
             assert await fetchers[0].read(first.node(name), 0, len(shared)) == shared
-            await fetchers[0].settled()
             sent, stored = len(log.ranges), cache.size_bytes
             assert await fetchers[1].read(second.node(name), 0, len(shared)) == shared
             assert len(log.ranges) == sent and fetchers[1].stats.requests == 0

@@ -17,9 +17,10 @@ each other without gaps, so one range request can carry many of them:
   flight, also for chunks inside another request, for a queued prefetch stream and
   for background fetches);
 - planning is synchronous on the event loop, and a chunk leaves `_inflight` only once
-  it is in the cache, so a reader sees it either cached or in flight. Its future is
-  resolved before that, as soon as it is verified: its readers need not wait for the
-  cache's write. A background run is looked up in a worker thread, then registered
+  it is in the cache, so a reader sees it either cached or in flight. A prefetch's or
+  background fetch's chunk has its future resolved before that, as soon as it is
+  verified: readers waiting for it need not wait for the cache's write. A reader's
+  own request caches first. A background run is looked up in a worker thread, then registered
   on the loop a slice at a time, cut before the first span that went in flight or got
   cached meanwhile;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
@@ -606,12 +607,14 @@ class LayerFetcher:
     async def _settle(self, spans: list[Span], data: bytes,
                       futures: dict[str, asyncio.Future[bytes]], kind: str
                       ) -> dict[str, str]:
-        """Verify the chunks of `futures` found in `data` (the bytes of `spans`), hand
-        their bytes to their futures, then cache them; returns digest -> reason for
-        those that failed. A chunk stays in `_inflight` until it is cached, so a reader
-        finds it either there (its future done) or in the cache, and nobody asks the
-        registry for it meanwhile. Only a reader's request (DEMAND) puts its chunks in
-        the memory tier as well."""
+        """Verify the chunks of `futures` found in `data` (the bytes of `spans`), cache
+        them and hand their bytes to their futures; returns digest -> reason for those
+        that failed. A chunk stays in `_inflight` until it is cached, so a reader finds
+        it either there or in the cache, and nobody asks the registry for it meanwhile.
+        A prefetch's or background fetch's chunks go to their readers first, cached
+        after; a reader's own request (DEMAND) caches its chunks first, in the memory
+        tier as well, where the kernel's next read of the chunk (128 KiB at a time)
+        finds them without a worker thread's trip to the disk."""
         loop = asyncio.get_running_loop()
         # A reader waits for a demand fetch: its chunks go to the default executor, not
         # behind a prefetch's or background fetch's in theirs.
@@ -619,13 +622,16 @@ class LayerFetcher:
         good, failed = await loop.run_in_executor(executor, self._verify, spans, data,
                                                   set(futures))
         try:
+            if kind == DEMAND:
+                await loop.run_in_executor(executor, self._store, good, True)
             for number, (digest, chunk_bytes) in enumerate(good.items(), 1):
                 self._refused.discard(digest)
                 if not futures[digest].done():
                     futures[digest].set_result(chunk_bytes)
                 if number % LOOP_SLICE == 0:  # in flight still: readers find them
                     await asyncio.sleep(0)
-            await loop.run_in_executor(executor, self._store, good, kind == DEMAND)
+            if kind != DEMAND:
+                await loop.run_in_executor(executor, self._store, good, False)
         finally:
             for digest in good:
                 if self._inflight.get(digest) is futures[digest]:
