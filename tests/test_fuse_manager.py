@@ -122,6 +122,9 @@ def test_bad_requests_get_errors_and_the_manager_keeps_answering(manager, tmp_pa
     assert talk.call("mount", name="8", directory=str(garbage))["error"]["kind"] == "invalid"
     assert talk.call("fetch", digest="sha256:" + "0" * 64, full=False)["error"]["kind"] \
         == "not_found"
+    bad_wait = talk.call("wait_prefetched", names=[], timeout=1.0, until="all-of-it")
+    assert bad_wait["error"]["kind"] == "invalid" and "'all-of-it'" in \
+        bad_wait["error"]["message"]
     # Nothing was mounted by any of that, and the manager still answers.
     assert talk.call("hello", protocol=PROTOCOL_VERSION)["result"]["layers"] == []
     assert "lazypull_lazy_layers_mounted 0.0" in talk.call("metrics")["result"]

@@ -36,7 +36,7 @@ from ..lazy.layer_source import LayerSource, NotLazy
 from ..lazy.manager import LazyLayers
 from ..lazy.metrics import REGISTRY
 from ..lazy.prefetch_plan import prefetch_runs, read_ranges_of
-from ..lazy.prefetch_wait import FIRST_BYTES, UNTIL, WHOLE
+from ..lazy.prefetch_wait import WHOLE
 from ..lazy.pull_ahead import PullAhead
 from ..lazy.remote import open_remote_layer
 from ..lazy.toc_ahead import TocAhead
@@ -202,12 +202,12 @@ class FuseManagerService:
 
     async def wait_prefetched(self, names: list[str], timeout: float,
                               until: str = WHOLE) -> None:
-        """`until`: the prefetch's FIRST_BYTES or its WHOLE (lazy.manager); a client
-        that does not say waits for the whole, as before the choice existed."""
-        if until not in UNTIL:
-            raise ManagerError(INVALID, f"wait_prefetched: until must be {FIRST_BYTES!r} "
-                                        f"or {WHOLE!r}, not {until!r}")
-        await self.lazy.wait_prefetched(names, timeout, until)
+        """`until`: the prefetch's first bytes or its whole (lazy.prefetch_wait); a
+        client that does not say waits for the whole, as before the choice existed."""
+        try:
+            await self.lazy.wait_prefetched(names, timeout, until)
+        except ValueError as exc:  # an `until` the manager does not know
+            raise ManagerError(INVALID, f"wait_prefetched: {exc}") from None
 
     async def materialize(self, name: str, directory: str) -> dict[str, Any]:
         """Write the layer served as MOUNT/<name> out to DIRECTORY/tree, the plain

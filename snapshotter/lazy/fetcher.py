@@ -20,9 +20,9 @@ each other without gaps, so one range request can carry many of them:
   it is in the cache, so a reader sees it either cached or in flight. A prefetch's or
   background fetch's chunk has its future resolved before that, as soon as it is
   verified: readers waiting for it need not wait for the cache's write. A reader's
-  own request caches first. A background run is looked up in a worker thread, then registered
-  on the loop a slice at a time, cut before the first span that went in flight or got
-  cached meanwhile;
+  own request caches first. A background run is looked up in a worker thread, then
+  registered on the loop a slice at a time, cut before the first span that went in
+  flight or got cached meanwhile;
 - every chunk is checked with `decode_chunk` before it is cached or returned. A chunk
   that fails is fetched once more on its own; failing again raises
   ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
