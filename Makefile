@@ -9,12 +9,12 @@ STAMP  := $(VENV)/.installed
 
 deps: $(STAMP)
 
+# lazypull goes in as a path entry, as a deployed install has, not setuptools' import-hook
+# finder: that one costs every lazypull process (the pull client too) 20-30 ms of its start.
 $(STAMP): pyproject.toml tools/install-system-deps.sh
 	tools/install-system-deps.sh
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	# A path entry, as a deployed install has, not setuptools' import-hook finder: that
-	# one costs every lazypull process (the pull client too) 20-30 ms of its cold start.
 	$(VENV)/bin/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
