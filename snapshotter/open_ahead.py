@@ -1,7 +1,8 @@
 """The service's side of opening layers ahead: a pull handed over on pull.sock tells
-the FUSE manager about its image as soon as the manifest is resolved, so the manager
-fetches the layers' TOCs, builds their indexes and starts their prefetch while
-containerd is still on its way to the first Prepare (lazy.pull_ahead).
+the FUSE manager about its image as soon as it has the manifest (before it reads the
+image's config), so the manager fetches the layers' TOCs, builds their indexes and
+starts their prefetch while containerd is still on its way to the first Prepare
+(lazy.pull_ahead).
 
 Fire and forget: the pull never waits for it, and a failure is only logged (the
 mounts open their layers themselves as before).
@@ -9,12 +10,8 @@ mounts open their layers themselves as before).
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from .fusemanager.client import FuseManagerClient
-
-if TYPE_CHECKING:
-    from .containerd_client import PullPlan
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +22,12 @@ class OpenAhead:
         self.snapshotter = snapshotter  # containerd's name for this service
         self._asking: set[asyncio.Task[None]] = set()
 
-    def resolved(self, snapshotter: str, plan: "PullPlan") -> None:
-        """A handed-over pull for `snapshotter` resolved `plan`."""
-        if snapshotter != self.snapshotter or not plan.layers:
+    def manifest_chosen(self, snapshotter: str, name: str, manifest_digest: str,
+                        layers: list[str]) -> None:
+        """A handed-over pull for `snapshotter` of image `name` has its manifest."""
+        if snapshotter != self.snapshotter or not layers:
             return
-        task = asyncio.create_task(self._ask(plan.name, plan.manifest_descriptor.digest,
-                                             [d.digest for d in plan.layers]))
+        task = asyncio.create_task(self._ask(name, manifest_digest, layers))
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
 

@@ -44,11 +44,12 @@ RegistryKey = tuple[str | None, bool, str | None]  # hosts dir, plain HTTP, Dock
 
 class PullHandoff:
     def __init__(self, path: str, manager: "FuseManagerClient | None" = None,
-                 on_resolved: Callable[[str, Any], None] | None = None):
+                 on_manifest: Callable[[str, str, str, list[str]], None] | None = None):
         self.path = path
         self.manager = manager  # None: the pull reads the registry itself
-        # Told (snapshotter, plan) when a pull has resolved its image: open_ahead.
-        self.on_resolved = on_resolved
+        # Told (snapshotter, image name, manifest digest, layer digests) as soon as a
+        # pull knows its image's manifest, before the config is read: open_ahead.
+        self.on_manifest = on_manifest
         self._server: asyncio.base_events.Server | None = None
         self._loading: asyncio.Task[None] | None = None
         # Kept between pulls: their connections to the registry stay open and warm.
@@ -139,9 +140,12 @@ class PullHandoff:
             def __init__(self) -> None:
                 self.sending: list[asyncio.Task[None]] = []
 
+            def manifest_chosen(self, name: str, descriptor: Any, manifest: Any) -> None:
+                if on_manifest is not None:
+                    on_manifest(request["snapshotter"], name, descriptor.digest,
+                                [layer.digest for layer in manifest.layers])
+
             def resolved(self, plan: Any) -> None:
-                if on_resolved is not None:
-                    on_resolved(request["snapshotter"], plan)
                 self.sending.append(asyncio.ensure_future(send({"resolved": {
                     "name": plan.name, "digest": plan.top.digest,
                     "platform": str(plan.platform), "layers": len(plan.layers)}})))
@@ -149,7 +153,7 @@ class PullHandoff:
             def layer_done(self, layer: Any) -> None:
                 self.sending.append(asyncio.ensure_future(send({"layer": layer.to_json()})))
 
-        on_resolved = self.on_resolved
+        on_manifest = self.on_manifest
         platform = Platform.parse(request["platform"]) if request["platform"] else None
         progress = Forward()
         log.info("pull of %s into %s (namespace %s)", request["reference"],

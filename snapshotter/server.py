@@ -114,7 +114,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     ahead = OpenAhead(lazy, config.pull_ahead_snapshotter) \
         if lazy is not None and config.pull_ahead_snapshotter else None
     handoff = PullHandoff(socket_path(config.address), lazy,
-                          on_resolved=ahead.resolved if ahead else None) \
+                          on_manifest=ahead.manifest_chosen if ahead else None) \
         if config.take_pulls else None
     if handoff is not None:
         await handoff.start()

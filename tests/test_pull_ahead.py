@@ -163,6 +163,23 @@ def test_a_handed_over_pull_opens_its_layers_ahead(node, images) -> None:
     requested_once(proxy, manifest)
 
 
+def test_the_manifest_a_pull_read_is_not_read_again_to_open_its_layers(
+        node, registry, tmp_path_factory) -> None:
+    """The pull's manifest (read through the FUSE manager) is what the manager opens
+    the layers from: the registry is asked for it once, by tag, and never by digest."""
+    _, report = convert_pushed(registry, tmp_path_factory.mktemp("once"), LAYERS,
+                               "ws/ahead-once", hot=HOT, cmd=["/app/run.sh"])
+    manifest, ref, proxy = report["manifests"][0], "ws/ahead-once:v1-esgz", node["proxy"]
+    result = handoff_pull(node, ref)
+    assert [layer["source"] for layer in result["layers"]] == ["remote"] * 3
+    assert "opening 3 lazy layers ahead of their mounts" in node["service"].log
+    wait_for(lambda: prefetched_at_pull(node, manifest), "every layer's prefetch at pull")
+    assert len(proxy.requests("GET", "/ws/ahead-once/manifests/v1-esgz$")) == 1
+    assert proxy.requests("GET", f"/ws/ahead-once/manifests/{manifest['digest']}") == []
+    assert run_app(node, ref, "ahead-once", "/app/run.sh") == EXPECTED
+    requested_once(proxy, manifest)
+
+
 def test_a_failed_prefetch_at_pull_fails_nothing(node, images) -> None:
     proxy, manifest, ref = node["proxy"], images["manifest"], images["ref"]
     # Every request for bytes from a blob's start (its prefetch region's first piece,

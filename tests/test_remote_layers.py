@@ -13,6 +13,7 @@ import pytest
 from estargz.writer import ZSTD_MANIFEST_POSITION_ANNOTATION
 from oci.hosts import HostsConfig
 from oci.manifest import Descriptor
+from oci.reference import Reference
 from oci.registry import RegistryClient
 from snapshotter.lazy import layer_source as remote
 from snapshotter.lazy import remote as remote_module
@@ -224,3 +225,43 @@ def test_tail_starts_at_the_toc_position_even_before_the_usual_tail() -> None:
                                f"{size - 1000}:900:4000:1"})
     assert remote_module.tail_start(github, max_toc_size=1 << 20) == size - 1000
     assert remote_module.tail_start(describe(100, None), max_toc_size=1 << 20) == 0
+
+
+def test_a_manifest_a_pull_read_is_remembered_but_not_an_index() -> None:
+    """What TocAhead.remember keeps is answered without the registry (here one that
+    cannot be reached): an image manifest, by its digest; an index or bytes that are
+    no manifest are not kept."""
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
+             "digest": "sha256:" + "b" * 64, "size": 10}
+    manifest = json.dumps({"schemaVersion": 2,
+                           "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": "sha256:" + "c" * 64, "size": 2},
+                           "layers": [layer]}).encode()
+    index = json.dumps({"schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": []}).encode()
+    reference = Reference.parse("127.0.0.1:9/ws/remembered:v1")
+
+    async def go() -> None:
+        async with RegistryClient(hosts=HostsConfig()) as client:
+            ahead = TocAhead(client)
+            image, of_index = ("application/vnd.oci.image.manifest.v1+json",
+                               "application/vnd.oci.image.index.v1+json")
+            for data, media_type, digest in [(manifest, image, "sha256:" + "1" * 64),
+                                             (index, of_index, "sha256:" + "2" * 64),
+                                             (b"[]", image, "sha256:" + "3" * 64)]:
+                ahead.remember(reference, data, media_type, digest)
+
+            def source(digest: str):
+                return layer_source({remote.REF_LABEL: "sha256:chain",
+                                     remote.CRI_IMAGE_REF: str(reference),
+                                     remote.CRI_LAYER_DIGEST: layer["digest"],
+                                     remote.CRI_MANIFEST_DIGEST: digest})
+            layers = await ahead.image_layers(source("sha256:" + "1" * 64))
+            assert [d.digest for d in layers] == [layer["digest"]]
+            for digest in ("sha256:" + "2" * 64, "sha256:" + "3" * 64):
+                with pytest.raises(NotLazy, match="cannot read the manifest"):
+                    await ahead.image_layers(source(digest))
+
+    asyncio.run(go())

@@ -199,6 +199,10 @@ class PullResult:
 class PullProgress:
     """Told what happens during a pull; the default does nothing."""
 
+    def manifest_chosen(self, name: str, descriptor: ContentDescriptor,
+                        manifest: Manifest) -> None:
+        """The image's (platform) manifest is known; its config is still to be read."""
+
     def resolved(self, plan: PullPlan) -> None:
         pass
 
@@ -270,6 +274,7 @@ class Puller:
         except ManifestError as exc:
             raise PullError(f"{reference}: {exc}") from None
         manifest = doc
+        self.progress.manifest_chosen(lb.image_name(reference), manifest_descriptor, manifest)
         config_bytes = await self._read_config(reference, manifest.config)
         diff_ids = _diff_ids(config_bytes, len(manifest.layers), manifest.config.digest)
         return PullPlan(name=lb.image_name(reference), reference=reference,

@@ -10,6 +10,7 @@ checks them against their digests again.
 """
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 from oci.digest import DigestMismatchError
@@ -54,6 +55,8 @@ class RegistryRelay:
         self._clients: dict[RegistryKey, RegistryClient] = {own_key: own}
         self._own = own
         self._stall_seconds = stall_seconds
+        # Told (reference, data, media type, digest) of each manifest read for a pull.
+        self.on_manifest: Callable[[Reference, bytes, str, str], None] | None = None
 
     def _client(self, registry: dict[str, Any]) -> RegistryClient:
         try:
@@ -76,6 +79,8 @@ class RegistryRelay:
             data, media_type, digest = await client.get_manifest(ref, tag_or_digest)
         except (StoreError, DigestMismatchError) as exc:
             raise _wire_error(exc) from None
+        if self.on_manifest is not None:
+            self.on_manifest(ref, data, media_type, digest)
         return {"data": base64.b64encode(data).decode(), "media_type": media_type,
                 "digest": digest}
 

@@ -85,6 +85,7 @@ class FuseManagerService:
             "metrics": self.metrics,
         }
         if registry_relay is not None:  # reads for the service's pulls
+            registry_relay.on_manifest = self.toc_ahead.remember
             self.handlers |= {"registry_manifest": registry_relay.manifest,
                               "registry_blob": registry_relay.blob}
 

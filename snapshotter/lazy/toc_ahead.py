@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import estargz
-from oci.manifest import Descriptor, ManifestError
+from oci.manifest import Descriptor, Manifest, ManifestError, parse_manifest
 from oci.reference import Reference
 from oci.store import StoreError
 
@@ -105,6 +105,29 @@ class TocAhead:
             task = self._start(self._manifests, key,
                                lambda: fetch_manifests(self.client, source))
         return await asyncio.shield(task), first
+
+    def remember(self, reference: Reference, data: bytes, media_type: str,
+                 digest: str) -> None:
+        """An image manifest the registry client has just read for a pull (`digest`
+        checked against `data`): kept as if read here, so the pull's announcement
+        (lazy.pull_ahead) finds its layers without asking the registry again, a round
+        trip before any TOC is requested. An index is not kept: pulls name the platform
+        manifest, and the mounts' labels too."""
+        key = _key(reference, digest)
+        known = self._manifests.get(key)
+        if known is not None and not _failed(known):
+            return
+        try:
+            parsed = parse_manifest(data, media_type)
+        except ManifestError:
+            return  # the pull reports it
+        if not isinstance(parsed, Manifest):
+            return
+        manifests: Manifests = [(parsed, Descriptor(media_type, digest, len(data)))]
+
+        async def read_already() -> Manifests:
+            return manifests
+        self._start(self._manifests, key, read_already)
 
     def _fetch_ahead(self, reference: Reference, layers: list[Descriptor]) -> None:
         lazy = [d for d in layers if estargz.TOC_DIGEST_ANNOTATION in d.annotations]
