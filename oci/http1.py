@@ -139,6 +139,7 @@ class _Connection:
         self.protocol = h11.Connection(h11.CLIENT)
         self.idle_since = time.monotonic()
         self.requests = 0
+        self.opened_ahead = False  # by `preconnect`: kept, though nothing was sent yet
 
     @property
     def reusable(self) -> bool:
@@ -271,7 +272,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             if connection is None:
                 connection = await self._connect(origin, timeouts.get("connect"))
             self._busy.add(connection)
-            reused = connection.requests > 0
+            reused = connection.requests > 0 or connection.opened_ahead
             try:
                 await connection.send(request, timeouts.get("write"))
                 return connection, await connection.response_head(timeouts.get("read"))
@@ -284,6 +285,32 @@ class Http1Transport(httpx.AsyncBaseTransport):
                         exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))):
                     raise
             connection = None
+
+    async def preconnect(self, url: httpx.URL, count: int, timeout: float | None) -> int:
+        """Open connections to the URL's origin until `count` of them are idle, for the
+        requests about to come: each new connection costs a round trip before its first
+        request can go. Returns how many were opened; one that cannot be opened is
+        left to the requests (which report it)."""
+        origin = (url.raw_scheme, url.raw_host,
+                  url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
+        kept = sum(1 for connection in self._idle if connection.origin == origin)
+        wanted = min(count - kept, self._max_idle - len(self._idle))
+        if wanted <= 0 or self._closed:
+            return 0
+        opened = await asyncio.gather(*(self._connect(origin, timeout) for _ in range(wanted)),
+                                      return_exceptions=True)
+        count = 0
+        for connection in opened:
+            if not isinstance(connection, _Connection):
+                continue
+            if self._closed or len(self._idle) >= self._max_idle:
+                connection.close()
+                continue
+            connection.opened_ahead = True
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+            count += 1
+        return count
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         now = time.monotonic()

@@ -211,6 +211,8 @@ class RegistryClient:
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._event_hooks = {k: list(v) for k, v in (event_hooks or {}).items()}
         self._trust_env = trust_env
+        # Our own HTTP/1.1 transport of each client that has one (not with proxies).
+        self._transports: dict[httpx.AsyncClient, Http1Transport] = {}
         self._http = self._new_http_client(True)
         # Endpoints with their own CA, client certificate or skip_verify need their own pool.
         self._tls_clients: dict[TLSSettings, httpx.AsyncClient] = {}
@@ -231,8 +233,10 @@ class RegistryClient:
                 return verify
             return httpx.create_ssl_context(verify=verify, trust_env=self._trust_env)
 
-        return httpx.AsyncClient(transport=Http1Transport(ssl_context),
-                                 **options)  # type: ignore[arg-type]
+        transport = Http1Transport(ssl_context)
+        client = httpx.AsyncClient(transport=transport, **options)  # type: ignore[arg-type]
+        self._transports[client] = transport
+        return client
 
     async def __aenter__(self) -> "RegistryClient":
         return self
@@ -384,6 +388,21 @@ class RegistryClient:
         if endpoint.mirror_of:  # containerd tells mirrors which registry is meant
             params = [*params, ("ns", endpoint.mirror_of)]
         return url.copy_merge_params(list(params)) if params else url
+
+    async def preconnect(self, reference: Reference, count: int) -> int:
+        """Open connections to the registry's first host for pulls, until `count` are
+        idle: a pull about to request many ranges at once (TOCs, prefetch regions) finds
+        them open instead of paying a round trip for each. Returns how many were opened;
+        nothing fails here (the requests report what is wrong)."""
+        endpoints = [e for e in self.hosts.endpoints(reference.registry) if e.can("pull")]
+        if not endpoints:
+            return 0
+        endpoint = endpoints[0]
+        transport = self._transports.get(self._client_for(endpoint))
+        if transport is None:
+            return 0
+        return await transport.preconnect(httpx.URL(endpoint.url), count,
+                                          self._timeout.connect)
 
     # -- manifests ------------------------------------------------------------------------
 

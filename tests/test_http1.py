@@ -120,6 +120,36 @@ def test_a_kept_connection_the_server_closed_is_replaced() -> None:
     asyncio.run(main())
 
 
+def test_connections_opened_ahead_serve_the_requests_that_follow() -> None:
+    """preconnect opens connections until that many are idle; requests side by side
+    then use them (no further connection); one the server closed unused is replaced."""
+    async def close_the_third(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              number: int) -> None:
+        if number == 3:
+            return  # accepted, then closed before any request
+        await keep_serving(reader, writer, number)
+
+    async def main() -> None:
+        transport = Http1Transport(no_tls)
+        async with Server(keep_serving) as server, \
+                httpx.AsyncClient(transport=transport, timeout=5.0) as http:
+            url = httpx.URL(server.url)
+            assert await transport.preconnect(url, 3, 5.0) == 3
+            assert await transport.preconnect(url, 3, 5.0) == 0  # 3 idle already
+            answers = await asyncio.gather(*(http.get(f"{url}/{i}") for i in range(3)))
+            assert sorted(a.text.split()[0] for a in answers) == ["1", "2", "3"]
+            assert server.connections == 3
+        transport = Http1Transport(no_tls)
+        async with Server(close_the_third) as server, \
+                httpx.AsyncClient(transport=transport, timeout=5.0) as http:
+            assert await transport.preconnect(httpx.URL(server.url), 3, 5.0) == 3
+            await asyncio.sleep(0.05)  # the third one's close has arrived
+            answers = await asyncio.gather(*(http.get(f"{server.url}/{i}") for i in range(3)))
+            assert sorted(a.text.split()[0] for a in answers) == ["1", "2", "4"]
+
+    asyncio.run(main())
+
+
 def test_a_body_cut_short_is_an_error_and_its_connection_is_dropped() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   number: int) -> None:

@@ -138,6 +138,35 @@ def test_monolithic_push_then_head_stream_and_range(registry, tmp_path):
     run(scenario())
 
 
+def test_connections_opened_ahead_carry_the_range_requests(registry, tmp_path):
+    """preconnect opens connections to the registry's host until that many are idle;
+    the range requests that follow side by side open none; a registry nobody answers
+    for opens none and fails nothing."""
+    data = os.urandom(100_000)
+    descriptor, path = write_blob(tmp_path, data)
+    reference = ref(registry, "blobs/preconnect:v1")
+    opened: list[object] = []
+
+    async def scenario():
+        async with make_client() as pusher:
+            await pusher.push_blob(reference, descriptor, path)
+        async with make_client() as client:
+            transport = client._transports[client._http]
+            real_connect = transport._connect
+
+            async def counted(origin, timeout):
+                opened.append(origin)
+                return await real_connect(origin, timeout)
+            transport._connect = counted  # type: ignore[method-assign]
+            assert await client.preconnect(reference, 4) == 4
+            parts = await asyncio.gather(*(client.fetch_range(
+                reference, descriptor.digest, i * 25_000, 25_000) for i in range(4)))
+            assert b"".join(parts) == data and len(opened) == 4
+            assert await client.preconnect(ref("127.0.0.1:9", "none:v1"), 2) == 0
+
+    run(scenario())
+
+
 def test_chunked_push_sends_patches_with_content_range(registry, tmp_path):
     chunk = 64 * 1024
     data = os.urandom(3 * chunk + 5)

@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -265,3 +266,21 @@ def test_a_manifest_a_pull_read_is_remembered_but_not_an_index() -> None:
                     await ahead.image_layers(source(digest))
 
     asyncio.run(go())
+
+
+def test_a_large_tail_comes_in_parts_side_by_side(zstd_image, monkeypatch) -> None:
+    """Each layer's tail as up to TAIL_PARTS ranges that together are the one range
+    it would be, and the TOC they make up verifies."""
+    lazy, report = zstd_image
+    monkeypatch.setattr(remote_module, "TAIL_PART_BYTES", 64)
+    opened, seen = open_layers_ahead(report, lazy, [0, 1])
+    assert [o.toc_digest for o in opened] == [layer["toc_digest"] for layer in report["layers"]]
+    assert opened[0].layer.lookup("usr/lib/noise").size == 700_000
+    for layer, descriptor in zip(report["layers"], opened, strict=True):
+        ranges = sorted(tuple(int(n) for n in r.split()[2].removeprefix("bytes=").split("-"))
+                        for r in seen if layer["digest"] in r)
+        position = int(descriptor.descriptor.annotations[ZSTD_MANIFEST_POSITION_ANNOTATION]
+                       .split(":")[0])
+        assert 1 < len(ranges) <= remote_module.TAIL_PARTS, ranges
+        assert ranges[0][0] == position and ranges[-1][1] == descriptor.descriptor.size - 1
+        assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges)), ranges

@@ -55,7 +55,9 @@ class RegistryRelay:
         self._clients: dict[RegistryKey, RegistryClient] = {own_key: own}
         self._own = own
         self._stall_seconds = stall_seconds
-        # Told (reference, data, media type, digest) of each manifest read for a pull.
+        # Told (reference) as a pull asks for a manifest, and (reference, data, media
+        # type, digest) of each manifest read for it.
+        self.before_manifest: Callable[[Reference], None] | None = None
         self.on_manifest: Callable[[Reference, bytes, str, str], None] | None = None
 
     def _client(self, registry: dict[str, Any]) -> RegistryClient:
@@ -75,6 +77,8 @@ class RegistryRelay:
     async def manifest(self, registry: dict[str, Any], reference: str,
                        tag_or_digest: str | None = None) -> dict[str, str]:
         client, ref = self._client(registry), _reference(reference)
+        if self.before_manifest is not None:
+            self.before_manifest(ref)
         try:
             data, media_type, digest = await client.get_manifest(ref, tag_or_digest)
         except (StoreError, DigestMismatchError) as exc:

@@ -54,6 +54,9 @@ from .registry_relay import RegistryRelay
 
 log = logging.getLogger(__name__)
 Handler = Callable[..., Awaitable[Any]]
+# Connections opened to a registry while a pull reads its manifest: about what its
+# lazy layers' TOC parts and prefetch streams want at once (lazy.remote, raw_ahead).
+PRECONNECTIONS = 8
 
 
 def _check_name(name: str) -> None:
@@ -75,6 +78,7 @@ class FuseManagerService:
         # None: layers are opened by their mounts only (pull_ahead is refused).
         self.pull_ahead = PullAhead(lazy, self.toc_ahead, ahead_dir, max_toc_bytes,
                                     builder=self.index_builder) if ahead_dir else None
+        self._preconnecting: set[asyncio.Task[None]] = set()
         self.handlers: dict[str, Handler] = {
             "hello": self.hello, "mount": self.mount, "mount_remote": self.mount_remote,
             "unmount": self.unmount, "pull_ahead": self.open_ahead,
@@ -85,6 +89,7 @@ class FuseManagerService:
             "metrics": self.metrics,
         }
         if registry_relay is not None:  # reads for the service's pulls
+            registry_relay.before_manifest = self._open_connections
             registry_relay.on_manifest = self.toc_ahead.remember
             self.handlers |= {"registry_manifest": registry_relay.manifest,
                               "registry_blob": registry_relay.blob}
@@ -176,6 +181,20 @@ class FuseManagerService:
         log.info("layer %s: served lazily from its TOC%s", remote.descriptor.digest,
                  " (opened at pull)" if opened is not None else "")
         return self._served(name)
+
+    def _open_connections(self, reference: Reference) -> None:
+        """A pull is reading its manifest: meanwhile the connections for the TOC and
+        prefetch requests that follow are opened (RegistryClient.preconnect)."""
+        async def preconnect() -> None:
+            try:
+                opened = await self.lazy.client.preconnect(reference, PRECONNECTIONS)
+            except Exception as exc:  # e.g. a hosts.toml gone bad: the requests say
+                log.debug("no connections opened ahead to %s: %s", reference.registry, exc)
+                return
+            log.debug("%d connections opened ahead to %s", opened, reference.registry)
+        task = asyncio.get_running_loop().create_task(preconnect())
+        self._preconnecting.add(task)
+        task.add_done_callback(self._preconnecting.discard)
 
     async def open_ahead(self, reference: str, manifest_digest: str,
                          layers: list[str]) -> int:

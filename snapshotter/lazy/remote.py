@@ -8,6 +8,7 @@ more. Anything else is not lazy, and the caller falls back to an ordinary snapsh
 (Which Prepare asks for which layer is `lazy.layer_source`.)
 """
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 # eStargz layer of the node workspace image has one of 340 kB), a round trip saved per
 # layer for at most this many bytes of payload fetched with it.
 TAIL_BYTES = 512 << 10
+# A tail (or TOC) larger than this comes in up to TAIL_PARTS range requests side by side,
+# on connections the pull has opened (RegistryClient.preconnect): each starts with TCP's
+# initial window, so 324 kB over 100 Mbit at 40 ms took 0.24 s as one request and
+# 0.17 s as four.
+TAIL_PART_BYTES = 64 << 10
+TAIL_PARTS = 4
 # Where zstd:chunked descriptors say their TOC starts ("offset:length:size:type"):
 # stargz-snapshotter's key, then containers/storage's.
 _TOC_POSITION_ANNOTATIONS = (ZSTD_MANIFEST_POSITION_ANNOTATION,
@@ -111,7 +118,7 @@ async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: 
     try:
         tail_offset = tail_start(descriptor, max_toc_size)
         tail_length = size - tail_offset
-        tail = await client.fetch_range(reference, digest, tail_offset, tail_length)
+        tail = await fetch_in_parts(client, reference, digest, tail_offset, tail_length)
         footer = estargz.parse_footer(tail, size)
         if estargz.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
             # A footer alone proves nothing: without a digest from the manifest the TOC
@@ -124,13 +131,30 @@ async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: 
         if start >= 0 and start + footer.toc_length <= len(tail):
             toc_bytes = tail[start:start + footer.toc_length]
         else:
-            toc_bytes = await client.fetch_range(reference, digest, footer.toc_offset,
-                                                 footer.toc_length)
+            toc_bytes = await fetch_in_parts(client, reference, digest, footer.toc_offset,
+                                             footer.toc_length)
     except estargz.FooterError:
         raise NotLazy(f"layer {digest} is not eStargz or zstd:chunked") from None
     except StoreError as exc:
         raise NotLazy(f"layer {digest}: registry: {exc}") from None
     return FetchedToc(footer, toc_bytes)
+
+
+async def fetch_in_parts(client: "RegistryClient", reference: Reference, digest: str,
+                         offset: int, length: int) -> bytes:
+    """Bytes offset..offset+length of the blob, in parts of at least TAIL_PART_BYTES
+    requested at once (at most TAIL_PARTS)."""
+    parts = max(1, min(TAIL_PARTS, length // TAIL_PART_BYTES))
+    step = -(-length // parts)
+    starts = range(offset, offset + length, step) if length else [offset]
+    parts_asked = [asyncio.ensure_future(client.fetch_range(
+        reference, digest, start, min(step, offset + length - start))) for start in starts]
+    try:
+        return b"".join(await asyncio.gather(*parts_asked))
+    except BaseException:
+        for part in parts_asked:  # one failed: the others are not wanted
+            part.cancel()
+        raise
 
 
 def tail_start(descriptor: Descriptor, max_toc_size: int) -> int:
