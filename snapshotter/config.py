@@ -68,6 +68,8 @@ class Config:
     background_quiet_seconds: float = 3.0
     # A miss on a small file also fetches the files after it in the blob, up to this.
     small_file_window_bytes: int = 512 << 10
+    # A miss in a large file fetches its chunk and at most this much of the blob after it.
+    demand_readahead_bytes: int = 1 << 20
     # A layer whose TOC is larger than this, compressed or not, is not served lazily
     # (10^6 files make a TOC of about 300 MB); it falls back to an ordinary pull.
     max_toc_bytes: int = 1 << 30
@@ -113,7 +115,8 @@ class Config:
         if self.metrics_address:
             metrics_host_port(self.metrics_address)
         for name in ("cache_max_bytes", "cache_memory_bytes", "fetch_concurrency",
-                     "profile_max_files", "warm_concurrency", "max_toc_bytes"):
+                     "profile_max_files", "warm_concurrency", "max_toc_bytes",
+                     "small_file_window_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.prefetch_timeout_seconds <= 0 or self.background_bytes_per_second < 0 \
@@ -122,6 +125,8 @@ class Config:
                               "background_bytes_per_second not negative")
         if self.read_timeout_seconds <= 0:
             raise ConfigError("read_timeout_seconds must be positive")
+        if self.demand_readahead_bytes < 0:
+            raise ConfigError("demand_readahead_bytes must not be negative")
         if self.gzip_index_lookup_seconds <= 0 or self.gzip_index_negative_ttl_seconds < 0:
             raise ConfigError("gzip_index_lookup_seconds must be positive and "
                               "gzip_index_negative_ttl_seconds not negative")

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from estargz.toc import DEFAULT_MAX_TOC_SIZE
+from oci.manifest import Descriptor
+from oci.mediatypes import OCI_LAYER_GZIP
+from snapshotter.lazy.remote import parts_of, tail_start
+
 from .fixtures.fault_proxy import WireFault
 from .images import File, Symlink
 from .lazy_node import NO_BACKGROUND, convert_pushed, pull, start_lazy_node, stop_lazy_node
@@ -24,7 +29,7 @@ LAYERS = [
     TAIL,
 ]
 HOT = "/bin/busybox\n" + "".join(f"/{path}\n" for path in TAIL)
-# Ranges that start at 2,000,000 or later (the TOC's too, at the blob's end: skipped).
+# Ranges that start at 2,000,000 or later (the tail's too, with the TOC: skipped).
 PAST_2MB = r"^bytes=([2-9]\d{6}|\d{8,})-"
 SCRIPT = "sha256sum /data/tail*.bin"
 
@@ -34,7 +39,12 @@ def image(registry, tmp_path_factory) -> dict:
     _, report = convert_pushed(registry, tmp_path_factory.mktemp("img"), LAYERS, "pw/tail",
                                hot=HOT)
     layers = report["manifests"][0]["layers"]
-    return {"ref": "pw/tail:v1-esgz", "tail": layers[1]["digest"]}
+    descriptor = Descriptor(OCI_LAYER_GZIP, layers[1]["digest"], layers[1]["size"])
+    start = tail_start(descriptor, DEFAULT_MAX_TOC_SIZE)
+    # The tail is asked for first (TocAhead), in this many requests side by side.
+    tail_requests = len(parts_of(start, layers[1]["size"] - start))
+    return {"ref": "pw/tail:v1-esgz", "tail": layers[1]["digest"],
+            "tail_requests": tail_requests}
 
 
 def tasks(node: dict) -> str:
@@ -48,7 +58,8 @@ def test_a_container_is_created_while_its_prefetch_tail_is_held(
     node = start_lazy_node(snapshotter_factory, registry, fault_proxy_factory,
                            tmp_path_factory, NO_BACKGROUND + f'prefetch_wait = "{until}"\n')
     try:
-        held = WireFault("hang", path=f"/blobs/{image['tail']}", range=PAST_2MB, skip=1)
+        held = WireFault("hang", path=f"/blobs/{image['tail']}", range=PAST_2MB,
+                         skip=image["tail_requests"])
         node["proxy"].add(held)
         name = f"pw-{os.getpid()}-{until}"
         ran: dict = {}

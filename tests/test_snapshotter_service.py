@@ -175,6 +175,12 @@ def test_config_file_and_flags(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "cli.main", "snapshotter", "--config",
                            str(config)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "gzip_index_lookup_seconds must be positive" in done.stderr
+    for line, said in [("demand_readahead_bytes = -1", "must not be negative"),
+                       ("small_file_window_bytes = 0", "small_file_window_bytes must be positive")]:
+        config.write_text(line + "\n")
+        done = subprocess.run([sys.executable, "-m", "cli.main", "snapshotter", "--config",
+                               str(config)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
     config.write_text('prefetch_wait = "some"\n')
     done = subprocess.run([sys.executable, "-m", "cli.main", "snapshotter", "--config",
                            str(config)], capture_output=True, text=True, timeout=30)

@@ -91,6 +91,7 @@ def lazy_layers(config: Config) -> tuple[LazyLayers, RegistryClient]:
                       background_bytes_per_second=config.background_bytes_per_second,
                       background_quiet_seconds=config.background_quiet_seconds,
                       small_file_window_bytes=config.small_file_window_bytes,
+                      demand_readahead_bytes=config.demand_readahead_bytes,
                       read_timeout=config.read_timeout_seconds, profiles=profiles)
     return lazy, client
 

@@ -48,6 +48,7 @@ class LazyLayers:
                  background_bytes_per_second: float | None = None,
                  background_quiet_seconds: float = 3.0,
                  small_file_window_bytes: int = 512 << 10,
+                 demand_readahead_bytes: int = 1 << 20,
                  read_timeout: float | None = 30.0,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
@@ -59,6 +60,7 @@ class LazyLayers:
         self.background_rate = background_bytes_per_second or None
         self.background_quiet_seconds = background_quiet_seconds
         self.small_file_window_bytes = small_file_window_bytes
+        self.demand_readahead_bytes = demand_readahead_bytes
         self.read_timeout = read_timeout
         self.profiles = profiles
         self.layers: dict[str, _MountedLayer] = {}
@@ -96,6 +98,7 @@ class LazyLayers:
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes,
+                               demand_readahead_bytes=self.demand_readahead_bytes,
                                decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
                                foreground_idle=self.fs.idle_seconds)
         fetcher.prefetch_runs = prefetch_runs

@@ -140,15 +140,20 @@ async def fetch_toc(client: "RegistryClient", reference: Reference, descriptor: 
     return FetchedToc(footer, toc_bytes)
 
 
+def parts_of(offset: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) of each part `fetch_in_parts` requests for these bytes."""
+    parts = max(1, min(TAIL_PARTS, length // TAIL_PART_BYTES))
+    step = max(1, -(-length // parts))
+    return [(start, min(step, offset + length - start))
+            for start in range(offset, offset + length, step)] or [(offset, 0)]
+
+
 async def fetch_in_parts(client: "RegistryClient", reference: Reference, digest: str,
                          offset: int, length: int) -> bytes:
     """Bytes offset..offset+length of the blob, in parts of at least TAIL_PART_BYTES
     requested at once (at most TAIL_PARTS)."""
-    parts = max(1, min(TAIL_PARTS, length // TAIL_PART_BYTES))
-    step = -(-length // parts)
-    starts = range(offset, offset + length, step) if length else [offset]
-    parts_asked = [asyncio.ensure_future(client.fetch_range(
-        reference, digest, start, min(step, offset + length - start))) for start in starts]
+    parts_asked = [asyncio.ensure_future(client.fetch_range(reference, digest, start, size))
+                   for start, size in parts_of(offset, length)]
     try:
         return b"".join(await asyncio.gather(*parts_asked))
     except BaseException:
