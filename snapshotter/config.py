@@ -69,7 +69,7 @@ class Config:
     # A miss on a small file also fetches the files after it in the blob, up to this.
     small_file_window_bytes: int = 512 << 10
     # A miss in a large file fetches its chunk and at most this much of the blob after it.
-    demand_readahead_bytes: int = 1 << 20
+    demand_readahead_bytes: int = 0
     # A layer whose TOC is larger than this, compressed or not, is not served lazily
     # (10^6 files make a TOC of about 300 MB); it falls back to an ordinary pull.
     max_toc_bytes: int = 1 << 30

@@ -48,7 +48,7 @@ class LazyLayers:
                  background_bytes_per_second: float | None = None,
                  background_quiet_seconds: float = 3.0,
                  small_file_window_bytes: int = 512 << 10,
-                 demand_readahead_bytes: int = 1 << 20,
+                 demand_readahead_bytes: int = 0,
                  read_timeout: float | None = 30.0,
                  profiles: ProfileRecorder | None = None):
         self.fs = LazyFilesystem(mountpoint)
