@@ -299,7 +299,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             return 0
         opened = await asyncio.gather(*(self._connect(origin, timeout) for _ in range(wanted)),
                                       return_exceptions=True)
-        count = 0
+        added = 0
         for connection in opened:
             if not isinstance(connection, _Connection):
                 continue
@@ -309,8 +309,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
             connection.opened_ahead = True
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
-            count += 1
-        return count
+            added += 1
+        return added
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         now = time.monotonic()
