@@ -31,6 +31,10 @@ _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
 
 
+def _origin_of(url: httpx.URL) -> Origin:
+    return url.raw_scheme, url.raw_host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80)
+
+
 class _Stream(asyncio.Protocol):
     """One connection's bytes: what arrived and not yet read, with flow control both
     ways, and whether the peer has closed."""
@@ -246,8 +250,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if self._closed:
             raise RuntimeError("the transport is closed")
         timeouts = request.extensions.get("timeout", {})
-        origin = (request.url.raw_scheme, request.url.raw_host,
-                  request.url.port or _DEFAULT_PORTS.get(request.url.raw_scheme, 80))
+        origin = _origin_of(request.url)
         with _mapped(httpx.PoolTimeout, httpx.ConnectError):
             async with asyncio.timeout(timeouts.get("pool")):
                 await self._slots.acquire()
@@ -291,8 +294,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         requests about to come: each new connection costs a round trip before its first
         request can go. Returns how many were opened; one that cannot be opened is
         left to the requests (which report it)."""
-        origin = (url.raw_scheme, url.raw_host,
-                  url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
+        origin = _origin_of(url)
         kept = sum(1 for connection in self._idle if connection.origin == origin)
         wanted = min(count - kept, self._max_idle - len(self._idle))
         if wanted <= 0 or self._closed:

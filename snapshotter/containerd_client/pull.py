@@ -273,11 +273,11 @@ class Puller:
                                     "manifest")
         except ManifestError as exc:
             raise PullError(f"{reference}: {exc}") from None
-        manifest = doc
-        self.progress.manifest_chosen(lb.image_name(reference), manifest_descriptor, manifest)
+        manifest, name = doc, lb.image_name(reference)
+        self.progress.manifest_chosen(name, manifest_descriptor, manifest)
         config_bytes = await self._read_config(reference, manifest.config)
         diff_ids = _diff_ids(config_bytes, len(manifest.layers), manifest.config.digest)
-        return PullPlan(name=lb.image_name(reference), reference=reference,
+        return PullPlan(name=name, reference=reference,
                         platform=self.platform, top=top, index=index,
                         manifest_descriptor=manifest_descriptor, manifest_bytes=manifest_bytes,
                         manifest=manifest, config_bytes=config_bytes, diff_ids=diff_ids,
