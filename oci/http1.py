@@ -11,6 +11,7 @@ keeps httpx's transport (see `oci.registry`).
 """
 
 import asyncio
+import collections
 import contextlib
 import ssl
 import time
@@ -244,6 +245,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []  # oldest first
         self._busy: set[_Connection] = set()
+        self._opening: collections.Counter[Origin] = collections.Counter()  # by preconnect
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -295,12 +297,19 @@ class Http1Transport(httpx.AsyncBaseTransport):
         request can go. Returns how many were opened; one that cannot be opened is
         left to the requests (which report it)."""
         origin = _origin_of(url)
-        kept = sum(1 for connection in self._idle if connection.origin == origin)
-        wanted = min(count - kept, self._max_idle - len(self._idle))
+        # Those a preconnect under way is opening count too (an index's manifest, then
+        # the platform's, each ask for them).
+        kept = sum(1 for connection in self._idle if connection.origin == origin) \
+            + self._opening[origin]
+        wanted = min(count - kept, self._max_idle - len(self._idle) - self._opening.total())
         if wanted <= 0 or self._closed:
             return 0
-        opened = await asyncio.gather(*(self._connect(origin, timeout) for _ in range(wanted)),
-                                      return_exceptions=True)
+        self._opening[origin] += wanted
+        try:
+            opened = await asyncio.gather(*(self._connect(origin, timeout)
+                                            for _ in range(wanted)), return_exceptions=True)
+        finally:
+            self._opening[origin] -= wanted
         added = 0
         for connection in opened:
             if not isinstance(connection, _Connection):
