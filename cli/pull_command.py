@@ -116,7 +116,7 @@ def finish(args: argparse.Namespace, result: dict[str, Any]) -> int:
 
 
 def _docker_config() -> str:
-    from oci.docker_config import default_config_path
+    from oci.docker_config_path import default_config_path
 
     return default_config_path()
 

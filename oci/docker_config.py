@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .docker_config_path import default_config_path as default_config_path
+
 log = logging.getLogger(__name__)
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -57,12 +59,6 @@ class StaticCredentials:
 
     def get(self, registry_host: str) -> Credentials | None:
         return self._by_host.get(normalize_registry_key(registry_host))
-
-
-def default_config_path() -> str:
-    directory = os.environ.get("DOCKER_CONFIG") or os.path.join(
-        os.path.expanduser("~"), ".docker")
-    return os.path.join(directory, "config.json")
 
 
 def normalize_registry_key(key: str) -> str:
