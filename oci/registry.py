@@ -650,9 +650,7 @@ class RegistryClient:
                     if attempt == attempts:
                         raise RegistryUnavailableError(
                             f"{what}: {exc}, in each of {attempts} attempts") from None
-                    delay = self.retry.backoff(attempt) if exc.delay is None else exc.delay
-                    log.info("%s: %s, retrying in %.2fs", what, exc, delay)
-                    await asyncio.sleep(delay)
+                    await self._pause(what, exc, attempt)
             raise AssertionError("unreachable")
 
         return await self._on_endpoints(reference.registry, PULL, what, fetch)
@@ -661,6 +659,24 @@ class RegistryClient:
                                 digest: str, what: str, first: int, last_byte: int,
                                 attempt: int) -> bytes:
         """One attempt of fetch_range; _RangeRetry if another attempt may do better."""
+        response = await self._open_range_once(endpoint, last, reference, digest, what,
+                                               first, last_byte, attempt)
+        try:
+            try:
+                data = await _read_limited(response, last_byte + 1 - first)
+            except httpx.TransportError as exc:
+                raise _RangeRetry(f"reading the body failed ({type(exc).__name__})") from None
+            if len(data) != last_byte + 1 - first:
+                raise _RangeRetry(f"got {len(data)} bytes, expected {last_byte + 1 - first}")
+            return data
+        finally:
+            await response.aclose()
+
+    async def _open_range_once(self, endpoint: Endpoint, last: bool, reference: Reference,
+                               digest: str, what: str, first: int, last_byte: int,
+                               attempt: int) -> httpx.Response:
+        """A 206 answer for bytes first..last_byte, its body still to read; _RangeRetry if
+        another attempt may do better."""
         url = self._url(endpoint, reference.repository, f"/blobs/{digest}")
         try:
             response = await self._request(
@@ -681,15 +697,70 @@ class RegistryClient:
             problem = _content_range_problem(response, first, last_byte)
             if problem:
                 raise _RangeRetry(problem)
-            try:
-                data = await _read_limited(response, last_byte + 1 - first)
-            except httpx.TransportError as exc:
-                raise _RangeRetry(f"reading the body failed ({type(exc).__name__})") from None
-            if len(data) != last_byte + 1 - first:
-                raise _RangeRetry(f"got {len(data)} bytes, expected {last_byte + 1 - first}")
-            return data
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def stream_range(self, reference: Reference, digest: str, offset: int,
+                           length: int) -> AsyncIterator[bytes]:
+        """fetch_range's bytes, yielded as they arrive: a reader can start on the first
+        ones while the rest are on the wire. An answer that breaks or ends early is
+        resumed where it stopped (a Range request for the rest), and a bad answer asked
+        for again, with backoff, within the retry policy's attempts; nothing beyond
+        `length` bytes is yielded. Once bytes were yielded, the rest comes from the same
+        host."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        end = offset + length
+        what = f"bytes {offset}-{end - 1} of blob {digest} of {_display(reference)}"
+        position, attempt = offset, 0
+
+        async def open_rest(endpoint: Endpoint, last: bool) -> tuple[Endpoint, httpx.Response]:
+            nonlocal attempt
+            # A mirror that is not the last resort gets one try: the next host is the retry.
+            attempts = self.retry.max_attempts if last else 1
+            while True:
+                attempt += 1
+                try:
+                    return endpoint, await self._open_range_once(
+                        endpoint, last, reference, digest, what, position, end - 1, attempt)
+                except _RangeRetry as exc:
+                    if attempt >= attempts:
+                        raise RegistryUnavailableError(
+                            f"{what}: {exc}, in each of {attempt} attempts") from None
+                    await self._pause(what, exc, attempt)
+
+        if length == 0:
+            return
+        endpoint, response = await self._on_endpoints(reference.registry, PULL, what, open_rest)
+        attempt = 0  # the attempts from here on: resumptions on this host
+        try:
+            while True:
+                try:
+                    async for data in response.aiter_bytes():
+                        data = data[:end - position]
+                        position += len(data)
+                        yield data
+                        if position == end:
+                            return
+                    problem = "the body ended early"
+                except httpx.TransportError as exc:
+                    problem = f"reading the body failed ({type(exc).__name__})"
+                await response.aclose()
+                if attempt + 1 >= self.retry.max_attempts:
+                    raise RegistryUnavailableError(
+                        f"{what}: {problem} at byte {position}, also after resuming")
+                await self._pause(what, _RangeRetry(f"{problem} at byte {position}"),
+                                  attempt + 1)
+                _, response = await open_rest(endpoint, True)
         finally:
             await response.aclose()
+
+    async def _pause(self, what: str, retry: _RangeRetry, attempt: int) -> None:
+        delay = self.retry.backoff(attempt) if retry.delay is None else retry.delay
+        log.info("%s: %s, retrying in %.2fs", what, retry, delay)
+        await asyncio.sleep(delay)
 
     # -- pushing blobs --------------------------------------------------------------------
 

@@ -626,6 +626,74 @@ def test_download_whose_body_ends_early_resumes(proxied, tmp_path):
     run(scenario())
 
 
+async def streamed(client: RegistryClient, reference: Reference, digest: str, offset: int,
+                   length: int) -> list[bytes]:
+    return [part async for part in client.stream_range(reference, digest, offset, length)]
+
+
+def test_a_streamed_range_comes_as_it_arrives_and_resumes_where_it_broke(proxied, tmp_path):
+    data = os.urandom(600_000)
+    reference = ref(proxied.host, "stream/app:v1")
+    descriptor, path = write_blob(tmp_path, data)
+
+    async def scenario():
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, path)
+            parts = await streamed(client, reference, descriptor.digest, 1000, 500_000)
+            assert b"".join(parts) == data[1000:501_000] and len(parts) > 1
+            assert await streamed(client, reference, descriptor.digest, 7, 0) == []
+            # A connection cut mid-body: the rest is asked for from where it stopped,
+            # and no byte comes twice.
+            proxied.add(WireFault("cut", "GET", cut_after=150_000, times=1))
+            parts = await streamed(client, reference, descriptor.digest, 1000, 500_000)
+            assert b"".join(parts) == data[1000:501_000]
+            ranges = [r.headers["Range"] for r in proxied.requests("GET", "/blobs/sha256:")]
+            resumed_at = int(ranges[-1][6:].split("-")[0])
+            assert ranges[-2] == "bytes=1000-500999" and ranges[-1].endswith("-500999")
+            assert 1000 < resumed_at <= 151_000
+            # A body that ends early is resumed the same way.
+            proxied.add(WireFault("answer", "GET", status=206, body=data[1000:41_000],
+                                  headers={"Content-Range": "bytes 1000-500999/600000"},
+                                  times=1))
+            parts = await streamed(client, reference, descriptor.digest, 1000, 500_000)
+            assert b"".join(parts) == data[1000:501_000]
+            assert proxied.requests("GET", "/blobs/sha256:")[-1].headers["Range"] == \
+                "bytes=41000-500999"
+
+    run(scenario())
+
+
+def test_a_streamed_range_takes_only_the_range_asked_for_and_gives_up(proxied, tmp_path):
+    data = os.urandom(4000)
+    reference = ref(proxied.host, "stream/bad:v1")
+    descriptor, path = write_blob(tmp_path, data)
+    always = FAST_RETRY.max_attempts
+
+    async def scenario():
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, path)
+            # A 200 with the whole blob, or another range: asked again, never yielded.
+            for answer, message in [(dict(status=200, body=data), "ignored the Range"),
+                                    (dict(status=206, body=data[:20], headers={
+                                        "Content-Range": "bytes 0-19/4000"}),
+                                     "Content-Range 'bytes 0-19/4000'")]:
+                fault = WireFault("answer", "GET", times=always, **answer)
+                proxied.add(fault)
+                with pytest.raises(RegistryUnavailableError, match=message):
+                    await streamed(client, reference, descriptor.digest, 10, 20)
+                assert fault.hits == always
+                proxied.clear()
+            # Cut every time: the resumptions are bounded too, and say where it broke.
+            proxied.add(WireFault("cut", "GET", cut_after=100, times=always + 5))
+            got: list[bytes] = []
+            with pytest.raises(RegistryUnavailableError, match="also after resuming"):
+                async for part in client.stream_range(reference, descriptor.digest, 0, 4000):
+                    got.append(part)
+            assert data.startswith(b"".join(got))
+
+    run(scenario())
+
+
 def test_redirect_to_another_host_drops_authorization(basic_auth_registry, fault_proxy_factory,
                                                       tmp_path):
     front = fault_proxy_factory(basic_auth_registry.host)
