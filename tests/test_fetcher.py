@@ -396,16 +396,16 @@ def test_reads_of_large_chunks_on_disk_take_only_their_part(registry, tmp_path):
     run(scenario())
 
 
-def test_prefetch_requests_are_at_most_prefetch_request_bytes(blob, tmp_path, monkeypatch):
+def test_prefetch_requests_are_at_most_prefetch_request_bytes(blob, tmp_path):
     """However large the fetcher's requests may be, a prefetch asks in pieces small
     enough to be verified while the next ones arrive."""
-    monkeypatch.setattr(fetcher_module, "PREFETCH_REQUEST_BYTES", 64 * KiB)
 
     async def scenario() -> None:
         log = RangeLog()
         async with make_client(log) as client:
             fetcher = LayerFetcher(blob.layer, reader_of(client, blob), new_cache(tmp_path),
-                                   max_request_bytes=8 << 20)
+                                   max_request_bytes=8 << 20,
+                                   prefetch_request_bytes=64 * KiB)
             fetched = await fetcher.prefetch()
             assert fetched >= 150_000 and len(log.ranges) >= 3
             # a request holds whole spans: one span alone may be larger than the limit

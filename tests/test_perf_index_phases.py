@@ -3,6 +3,7 @@ index build, mount and prefetch as the services write them."""
 
 import logging
 import math
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import pytest
@@ -54,12 +55,12 @@ def test_the_raw_prefetch_regions_lines_are_read_as_they_are_logged() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
-    async def read_range(offset: int, length: int) -> bytes:
+    async def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
         await asyncio.sleep(0.01)
-        return bytes(length)
+        yield bytes(length)
 
     async def run() -> None:
-        RawAhead(read_range, [(0, 3 << 20)], digest).start()
+        RawAhead(stream_range, [(0, 3 << 20)], digest).start()
         await asyncio.sleep(0.2)
 
     # Cut to the millisecond, as the log lines' times are: an event logged in the same

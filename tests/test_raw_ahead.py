@@ -1,6 +1,6 @@
 """RawAhead: a blob's prefetch region fetched before its index exists, handed to the
-layer's fetcher once, byte for byte. The registry here is a bytes object behind a
-read_range that logs every request."""
+layer's fetcher once, byte for byte, as its bytes arrive. The registry here is a bytes
+object behind a read_range (and stream_range) that logs every request."""
 
 import asyncio
 import functools
@@ -8,6 +8,7 @@ import io
 import os
 import tarfile
 import tracemalloc
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -28,19 +29,25 @@ class Blob:
         self.fail_first = fail_first
 
     async def read_range(self, offset: int, length: int) -> bytes:
+        return b"".join([part async for part in self.stream_range(offset, length)])
+
+    async def stream_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
         self.requests.append((offset, length))
         await asyncio.sleep(0)
         if len(self.requests) <= self.fail_first:
             raise OSError("registry down")
-        return BLOB[offset:offset + length]
+        for start in range(offset, offset + length, 64 << 10):
+            yield BLOB[start:min(start + (64 << 10), offset + length)]
+            await asyncio.sleep(0)
 
 
 def test_bytes_come_once_from_the_pieces_then_from_the_registry(monkeypatch) -> None:
     monkeypatch.setattr(raw_ahead, "PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(raw_ahead, "STREAMS", 3)
     ahead, registry = Blob(), Blob()
 
     async def run() -> None:
-        raw = RawAhead(ahead.read_range, [(0, 2_500_000)]).start()
+        raw = RawAhead(ahead.stream_range, [(0, 2_500_000)]).start()
         await asyncio.sleep(0)  # the pieces' requests go out
         assert ahead.requests == [(0, 1 << 20), (1 << 20, 1 << 20),
                                   (2 << 20, 2_500_000 - (2 << 20))]
@@ -65,7 +72,7 @@ def test_a_failed_piece_fails_its_read_and_sends_later_ones_to_the_registry() ->
     ahead, registry = Blob(fail_first=1), Blob()
 
     async def run() -> None:
-        raw = RawAhead(ahead.read_range, [(0, 1_000_000)]).start()
+        raw = RawAhead(ahead.stream_range, [(0, 1_000_000)]).start()
         with pytest.raises(OSError):
             await raw.read(0, 1000, registry.read_range)
         assert registry.requests == []
@@ -81,7 +88,7 @@ def test_gaps_in_the_region_come_from_the_registry(monkeypatch) -> None:
 
     async def run() -> None:
         # An unread chunk's member at 1 MiB .. 2 MiB is left out of the region.
-        raw = RawAhead(ahead.read_range, [(0, 1 << 20), (2 << 20, 2_500_000)]).start()
+        raw = RawAhead(ahead.stream_range, [(0, 1 << 20), (2 << 20, 2_500_000)]).start()
         assert await raw.read(0, 2_500_000, registry.read_range) == BLOB[:2_500_000]
         assert sorted(ahead.requests) == [(0, 1 << 20), (2 << 20, 2_500_000 - (2 << 20))]
         assert registry.requests == [(1 << 20, 1 << 20)]
@@ -171,7 +178,7 @@ def test_pieces_come_in_blob_order_a_few_streams_at_a_time(monkeypatch) -> None:
     in_flight, most, started = 0, 0, []
     release = asyncio.Event()
 
-    async def read_range(offset: int, length: int) -> bytes:
+    async def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
         nonlocal in_flight, most
         started.append(offset)
         in_flight += 1
@@ -179,10 +186,10 @@ def test_pieces_come_in_blob_order_a_few_streams_at_a_time(monkeypatch) -> None:
         await release.wait()
         await asyncio.sleep(0.001 * (offset // 100_000 % 2))  # finish out of order
         in_flight -= 1
-        return BLOB[offset:offset + length]
+        yield BLOB[offset:offset + length]
 
     async def run() -> None:
-        raw = RawAhead(read_range, [(0, 1_000_000)]).start()
+        raw = RawAhead(stream_range, [(0, 1_000_000)]).start()
         await asyncio.sleep(0.01)
         assert started == [0, 100_000, 200_000]  # the first three, and no more yet
         release.set()
@@ -190,3 +197,52 @@ def test_pieces_come_in_blob_order_a_few_streams_at_a_time(monkeypatch) -> None:
 
     asyncio.run(run())
     assert started == list(range(0, 1_000_000, 100_000)) and most == 3
+
+
+def test_a_pieces_first_bytes_are_handed_out_before_its_request_ends() -> None:
+    """A reader of the first bytes of a piece gets them as soon as they are in; one of
+    bytes further on waits for those; a request that breaks fails only the readers of
+    bytes that never came."""
+    sent = asyncio.Queue[bytes | Exception]()
+
+    async def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
+        while True:
+            part = await sent.get()
+            if isinstance(part, Exception):
+                raise part
+            yield part
+
+    async def run() -> None:
+        registry = Blob()
+        raw = RawAhead(stream_range, [(0, 300_000)]).start()
+        sent.put_nowait(BLOB[:100_000])
+        assert await asyncio.wait_for(raw.read(0, 60_000, registry.read_range), 5) == \
+            BLOB[:60_000]
+        later = asyncio.ensure_future(raw.read(60_000, 90_000, registry.read_range))
+        await asyncio.sleep(0.01)
+        assert not later.done()  # bytes 100_000.. are not here yet
+        sent.put_nowait(BLOB[100_000:200_000])
+        assert await asyncio.wait_for(later, 5) == BLOB[60_000:150_000]
+        beyond = asyncio.ensure_future(raw.read(150_000, 100_000, registry.read_range))
+        sent.put_nowait(OSError("connection reset"))
+        with pytest.raises(OSError):
+            await asyncio.wait_for(beyond, 5)
+        assert registry.requests == []
+        # The piece failed: what is asked from here on comes from the registry.
+        assert await raw.read(200_000, 100_000, registry.read_range) == \
+            BLOB[200_000:300_000]
+        assert registry.requests == [(200_000, 100_000)]
+
+    asyncio.run(run())
+
+
+def test_a_piece_longer_than_asked_fails_its_readers() -> None:
+    async def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
+        yield BLOB[offset:offset + length + 1]
+
+    async def run() -> None:
+        raw = RawAhead(stream_range, [(0, 1000)]).start()
+        with pytest.raises(ValueError):
+            await raw.read(0, 10, Blob().read_range)
+
+    asyncio.run(run())

@@ -23,7 +23,7 @@ from .materialize import TreeWritten, materialize
 from .metrics import GZIP_INDEX_LAYERS_MOUNTED, LAYERS_MOUNTED, PREFETCH_FAILURES
 from .prefetch_wait import FIRST_BYTES, UNTIL, WHOLE, first_bytes
 from .profiles import ProfileRecorder
-from .raw_ahead import RawAhead
+from .raw_ahead import FETCHER_RUN_BYTES, RawAhead
 
 log = logging.getLogger(__name__)
 # Pauses before a background fetch that failed (the registry was down) starts again:
@@ -99,6 +99,8 @@ class LazyLayers:
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes,
                                demand_readahead_bytes=self.demand_readahead_bytes,
+                               **({} if raw is None else
+                                  {"prefetch_request_bytes": FETCHER_RUN_BYTES}),
                                decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
                                foreground_idle=self.fs.idle_seconds)
         fetcher.prefetch_runs = prefetch_runs

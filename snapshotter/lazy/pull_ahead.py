@@ -161,7 +161,7 @@ class PullAhead:
                    region: list[tuple[int, int]] | None) -> RawAhead | None:
         if not region:
             return None
-        return RawAhead(functools.partial(self.lazy.client.fetch_range, source.reference,
+        return RawAhead(functools.partial(self.lazy.client.stream_range, source.reference,
                                           descriptor.digest), region, descriptor.digest).start()
 
     async def claim(self, source: LayerSource, descriptor: Descriptor,

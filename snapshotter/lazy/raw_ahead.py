@@ -10,6 +10,10 @@ soon as the TOC is verified, and the layer's fetcher, once it exists, takes its
 requests' bytes from here instead of the registry. The fetcher still verifies every
 chunk, so these bytes are trusted no more than the registry's.
 
+Each piece's bytes are handed out as they arrive, not when its request ends: the
+region is in the order the workload first read it, so a reader waits for the bytes it
+needs, not for those behind them in the same request.
+
 Each byte is handed out once: a second request for bytes already served (the
 fetcher's retry of a chunk that failed verification) goes to the registry. Pieces
 are dropped once served whole, and everything is dropped when the layer's first
@@ -17,19 +21,23 @@ prefetch ends.
 """
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-# One request each, at most STREAMS of a layer's at once, in blob order: the pieces
-# then arrive one after another and the fetcher verifies each while the next ones
-# come, where pieces all under way at once (8 MiB each, as before) shared the link and
-# all arrived at its end, the verification of the whole region still to come. A
-# single stream does not fill a 100 Mbit link at 40 ms; several, each ramped up and
-# kept busy by the next piece, do.
-PIECE_BYTES = 1 << 20
-STREAMS = 4
+# One request each, at most STREAMS of a layer's at once, in blob order. Their bytes
+# are handed out as they arrive, so a long request costs a reader nothing, and the
+# fewer requests a layer has under way, the closer the bytes come to the order in
+# which they are read. Two, so that one request's round trip is covered by the other.
+PIECE_BYTES = 4 << 20
+STREAMS = 2
+# The layer's fetcher takes the region in runs of this much (not its 1 MiB prefetch
+# requests): each run is verified and handed to its readers once its bytes are in, so
+# this is how far behind the wire a reader may wait.
+FETCHER_RUN_BYTES = 256 << 10
 # Of one layer's region fetched this way, at most: the pieces are held in memory until
 # the fetcher takes them (after the index build); the rest is the fetcher's to fetch.
 MAX_BYTES = 64 << 20
@@ -44,19 +52,60 @@ def _pieces_of(region: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
 
 @dataclass
 class _Piece:
+    """A range request's bytes as they arrive; readers wait for a prefix of them."""
+
     offset: int
     end: int
-    task: "asyncio.Task[bytes]"
+    data: bytearray = field(default_factory=bytearray)
+    task: "asyncio.Task[None] | None" = None
     served: int = 0  # bytes handed out
     failed: bool = False
+    error: BaseException | None = None
+    # (bytes wanted from the piece's start, tie-break, future) of the readers waiting
+    _waiting: list[tuple[int, int, "asyncio.Future[None]"]] = field(default_factory=list)
+    _numbers: "itertools.count[int]" = field(default_factory=itertools.count)
+
+    def arrived(self, data: bytes) -> None:
+        if len(self.data) + len(data) > self.end - self.offset:
+            raise ValueError(f"a range request for {self.end - self.offset} bytes at "
+                             f"{self.offset} got more")
+        self.data += data
+        while self._waiting and self._waiting[0][0] <= len(self.data):
+            future = heapq.heappop(self._waiting)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def ended(self, error: BaseException | None) -> None:
+        if error is None and len(self.data) != self.end - self.offset:
+            error = ValueError(f"a range request for {self.end - self.offset} bytes at "
+                               f"{self.offset} got {len(self.data)}")
+        self.error = error
+        for _, _, future in self._waiting:
+            if not future.done():
+                future.set_result(None)
+        self._waiting.clear()
+
+    async def prefix(self, length: int) -> None:
+        """Until the piece's first `length` bytes are here; raises its request's
+        failure if they never will be."""
+        if len(self.data) < length and self.error is None and not self._done():
+            future = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (length, next(self._numbers), future))
+            await future
+        if len(self.data) < length:
+            self.failed = True
+            raise self.error or ValueError("the piece's request was cancelled")
+
+    def _done(self) -> bool:
+        return self.task is not None and self.task.done()
 
 
 @dataclass
 class RawAhead:
     """The blob's bytes in `region` ([start, end) ranges, in order), fetched in pieces
-    through `read_range`."""
+    through `stream_range` (offset, length -> the bytes as they arrive)."""
 
-    read_range: Callable[[int, int], Awaitable[bytes]]
+    stream_range: Callable[[int, int], AsyncIterator[bytes]]
     region: list[tuple[int, int]]
     name: str = ""  # the layer, in log lines
     _pieces: list[_Piece] = field(default_factory=list)
@@ -72,18 +121,18 @@ class RawAhead:
             if end - offset > budget:
                 break
             budget -= end - offset
-            pieces.append((offset, end))
+            pieces.append(_Piece(offset, end))
         streams = asyncio.Semaphore(STREAMS)  # first come, first served: blob order
-        for offset, end in pieces:
-            task = asyncio.create_task(self._read_piece(streams, offset, end - offset))
-            task.add_done_callback(self._arrival)
-            self._pieces.append(_Piece(offset, end, task))
+        for piece in pieces:
+            piece.task = asyncio.create_task(self._read_piece(streams, piece))
+            piece.task.add_done_callback(self._arrival)
+            self._pieces.append(piece)
         self._started, self._count = time.monotonic(), len(pieces)
         log.info("layer %s: %d bytes of its prefetch region requested ahead in %d pieces",
-                 self.name, sum(end - offset for offset, end in pieces), len(pieces))
+                 self.name, sum(p.end - p.offset for p in pieces), len(pieces))
         return self
 
-    def _arrival(self, task: "asyncio.Task[bytes]") -> None:
+    def _arrival(self, task: "asyncio.Task[None]") -> None:
         if task.cancelled() or task.exception() is not None:
             return
         self._arrived += 1
@@ -91,10 +140,17 @@ class RawAhead:
             log.info("layer %s: its prefetch region arrived ahead in %.3fs", self.name,
                      time.monotonic() - self._started)
 
-    async def _read_piece(self, streams: asyncio.Semaphore, offset: int, length: int
-                          ) -> bytes:
-        async with streams:
-            return await self.read_range(offset, length)
+    async def _read_piece(self, streams: asyncio.Semaphore, piece: _Piece) -> None:
+        error: BaseException | None = None
+        try:
+            async with streams:
+                async for data in self.stream_range(piece.offset, piece.end - piece.offset):
+                    piece.arrived(data)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            piece.ended(error)
 
     def _meeting(self, offset: int, end: int) -> list[_Piece]:
         """The pieces with bytes in [offset, end), if those bytes may come from them:
@@ -133,22 +189,20 @@ class RawAhead:
 
     async def _take(self, piece: _Piece, start: int, stop: int) -> bytes:
         try:
-            data = await asyncio.shield(piece.task)
+            await piece.prefix(stop - piece.offset)
         except Exception:
             piece.failed = True
             raise
-        if len(data) != piece.end - piece.offset:
-            piece.failed = True
-            raise ValueError(f"a range request for {piece.end - piece.offset} bytes at "
-                             f"{piece.offset} got {len(data)}")
         piece.served += stop - start
         if piece.served >= piece.end - piece.offset and piece in self._pieces:
             self._pieces.remove(piece)  # its bytes are all in the fetcher's hands
-        return data[start - piece.offset:stop - piece.offset]
+        with memoryview(piece.data) as view:  # one copy, not two
+            return bytes(view[start - piece.offset:stop - piece.offset])
 
     def close(self) -> None:
         """Drop what is left: the layer's prefetch is over."""
         self._closed = True
         for piece in self._pieces:
-            piece.task.cancel()
+            if piece.task is not None:
+                piece.task.cancel()
         self._pieces.clear()
