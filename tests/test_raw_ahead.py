@@ -43,7 +43,6 @@ class Blob:
 
 def test_bytes_come_once_from_the_pieces_then_from_the_registry(monkeypatch) -> None:
     monkeypatch.setattr(raw_ahead, "PIECE_BYTES", 1 << 20)
-    monkeypatch.setattr(raw_ahead, "STREAMS", 3)
     ahead, registry = Blob(), Blob()
 
     async def run() -> None:
