@@ -640,18 +640,9 @@ class RegistryClient:
         what = f"bytes {first}-{last_byte} of blob {digest} of {_display(reference)}"
 
         async def fetch(endpoint: Endpoint, last: bool) -> bytes:
-            # A mirror that is not the last resort gets one try: the next host is the retry.
-            attempts = self.retry.max_attempts if last else 1
-            for attempt in range(1, attempts + 1):
-                try:
-                    return await self._fetch_range_once(endpoint, last, reference, digest, what,
-                                                        first, last_byte, attempt)
-                except _RangeRetry as exc:
-                    if attempt == attempts:
-                        raise RegistryUnavailableError(
-                            f"{what}: {exc}, in each of {attempts} attempts") from None
-                    await self._pause(what, exc, attempt)
-            raise AssertionError("unreachable")
+            return await self._range_attempts(last, what, functools.partial(
+                self._fetch_range_once, endpoint, last, reference, digest, what, first,
+                last_byte))
 
         return await self._on_endpoints(reference.registry, PULL, what, fetch)
 
@@ -714,27 +705,17 @@ class RegistryClient:
             raise ValueError("offset and length must not be negative")
         end = offset + length
         what = f"bytes {offset}-{end - 1} of blob {digest} of {_display(reference)}"
-        position, attempt = offset, 0
+        position = offset
 
         async def open_rest(endpoint: Endpoint, last: bool) -> tuple[Endpoint, httpx.Response]:
-            nonlocal attempt
-            # A mirror that is not the last resort gets one try: the next host is the retry.
-            attempts = self.retry.max_attempts if last else 1
-            while True:
-                attempt += 1
-                try:
-                    return endpoint, await self._open_range_once(
-                        endpoint, last, reference, digest, what, position, end - 1, attempt)
-                except _RangeRetry as exc:
-                    if attempt >= attempts:
-                        raise RegistryUnavailableError(
-                            f"{what}: {exc}, in each of {attempt} attempts") from None
-                    await self._pause(what, exc, attempt)
+            return endpoint, await self._range_attempts(last, what, functools.partial(
+                self._open_range_once, endpoint, last, reference, digest, what, position,
+                end - 1))
 
         if length == 0:
             return
         endpoint, response = await self._on_endpoints(reference.registry, PULL, what, open_rest)
-        attempt = 0  # the attempts from here on: resumptions on this host
+        resumes = 0
         try:
             while True:
                 try:
@@ -748,14 +729,30 @@ class RegistryClient:
                 except httpx.TransportError as exc:
                     problem = f"reading the body failed ({type(exc).__name__})"
                 await response.aclose()
-                if attempt + 1 >= self.retry.max_attempts:
+                resumes += 1
+                if resumes >= self.retry.max_attempts:
                     raise RegistryUnavailableError(
                         f"{what}: {problem} at byte {position}, also after resuming")
-                await self._pause(what, _RangeRetry(f"{problem} at byte {position}"),
-                                  attempt + 1)
+                await self._pause(what, _RangeRetry(f"{problem} at byte {position}"), resumes)
                 _, response = await open_rest(endpoint, True)
         finally:
             await response.aclose()
+
+    async def _range_attempts(self, last: bool, what: str,
+                              once: Callable[[int], Awaitable[T]]) -> T:
+        """`once(attempt)` until an answer is right (it raises _RangeRetry while one is
+        not), with backoff. A mirror that is not the last resort gets one try: the next
+        host is the retry."""
+        attempts = self.retry.max_attempts if last else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await once(attempt)
+            except _RangeRetry as exc:
+                if attempt == attempts:
+                    raise RegistryUnavailableError(
+                        f"{what}: {exc}, in each of {attempts} attempts") from None
+                await self._pause(what, exc, attempt)
+        raise AssertionError("unreachable")
 
     async def _pause(self, what: str, retry: _RangeRetry, attempt: int) -> None:
         delay = self.retry.backoff(attempt) if retry.delay is None else retry.delay
