@@ -21,6 +21,7 @@ prefetch ends.
 """
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -145,8 +146,9 @@ class RawAhead:
     async def _read_piece(self, streams: asyncio.Semaphore, piece: _Piece) -> None:
         error: BaseException | None = None
         try:
-            async with streams:
-                async for data in self.stream_range(piece.offset, piece.end - piece.offset):
+            async with streams, contextlib.aclosing(
+                    self.stream_range(piece.offset, piece.end - piece.offset)) as body:
+                async for data in body:
                     piece.arrived(data)
         except BaseException as exc:
             error = exc
