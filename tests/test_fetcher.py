@@ -12,7 +12,7 @@ import random
 import re
 import tarfile
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,54 @@ def test_small_files_read_in_toc_order_cost_few_requests(blob, tmp_path):
     per_request = [sum(1 for start, end in counted.ranges if start <= s[0] < end)
                    for s in spans]
     assert max(per_request) == 1  # each small file's span came in exactly one request
+
+
+def test_a_missed_chunk_is_handed_out_before_the_rest_of_its_window_arrives(blob, tmp_path):
+    """With a streamed request, the small file that missed is read as soon as its bytes
+    are in; the files behind it in the same window come from the same request later,
+    and a request that breaks fails only the chunks it did not bring."""
+    names = small_files_in_toc_order(blob)
+    release, held = asyncio.Event(), []
+
+    async def scenario(break_after_first: bool) -> None:
+        log = RangeLog()
+        async with make_client(log) as client:
+            async def held_back(offset: int, length: int) -> AsyncIterator[bytes]:
+                # The first span of the request, then (the first time) a pause or a break.
+                index = blob.layer.span_index(offset)
+                assert index is not None
+                first_end = blob.layer.span(index).end - offset
+                data = await client.fetch_range(blob.reference, blob.digest, offset, length)
+                yield data[:first_end]
+                if not held:
+                    held.append(offset)
+                    if break_after_first:
+                        raise OSError("connection reset")
+                    await release.wait()
+                yield data[first_end:]
+
+            cache = new_cache(tmp_path / ("broken" if break_after_first else "held"))
+            fetcher = LayerFetcher(blob.layer, reader_of(client, blob), cache,
+                                   stream_range=held_back)
+            first = await asyncio.wait_for(fetcher.read(blob.node(names[0]), 0, 1 << 20), 10)
+            assert first == blob.files[names[0]] and held
+            second = blob.node(names[1]).chunks[0].digest
+            if break_after_first:
+                await asyncio.sleep(0.05)
+                assert second not in fetcher._inflight  # failed, not remembered
+                assert await fetcher.read(blob.node(names[1]), 0, 1 << 20) == \
+                    blob.files[names[1]]
+                assert len(log.ranges) == 2  # the held-back one, then a fresh request
+                return
+            assert second in fetcher._inflight  # still on its way, in the same request
+            release.set()
+            for name in names[1:10]:
+                assert await fetcher.read(blob.node(name), 0, 1 << 20) == blob.files[name]
+            assert len(log.ranges) == 1 and len(held) == 1
+
+    run(scenario(break_after_first=False))
+    held.clear()
+    run(scenario(break_after_first=True))
 
 
 def test_a_large_file_is_fetched_in_parallel_within_the_concurrency_limit(blob, tmp_path):

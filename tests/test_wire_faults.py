@@ -321,6 +321,11 @@ MOUNT_CASES = [
     # parts) go through; the prefetch's after them meet the fault.
     MountCase("prefetch-reset-once", {"fault": "reset", "skip": "tail", "times": 1}, "lazy"),
     MountCase("prefetch-503-always", {"fault": "status", "skip": "tail"}, "lazy"),
+    # A region's bytes are handed out as they arrive: a response cut midway is resumed
+    # where it stopped, and flipped bytes are caught by the chunks' digests.
+    MountCase("prefetch-cut-once",
+              {"fault": "cut", "cut_after": 100_000, "skip": "tail", "times": 1}, "lazy"),
+    MountCase("prefetch-flip-once", {"fault": "flip", "skip": "tail", "times": 1}, "lazy"),
 ]
 
 

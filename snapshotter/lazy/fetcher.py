@@ -28,6 +28,9 @@ each other without gaps, so one range request can carry many of them:
   ChunkVerificationError (the FUSE layer answers EIO) and nothing is cached. A failed
   request (the registry client's StoreError) reaches every reader of its chunks
   unchanged, and is not remembered: the next read asks the registry again;
+- with `stream_range`, a reader's own request (a miss and its window) is read as a
+  stream and its spans verified and handed out as their bytes arrive: the chunk that
+  was missed, first in the request, does not wait for the window behind it;
 - a read waits at most `read_timeout` seconds for its chunks, then fails with
   ChunkFetchError. The request it waited for goes on until the registry client gives
   up (a read that joins it later, such as the kernel's read of a page whose readahead
@@ -48,7 +51,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -265,6 +268,7 @@ class LayerFetcher:
                  window_chunks: int = 256,
                  demand_readahead_bytes: int = 0,
                  prefetch_request_bytes: int = PREFETCH_REQUEST_BYTES,
+                 stream_range: Callable[[int, int], AsyncIterator[bytes]] | None = None,
                  decoder: ChunkDecoder | None = None,
                  foreground_idle: Callable[[], float] | None = None):
         if max_request_bytes <= 0 or window_bytes <= 0 or prefetch_request_bytes <= 0:
@@ -287,6 +291,7 @@ class LayerFetcher:
         self.prefetch_request_bytes = prefetch_request_bytes
         self.stats = FetchStats()
         self._read_range = read_range
+        self._stream_range = stream_range
         self._decoder = decoder or MemberDecoder(layer.footer.compression)
         self._slots = RequestSlots(concurrency)
         self._bucket = TokenBucket(background_bytes_per_second) \
@@ -570,9 +575,12 @@ class LayerFetcher:
         once. Returns the bytes fetched. Every future is done when this returns."""
         fetched = 0
         try:
-            data = await self._fetch(run[0].offset, run[-1].end - run[0].offset, kind)
-            fetched += len(data)
-            first_failures = await self._settle(run, data, futures, kind)
+            if kind == DEMAND and self._stream_range is not None and len(run) > 1:
+                fetched, first_failures = await self._settle_as_streamed(run, futures, kind)
+            else:
+                data = await self._fetch(run[0].offset, run[-1].end - run[0].offset, kind)
+                fetched += len(data)
+                first_failures = await self._settle(run, data, futures, kind)
             for group in _adjacent_groups([s for s in run if _holds(s, first_failures)]):
                 self.stats.retries += 1
                 data = await self._fetch(group[0].offset, group[-1].end - group[0].offset, kind)
@@ -606,6 +614,36 @@ class LayerFetcher:
         self.stats.count(kind, nbytes=len(data))
         FETCH_BYTES.labels(kind).inc(len(data))
         return data
+
+    async def _settle_as_streamed(self, run: list[Span],
+                                  futures: dict[str, asyncio.Future[bytes]], kind: str
+                                  ) -> tuple[int, dict[str, str]]:
+        """Fetch `run` as a stream, settling its spans as soon as their bytes are all in;
+        returns the bytes fetched and digest -> reason for the chunks that failed."""
+        assert self._stream_range is not None
+        self.stats.count(kind, requests=1)
+        FETCH_REQUESTS.labels(kind).inc()
+        started = time.monotonic()
+        base, received, settled = run[0].offset, bytearray(), 0
+        failed: dict[str, str] = {}
+        async with aclosing(self._stream_range(base, run[-1].end - base)) as body:
+            async for data in body:
+                received += data
+                complete = settled
+                while complete < len(run) and run[complete].end - base <= len(received):
+                    complete += 1
+                if complete == settled:
+                    continue
+                spans = run[settled:complete]
+                wanted = {c.digest: futures[c.digest] for span in spans for c in span.chunks
+                          if c.digest in futures and not futures[c.digest].done()}
+                part = bytes(received[spans[0].offset - base:spans[-1].end - base])
+                failed.update(await self._settle(spans, part, wanted, kind))
+                settled = complete
+        FETCH_LATENCY.labels(kind).observe(time.monotonic() - started)
+        self.stats.count(kind, nbytes=len(received))
+        FETCH_BYTES.labels(kind).inc(len(received))
+        return len(received), failed
 
     async def _settle(self, spans: list[Span], data: bytes,
                       futures: dict[str, asyncio.Future[bytes]], kind: str

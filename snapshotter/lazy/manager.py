@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import estargz
@@ -94,12 +94,16 @@ class LazyLayers:
                 return await fetch_range(offset, length)
             return await raw.read(offset, length, fetch_range)
 
+        def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
+            return self.client.stream_range(reference, record.digest, offset, length)
+
         fetcher = LayerFetcher(layer, read_range, self.cache, name=record.digest,
                                read_timeout=self.read_timeout, concurrency=self.concurrency,
                                background_bytes_per_second=self.background_rate,
                                window_bytes=self.small_file_window_bytes,
                                demand_readahead_bytes=self.demand_readahead_bytes,
-                               **({} if raw is None else
+                               # bytes on their way ahead are read from there, whole
+                               **({"stream_range": stream_range} if raw is None else
                                   {"prefetch_request_bytes": FETCHER_RUN_BYTES}),
                                decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
                                foreground_idle=self.fs.idle_seconds)
