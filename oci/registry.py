@@ -719,12 +719,16 @@ class RegistryClient:
         try:
             while True:
                 try:
+                    # Read to the body's end, not just to the last byte wanted: a response
+                    # left unfinished closes its connection, and the next request would
+                    # open another (a round trip, and slow start again).
                     async for data in response.aiter_bytes():
                         data = data[:end - position]
-                        position += len(data)
-                        yield data
-                        if position == end:
-                            return
+                        if data:
+                            position += len(data)
+                            yield data
+                    if position == end:
+                        return
                     problem = "the body ended early"
                 except httpx.TransportError as exc:
                     problem = f"reading the body failed ({type(exc).__name__})"

@@ -642,6 +642,18 @@ def test_a_streamed_range_comes_as_it_arrives_and_resumes_where_it_broke(proxied
             parts = await streamed(client, reference, descriptor.digest, 1000, 500_000)
             assert b"".join(parts) == data[1000:501_000] and len(parts) > 1
             assert await streamed(client, reference, descriptor.digest, 7, 0) == []
+            # Read one after another, streamed ranges share one kept-alive connection.
+            transport = client._transports[client._http]
+            real_connect, opened = transport._connect, []
+
+            async def counted(origin, timeout):
+                opened.append(origin)
+                return await real_connect(origin, timeout)
+            transport._connect = counted  # type: ignore[method-assign]
+            for offset in range(0, 500_000, 100_000):
+                parts = await streamed(client, reference, descriptor.digest, offset, 100_000)
+                assert b"".join(parts) == data[offset:offset + 100_000]
+            assert len(opened) == 0
             # A connection cut mid-body: the rest is asked for from where it stopped,
             # and no byte comes twice.
             proxied.add(WireFault("cut", "GET", cut_after=150_000, times=1))
