@@ -29,8 +29,8 @@ each other without gaps, so one range request can carry many of them:
   request (the registry client's StoreError) reaches every reader of its chunks
   unchanged, and is not remembered: the next read asks the registry again;
 - with `stream_range`, a reader's own request (a miss and its window) is read as a
-  stream and its spans verified and handed out as their bytes arrive: the chunk that
-  was missed, first in the request, does not wait for the window behind it;
+  stream, and the chunk that was missed, first in the request, is verified and handed
+  out as soon as its bytes are in, not after the window behind it;
 - a read waits at most `read_timeout` seconds for its chunks, then fails with
   ChunkFetchError. The request it waited for goes on until the registry client gives
   up (a read that joins it later, such as the kernel's read of a page whose readahead
@@ -618,32 +618,38 @@ class LayerFetcher:
     async def _settle_as_streamed(self, run: list[Span],
                                   futures: dict[str, asyncio.Future[bytes]], kind: str
                                   ) -> tuple[int, dict[str, str]]:
-        """Fetch `run` as a stream, settling its spans as soon as their bytes are all in;
-        returns the bytes fetched and digest -> reason for the chunks that failed."""
+        """Fetch `run` as a stream: its first span (the missed chunk's) is settled as
+        soon as its bytes are in, the rest once the request ends, in one go (each
+        settling is a cache transaction and two thread hand-offs). Returns the bytes
+        fetched and digest -> reason for the chunks that failed."""
         assert self._stream_range is not None
         self.stats.count(kind, requests=1)
         FETCH_REQUESTS.labels(kind).inc()
         started = time.monotonic()
-        base, received, settled = run[0].offset, bytearray(), 0
-        failed: dict[str, str] = {}
+        base, first_end = run[0].offset, run[0].end - run[0].offset
+        received, failed = bytearray(), {}
+        first_settled = False
         async with aclosing(self._stream_range(base, run[-1].end - base)) as body:
             async for data in body:
                 received += data
-                complete = settled
-                while complete < len(run) and run[complete].end - base <= len(received):
-                    complete += 1
-                if complete == settled:
-                    continue
-                spans = run[settled:complete]
-                wanted = {c.digest: futures[c.digest] for span in spans for c in span.chunks
-                          if c.digest in futures and not futures[c.digest].done()}
-                part = bytes(received[spans[0].offset - base:spans[-1].end - base])
-                failed.update(await self._settle(spans, part, wanted, kind))
-                settled = complete
+                if not first_settled and len(received) >= first_end:
+                    first_settled = True
+                    failed.update(await self._settle(
+                        run[:1], bytes(received[:first_end]), self._unsettled(run[:1], futures),
+                        kind))
         FETCH_LATENCY.labels(kind).observe(time.monotonic() - started)
         self.stats.count(kind, nbytes=len(received))
         FETCH_BYTES.labels(kind).inc(len(received))
+        rest = run[1:] if first_settled else run
+        failed.update(await self._settle(rest, bytes(received[rest[0].offset - base:]),
+                                         self._unsettled(rest, futures), kind))
         return len(received), failed
+
+    @staticmethod
+    def _unsettled(spans: list[Span], futures: dict[str, asyncio.Future[bytes]]
+                   ) -> dict[str, asyncio.Future[bytes]]:
+        return {c.digest: futures[c.digest] for span in spans for c in span.chunks
+                if c.digest in futures and not futures[c.digest].done()}
 
     async def _settle(self, spans: list[Span], data: bytes,
                       futures: dict[str, asyncio.Future[bytes]], kind: str
