@@ -138,6 +138,18 @@ def test_monolithic_push_then_head_stream_and_range(registry, tmp_path):
     run(scenario())
 
 
+def connections_opened(client: RegistryClient) -> list[object]:
+    """The origins of the connections the client's transport opens from now on."""
+    transport = client._transports[client._http]
+    real_connect, opened = transport._connect, []
+
+    async def counted(origin, timeout):
+        opened.append(origin)
+        return await real_connect(origin, timeout)
+    transport._connect = counted  # type: ignore[method-assign]
+    return opened
+
+
 def test_connections_opened_ahead_carry_the_range_requests(registry, tmp_path):
     """preconnect opens connections to the registry's host until that many are idle;
     the range requests that follow side by side open none; a registry nobody answers
@@ -145,19 +157,12 @@ def test_connections_opened_ahead_carry_the_range_requests(registry, tmp_path):
     data = os.urandom(100_000)
     descriptor, path = write_blob(tmp_path, data)
     reference = ref(registry, "blobs/preconnect:v1")
-    opened: list[object] = []
 
     async def scenario():
         async with make_client() as pusher:
             await pusher.push_blob(reference, descriptor, path)
         async with make_client() as client:
-            transport = client._transports[client._http]
-            real_connect = transport._connect
-
-            async def counted(origin, timeout):
-                opened.append(origin)
-                return await real_connect(origin, timeout)
-            transport._connect = counted  # type: ignore[method-assign]
+            opened = connections_opened(client)
             assert await client.preconnect(reference, 4) == 4
             parts = await asyncio.gather(*(client.fetch_range(
                 reference, descriptor.digest, i * 25_000, 25_000) for i in range(4)))
@@ -631,25 +636,30 @@ async def streamed(client: RegistryClient, reference: Reference, digest: str, of
     return [part async for part in client.stream_range(reference, digest, offset, length)]
 
 
+def pushed_random_blob(host: str, name: str, size: int, directory: Path
+                       ) -> tuple[bytes, Reference, Descriptor]:
+    data = os.urandom(size)
+    reference = ref(host, name)
+    descriptor, path = write_blob(directory, data)
+
+    async def push() -> None:
+        async with make_client() as client:
+            await client.push_blob(reference, descriptor, path)
+    run(push())
+    return data, reference, descriptor
+
+
 def test_a_streamed_range_comes_as_it_arrives_and_resumes_where_it_broke(proxied, tmp_path):
-    data = os.urandom(600_000)
-    reference = ref(proxied.host, "stream/app:v1")
-    descriptor, path = write_blob(tmp_path, data)
+    data, reference, descriptor = pushed_random_blob(proxied.host, "stream/app:v1", 600_000,
+                                                     tmp_path)
 
     async def scenario():
         async with make_client() as client:
-            await client.push_blob(reference, descriptor, path)
             parts = await streamed(client, reference, descriptor.digest, 1000, 500_000)
             assert b"".join(parts) == data[1000:501_000] and len(parts) > 1
             assert await streamed(client, reference, descriptor.digest, 7, 0) == []
             # Read one after another, streamed ranges share one kept-alive connection.
-            transport = client._transports[client._http]
-            real_connect, opened = transport._connect, []
-
-            async def counted(origin, timeout):
-                opened.append(origin)
-                return await real_connect(origin, timeout)
-            transport._connect = counted  # type: ignore[method-assign]
+            opened = connections_opened(client)
             for offset in range(0, 500_000, 100_000):
                 parts = await streamed(client, reference, descriptor.digest, offset, 100_000)
                 assert b"".join(parts) == data[offset:offset + 100_000]
@@ -676,14 +686,12 @@ def test_a_streamed_range_comes_as_it_arrives_and_resumes_where_it_broke(proxied
 
 
 def test_a_streamed_range_takes_only_the_range_asked_for_and_gives_up(proxied, tmp_path):
-    data = os.urandom(4000)
-    reference = ref(proxied.host, "stream/bad:v1")
-    descriptor, path = write_blob(tmp_path, data)
+    data, reference, descriptor = pushed_random_blob(proxied.host, "stream/bad:v1", 4000,
+                                                     tmp_path)
     always = FAST_RETRY.max_attempts
 
     async def scenario():
         async with make_client() as client:
-            await client.push_blob(reference, descriptor, path)
             # A 200 with the whole blob, or another range: asked again, never yielded.
             for answer, message in [(dict(status=200, body=data), "ignored the Range"),
                                     (dict(status=206, body=data[:20], headers={
