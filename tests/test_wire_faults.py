@@ -173,8 +173,10 @@ READ_CASES = [
     ReadCase("503-always", {"fault": "status"}, "eio"),
     ReadCase("429-once", {"fault": "rate_limit", "retry_after": 1, "times": 1}, "right"),
     ReadCase("reset-once", {"fault": "reset", "times": 1}, "right"),
-    ReadCase("reset-always", {"fault": "reset"}, "eio"),
-    ReadCase("truncate-always", {"fault": "truncate"}, "eio"),
+    # Broken halfway, every time: a miss's own request is read as a stream, so the file
+    # whose span came before the break is read right; the others fail.
+    ReadCase("reset-always", {"fault": "reset"}, "some-eio"),
+    ReadCase("truncate-always", {"fault": "truncate"}, "some-eio"),
     ReadCase("stall-always", {"fault": "stall", "stall_seconds": 0.5}, "right"),
     ReadCase("hang-always", {"fault": "hang"}, "eio"),
     ReadCase("flip-once", {"fault": "flip", "times": 1}, "right"),
