@@ -245,3 +245,30 @@ def test_a_piece_longer_than_asked_fails_its_readers() -> None:
             await raw.read(0, 10, Blob().read_range)
 
     asyncio.run(run())
+
+
+def test_a_reader_of_a_piece_whose_request_never_started_is_told_when_it_is_dropped(
+        monkeypatch) -> None:
+    """close() drops pieces still waiting for a stream: a reader already waiting for
+    one of them gets an error at once, not a wait until its deadline."""
+    monkeypatch.setattr(raw_ahead, "PIECE_BYTES", 100_000)
+    monkeypatch.setattr(raw_ahead, "STREAMS", 1)
+    first_sent = asyncio.Event()
+
+    async def stream_range(offset: int, length: int) -> AsyncIterator[bytes]:
+        first_sent.set()
+        await asyncio.Event().wait()  # the first piece never ends; the second never starts
+        yield b""
+
+    async def run() -> None:
+        raw = RawAhead(stream_range, [(0, 200_000)]).start()
+        await first_sent.wait()
+        waiting = asyncio.ensure_future(raw.read(150_000, 10, Blob().read_range))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        raw.close()
+        # The request's cancellation, as the piece's task had before it streamed.
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())

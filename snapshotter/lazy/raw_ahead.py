@@ -22,8 +22,7 @@ prefetch ends.
 
 import asyncio
 import contextlib
-import heapq
-import itertools
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -64,43 +63,41 @@ class _Piece:
     served: int = 0  # bytes handed out
     failed: bool = False
     error: BaseException | None = None
-    # (bytes wanted from the piece's start, tie-break, future) of the readers waiting
-    _waiting: list[tuple[int, int, "asyncio.Future[None]"]] = field(default_factory=list)
-    _numbers: "itertools.count[int]" = field(default_factory=itertools.count)
+    # (bytes wanted from the piece's start, future) of the readers waiting: a few at most
+    _waiting: list[tuple[int, "asyncio.Future[None]"]] = field(default_factory=list)
 
     def arrived(self, data: bytes) -> None:
         if len(self.data) + len(data) > self.end - self.offset:
             raise ValueError(f"a range request for {self.end - self.offset} bytes at "
                              f"{self.offset} got more")
         self.data += data
-        while self._waiting and self._waiting[0][0] <= len(self.data):
-            future = heapq.heappop(self._waiting)[2]
-            if not future.done():
-                future.set_result(None)
+        self._wake(lambda wanted: wanted <= len(self.data))
 
     def ended(self, error: BaseException | None) -> None:
         if error is None and len(self.data) != self.end - self.offset:
             error = ValueError(f"a range request for {self.end - self.offset} bytes at "
                                f"{self.offset} got {len(self.data)}")
         self.error = error
-        for _, _, future in self._waiting:
-            if not future.done():
+        self._wake(lambda wanted: True)
+
+    def _wake(self, ready: Callable[[int], bool]) -> None:
+        waiting = []
+        for wanted, future in self._waiting:
+            if not ready(wanted):
+                waiting.append((wanted, future))
+            elif not future.done():
                 future.set_result(None)
-        self._waiting.clear()
+        self._waiting = waiting
 
     async def prefix(self, length: int) -> None:
         """Until the piece's first `length` bytes are here; raises its request's
         failure if they never will be."""
-        if len(self.data) < length and self.error is None and not self._done():
+        if len(self.data) < length and self.error is None:
             future = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (length, next(self._numbers), future))
+            self._waiting.append((length, future))
             await future
         if len(self.data) < length:
-            self.failed = True
-            raise self.error or ValueError("the piece's request was cancelled")
-
-    def _done(self) -> bool:
-        return self.task is not None and self.task.done()
+            raise self.error or ValueError("the piece's request ended early")
 
 
 @dataclass
@@ -128,15 +125,20 @@ class RawAhead:
         streams = asyncio.Semaphore(STREAMS)  # first come, first served: blob order
         for piece in pieces:
             piece.task = asyncio.create_task(self._read_piece(streams, piece))
-            piece.task.add_done_callback(self._arrival)
+            piece.task.add_done_callback(functools.partial(self._ended, piece))
             self._pieces.append(piece)
         self._started, self._count = time.monotonic(), len(pieces)
         log.info("layer %s: %d bytes of its prefetch region requested ahead in %d pieces",
                  self.name, sum(p.end - p.offset for p in pieces), len(pieces))
         return self
 
-    def _arrival(self, task: "asyncio.Task[None]") -> None:
-        if task.cancelled() or task.exception() is not None:
+    def _ended(self, piece: _Piece, task: "asyncio.Task[None]") -> None:
+        # A callback, not a `finally`: it also runs for a task cancelled before it started.
+        if task.cancelled():
+            piece.ended(asyncio.CancelledError())
+            return
+        piece.ended(task.exception())
+        if task.exception() is not None:
             return
         self._arrived += 1
         if self._arrived == self._count:
@@ -144,17 +146,10 @@ class RawAhead:
                      time.monotonic() - self._started)
 
     async def _read_piece(self, streams: asyncio.Semaphore, piece: _Piece) -> None:
-        error: BaseException | None = None
-        try:
-            async with streams, contextlib.aclosing(
-                    self.stream_range(piece.offset, piece.end - piece.offset)) as body:
-                async for data in body:
-                    piece.arrived(data)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            piece.ended(error)
+        async with streams, contextlib.aclosing(
+                self.stream_range(piece.offset, piece.end - piece.offset)) as body:
+            async for data in body:
+                piece.arrived(data)
 
     def _meeting(self, offset: int, end: int) -> list[_Piece]:
         """The pieces with bytes in [offset, end), if those bytes may come from them:
