@@ -608,14 +608,20 @@ class LayerFetcher:
         return fetched
 
     async def _fetch(self, offset: int, length: int, kind: str) -> bytes:
+        started = self._request_began(kind)
+        data = await self._read_range(offset, length)
+        self._request_ended(kind, started, len(data))
+        return data
+
+    def _request_began(self, kind: str) -> float:
         self.stats.count(kind, requests=1)
         FETCH_REQUESTS.labels(kind).inc()
-        started = time.monotonic()
-        data = await self._read_range(offset, length)
+        return time.monotonic()
+
+    def _request_ended(self, kind: str, started: float, nbytes: int) -> None:
         FETCH_LATENCY.labels(kind).observe(time.monotonic() - started)
-        self.stats.count(kind, nbytes=len(data))
-        FETCH_BYTES.labels(kind).inc(len(data))
-        return data
+        self.stats.count(kind, nbytes=nbytes)
+        FETCH_BYTES.labels(kind).inc(nbytes)
 
     async def _settle_as_streamed(self, run: list[Span],
                                   futures: dict[str, asyncio.Future[bytes]], kind: str
@@ -625,9 +631,7 @@ class LayerFetcher:
         settling is a cache transaction and two thread hand-offs). Returns the bytes
         fetched and digest -> reason for the chunks that failed."""
         assert self._stream_range is not None
-        self.stats.count(kind, requests=1)
-        FETCH_REQUESTS.labels(kind).inc()
-        started = time.monotonic()
+        started = self._request_began(kind)
         base, first_end = run[0].offset, run[0].end - run[0].offset
         received, failed = bytearray(), {}
         first_settled = False
@@ -639,9 +643,7 @@ class LayerFetcher:
                     failed.update(await self._settle(
                         run[:1], bytes(received[:first_end]), self._unsettled(run[:1], futures),
                         kind))
-        FETCH_LATENCY.labels(kind).observe(time.monotonic() - started)
-        self.stats.count(kind, nbytes=len(received))
-        FETCH_BYTES.labels(kind).inc(len(received))
+        self._request_ended(kind, started, len(received))
         rest = run[1:] if first_settled else run
         failed.update(await self._settle(rest, bytes(received[rest[0].offset - base:]),
                                          self._unsettled(rest, futures), kind))

@@ -103,8 +103,9 @@ class LazyLayers:
                                window_bytes=self.small_file_window_bytes,
                                demand_readahead_bytes=self.demand_readahead_bytes,
                                # bytes on their way ahead are read from there, whole
-                               **({"stream_range": stream_range} if raw is None else
-                                  {"prefetch_request_bytes": FETCHER_RUN_BYTES}),
+                               stream_range=stream_range if raw is None else None,
+                               prefetch_request_bytes=None if raw is None else
+                               FETCHER_RUN_BYTES,
                                decoder=layer.decoder if isinstance(layer, GzipLayer) else None,
                                foreground_idle=self.fs.idle_seconds)
         fetcher.prefetch_runs = prefetch_runs
